@@ -1,0 +1,42 @@
+"""Atomic file writes: a crash mid-write never leaves a truncated file where a good one was."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (tensors are copied to contiguous CPU memory)."""
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    """Write JSON atomically, indented for humans."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)
