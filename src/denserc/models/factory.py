@@ -74,6 +74,23 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
     return _to(model, device, precision)
 
 
+def from_spec(spec: str | os.PathLike, **settings) -> DenseRCModel:
+    """Build a model from a command-line spec: a saved DenseRC folder, ``NAME``, ``NAME:TAG`` or ``NAME:FILE``.
+
+    ``settings`` (construction, gating, num_layers, device, precision) apply to both kinds; for a
+    saved folder, construction settings rebuild its weights under another variant.
+    """
+    spec = str(spec)
+    if Path(spec).is_dir():
+        return load(spec, **{k: v for k, v in settings.items() if v is not None})
+    name, _, pretrained = spec.partition(":")
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"model spec {spec!r} is neither a folder written by DenseRCModel.save() nor "
+                         "NAME[:TAG|:FILE] with an open_clip model NAME (e.g. ViT-B-16:openai)")
+    construction = {k: v for k, v in settings.items() if v is not None}
+    return create_model(name, pretrained or None, **construction)
+
+
 def get_tokenizer(model_name: str | os.PathLike):
     """open_clip's tokenizer for a model name, or for a folder written by ``DenseRCModel.save``."""
     if Path(model_name).is_dir():
