@@ -1,0 +1,139 @@
+"""Creating, saving and loading models; the error cases users hit first."""
+import json
+import time
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import denserc
+from denserc.models import UnsupportedModelError, factory
+
+from conftest import TINY, randomize_
+
+
+def test_save_load_round_trip_is_identical(tmp_path, images):
+    model = denserc.create_model(TINY, num_layers=2).eval()
+    randomize_(model.gate, seed=5)
+    model.save(tmp_path / "out")
+    loaded = denserc.load(tmp_path / "out").eval()
+    assert loaded.config == {"model_name": TINY, "construction": "multi-v", "gating": "hsg", "num_layers": 2}
+    assert torch.equal(loaded.encode_dense(images), model.encode_dense(images))
+    assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+
+
+def test_saved_folder_is_an_open_clip_model(tmp_path, images):
+    model = denserc.create_model(TINY).eval()
+    model.save(tmp_path)
+    plain = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    assert torch.equal(plain.encode_image(images), model.encode_image(images))
+    by_path = open_clip.create_model(TINY, pretrained=str(tmp_path / factory.CLIP_WEIGHTS)).eval()
+    assert torch.equal(by_path.encode_image(images), model.encode_image(images))
+    tokens = denserc.get_tokenizer(tmp_path)(["a cat"])
+    assert torch.equal(tokens, open_clip.get_tokenizer(TINY)(["a cat"]))
+
+
+def test_load_with_other_variant_keeps_clip_weights(tmp_path, images):
+    model = denserc.create_model(TINY).eval()
+    model.save(tmp_path)
+    as_v = denserc.load(tmp_path, construction="v", gating="none").eval()
+    assert (as_v.construction, as_v.gating, as_v.num_layers, as_v.gate) == ("v", "none", 1, None)
+    assert torch.equal(as_v.encode_image(images), model.encode_image(images))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_pretrained_path_loads_plain_open_clip_checkpoints(tmp_path, images, suffix):
+    reference = open_clip.create_model(TINY).eval()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pt":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = denserc.create_model(TINY, pretrained=path).eval()
+    assert torch.equal(model.encode_image(images), reference.encode_image(images))
+
+
+def test_checkpoint_of_another_model_names_the_first_mismatching_key(tmp_path):
+    state = open_clip.create_model(TINY).state_dict()
+    state["visual.conv1.weight"] = torch.zeros(64, 3, 32, 32)
+    path = tmp_path / "wrong.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(ValueError, match=r"key 'visual.conv1.weight' has shape \(64, 3, 32, 32\) but the "
+                                         r"model expects \(64, 3, 16, 16\)"):
+        denserc.create_model(TINY, pretrained=path)
+
+
+def test_saved_folder_with_wrong_shapes_names_the_key(tmp_path):
+    model = denserc.create_model(TINY)
+    model.save(tmp_path)
+    bad = dict(model.gate.state_dict())
+    bad["linear.weight"] = torch.zeros(8, 64)
+    save_file(bad, str(tmp_path / factory.GATE_WEIGHTS))
+    with pytest.raises(ValueError, match=r"key 'linear.weight' has shape \(8, 64\)"):
+        denserc.load(tmp_path)
+    state = {k: v.contiguous() for k, v in model.clip.state_dict().items() if k != "logit_scale"}
+    save_file(state, str(tmp_path / factory.CLIP_WEIGHTS))
+    with pytest.raises(ValueError, match="missing key 'logit_scale'"):
+        denserc.load(tmp_path)
+
+
+def test_load_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing denserc_config.json"):
+        denserc.load(tmp_path)
+    denserc.create_model(TINY).save(tmp_path)
+    (tmp_path / factory.DENSERC_CONFIG).write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99 is not supported"):
+        denserc.load(tmp_path)
+
+
+def test_pretrained_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither a file nor a pretrained tag"):
+        denserc.create_model("ViT-B-16", pretrained="no-such-tag")
+    with pytest.raises(ValueError, match="is a folder"):
+        denserc.create_model(TINY, pretrained=tmp_path)
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
+        denserc.create_model("ViT-Nope")
+
+
+def test_offline_pretrained_tag_fails_fast_with_a_way_out(monkeypatch):
+    monkeypatch.setattr(factory, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-denserc-test-cache")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"unreachable \(offline\).*pretrained='/path/to/"):
+        denserc.create_model("ViT-B-16", pretrained="openai")
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("vision_cfg,kind", [
+    ({"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}, "ModifiedResNet"),
+    ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_model_pretrained": False,
+      "timm_pool": "avg", "timm_proj": "linear"}, "TimmModel"),
+])
+def test_towers_that_cannot_be_decomposed_are_rejected(tmp_path, vision_cfg, kind):
+    name = f"Tiny-{kind}"
+    config = {"embed_dim": 32, "vision_cfg": vision_cfg,
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    with pytest.raises(UnsupportedModelError, match=f"model '{name}' has an image tower of type {kind}"):
+        denserc.create_model(name)
+
+
+def test_from_spec_builds_from_names_files_and_folders(tmp_path):
+    model = denserc.create_model(TINY)
+    model.save(tmp_path / "saved")
+    assert denserc.models.from_spec(tmp_path / "saved", gating="none").gating == "none"
+    assert denserc.models.from_spec(f"{TINY}:{tmp_path / 'saved' / factory.CLIP_WEIGHTS}").gating == "hsg"
+    with pytest.raises(ValueError, match="neither a folder written by DenseRCModel.save"):
+        denserc.models.from_spec("not-a-model:openai")
+
+
+def test_cli_version_and_help(capsys):
+    from denserc.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"denserc {denserc.__version__}"
+    assert main([]) == 0
+    assert "usage: denserc" in capsys.readouterr().out
