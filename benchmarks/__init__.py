@@ -1,0 +1,1 @@
+"""DenseRC speed and memory benchmarks: runnable programs (``python -m benchmarks.<name>``), not tests."""

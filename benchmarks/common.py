@@ -1,0 +1,210 @@
+"""What every benchmark shares: interleaved timing, peak memory, the environment header, Markdown tables.
+
+Timing: the things being compared run round-robin in one process (``interleaved_timings``), after
+warm-up calls, so load from other processes hits them alike; ratios are the median over rounds of
+the per-round ratio. CUDA calls are timed with CUDA events after a synchronize.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around one call. On the CPU, a fresh
+interpreter per configuration (``python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON``) builds
+the call, runs it once to warm up, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``)
+and reports how far the peak resident set (``VmHWM``) rose above the resident set before a second
+call. glibc's mmap threshold is fixed at 128 KiB there so freed tensors go back to the kernel and
+the warm-up call cannot hide the second call's allocations inside the heap.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 ** 2
+PRECISIONS = ("fp32", "bf16")
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes; on CUDA, GPU time between events after a synchronize."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    start_time = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_time
+
+
+def interleaved_timings(calls: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
+                        device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call for every entry of ``calls``, measured round-robin in ``repeats`` rounds.
+
+    Each round starts at a different entry so that none always runs first (caches, clock boost).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_call(calls[name], device))
+    return times
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``times[i] / reference[i]`` (both measured in the same round)."""
+    if len(times) != len(reference) or not times:
+        raise ValueError(f"paired timings need equal, non-zero lengths, got {len(times)} and {len(reference)}")
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on the benchmark's device, or nothing for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------ memory
+def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(peak MiB allocated above what was allocated before the call, peak MiB allocated in all)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return (peak - before) / MIB, peak / MIB
+
+
+def cpu_peak_mib(target: str, **kwargs) -> float:
+    """Peak RSS growth (MiB) of one call of ``target(**kwargs)()`` in a fresh interpreter (see module doc)."""
+    command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, **PROBE_ENV}, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe failed ({shlex.join(command)}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line (CPU peak memory needs Linux)")
+
+
+def _probe(target: str, kwargs_json: str) -> None:
+    """Entry of ``cpu_peak_mib``'s subprocess: build the call, warm up, measure the second call."""
+    import gc
+    module_name, _, function_name = target.partition(":")
+    build = getattr(importlib.import_module(module_name), function_name)
+    call = build(**json.loads(kwargs_json))
+    call()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    resident = _proc_status_kib("VmRSS")
+    call()
+    peak = _proc_status_kib("VmHWM")
+    print(json.dumps({"peak_mib": max(0, peak - resident) / 1024}))
+
+
+# ------------------------------------------------------------------------------------ report
+def environment(device: torch.device) -> list[str]:
+    """Markdown bullet lines: command, date, machine, versions, thread count, load."""
+    import open_clip
+    import timm
+    import torchvision
+    lines = [
+        f"- command: `{command_line()}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f})",
+    ]
+    if device.type == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, "
+                     f"{torch.cuda.get_device_properties(device).total_memory / 1024 ** 3:.0f} GiB)")
+    else:
+        lines.append("- GPU: none (CPU run)")
+    lines.append(f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
+                 f"torchvision {torchvision.__version__}, open_clip {open_clip.__version__}, timm {timm.__version__}, "
+                 f"denserc commit {git_commit()}")
+    return lines
+
+
+def command_line() -> str:
+    """How this benchmark was started, as a command to paste."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO_ROOT, check=False)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub Markdown table; cells are ``str()``-ed, every row must have one cell per header."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        cells = [str(cell) for cell in row]
+        if len(cells) != len(headers):
+            raise ValueError(f"table row {cells} has {len(cells)} cells, expected {len(headers)} ({list(headers)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda[:i]``, with a clear error when CUDA is asked for and absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda[:i], got {name!r}")
+    return device
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON (memory probe)")
+    _probe(sys.argv[1], sys.argv[2])
