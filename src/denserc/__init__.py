@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from .models import DenseRCModel, create_model, get_tokenizer, load  # noqa: E402
+from .viz import segment  # noqa: E402
 
-__all__ = ["DenseRCModel", "__version__", "create_model", "get_tokenizer", "load"]
+__all__ = ["DenseRCModel", "__version__", "create_model", "get_tokenizer", "load", "segment"]

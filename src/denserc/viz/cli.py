@@ -1,0 +1,202 @@
+"""`denserc segment` and `denserc heatmap`: what the dense features see in one image, as a PNG."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..io import atomic_write
+from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer
+from .draw import draw_heatmap, draw_segmentation, save_png
+from .image import load_image
+from .predict import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE, segment, similarity_map
+
+# The model used when --model is not given: the bundled tiny config with random weights (seeded by
+# --seed), so the commands run anywhere without a download. It shows the pipeline, not real semantics;
+# pass a trained model (e.g. ViT-B-16:openai or a DenseRC folder) for meaningful pictures.
+DEFAULT_MODEL = "ViT-Tiny-16"
+# Exit codes: bad arguments (argparse's own code) and a failure while running (unreadable image, ...).
+USAGE_ERROR = 2
+RUN_ERROR = 1
+
+
+def register(subparsers) -> None:
+    seg = subparsers.add_parser(
+        "segment", help="open-vocabulary segmentation of an image into the given classes (overlay PNG)",
+        description="Label every pixel of IMAGE with one of --classes (sliding-window dense features vs "
+                    "class text embeddings) and write the image with a translucent colour mask and a legend.")
+    seg.add_argument("image", help="image file (any size; RGBA, grayscale, 16-bit, EXIF-rotated are fine)")
+    seg.add_argument("--classes", required=True, metavar="NAMES", help='comma-separated class names, e.g. "dog,grass,sky"')
+    seg.add_argument("-o", "--output", metavar="PNG", help="overlay PNG to write (default: IMAGE_STEM_segment.png here)")
+    seg.add_argument("--labels", metavar="PATH", help="also write the label map (class index per pixel, in --classes "
+                                      "order) as .npy, or as .png (8-bit, 16-bit beyond 256 classes)")
+    seg.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                     help=f"prompt template with {{}} for the class name, repeatable; the embeddings of "
+                          f"all templates are averaged (default: {CLASS_TEMPLATES[0]!r})")
+    _add_common_arguments(seg)
+    seg.set_defaults(func=run_segment)
+
+    heat = subparsers.add_parser(
+        "heatmap", help="cosine-similarity heatmap of a text query over an image (PNG with colour bar)",
+        description="Colour every pixel of IMAGE by the cosine similarity of its dense feature to the text "
+                    "--query and write it blended over the image, with a colour bar.")
+    heat.add_argument("image", help="image file (any size; RGBA, grayscale, 16-bit, EXIF-rotated are fine)")
+    heat.add_argument("--query", required=True, metavar="TEXT", help='text to look for, e.g. "a red umbrella"')
+    heat.add_argument("-o", "--output", metavar="PNG", help="heatmap PNG to write (default: IMAGE_STEM_heatmap.png here)")
+    heat.add_argument("--scores", metavar="NPY", help="also write the per-pixel cosine similarity (float32) as .npy")
+    heat.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                      help="prompt template with {} for the query, repeatable (default: the query as is)")
+    heat.add_argument("--vmin", type=float, help="similarity at the bottom of the colour bar (default: map minimum)")
+    heat.add_argument("--vmax", type=float, help="similarity at the top of the colour bar (default: map maximum)")
+    _add_common_arguments(heat)
+    heat.set_defaults(func=run_heatmap)
+
+
+def run_segment(args) -> int:
+    classes = [name.strip() for name in args.classes.split(",")]
+    if any(not name for name in classes):
+        return _fail("segment", f"--classes {args.classes!r} has an empty class name")
+    if len(classes) < 2:
+        return _fail("segment", f"--classes needs at least two classes to choose between, got {classes}; "
+                                "use `denserc heatmap --query` to look for a single thing")
+    if len(set(classes)) != len(classes):
+        return _fail("segment", f"--classes lists a class twice: {classes}")
+    if not 0.0 <= args.alpha <= 1.0:
+        return _fail("segment", f"--alpha must be in [0, 1], got {args.alpha}")
+    output = _output_path(args.output, args.image, "segment")
+    if output.suffix.lower() != ".png":
+        return _fail("segment", f"-o {output} must end in .png (the picture is written as PNG)")
+    if args.labels and Path(args.labels).suffix.lower() not in (".npy", ".png"):
+        return _fail("segment", f"--labels {args.labels} must end in .npy or .png")
+    try:
+        image = load_image(args.image)
+        model, tokenizer = _build_model(args)
+        labels = segment(model, image, classes, tokenizer=tokenizer,
+                         templates=args.templates or CLASS_TEMPLATES, **_inference_settings(args))
+        labels = labels.cpu().numpy()
+        overlay, legend = draw_segmentation(image, labels, classes, alpha=args.alpha)
+        save_png(overlay, output, {"model": args.model, "image": str(args.image), "classes": classes,
+                                   "legend": [{"name": e.name, "colour": list(e.colour), "fraction": e.fraction}
+                                              for e in legend]})
+        if args.labels:
+            _save_labels(labels, args.labels, classes)
+    except (OSError, ValueError, RuntimeError) as error:
+        return _fail("segment", str(error), RUN_ERROR)
+    shares = ", ".join(f"{e.name} {100 * e.fraction:.1f}%" for e in legend)
+    print(f"wrote {output} ({overlay.width}x{overlay.height}): {shares}")
+    if args.labels:
+        print(f"wrote {args.labels}")
+    return 0
+
+
+def run_heatmap(args) -> int:
+    if not args.query.strip():
+        return _fail("heatmap", "--query is empty")
+    if not 0.0 <= args.alpha <= 1.0:
+        return _fail("heatmap", f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.vmin is not None and args.vmax is not None and args.vmax < args.vmin:
+        return _fail("heatmap", f"--vmax {args.vmax} is below --vmin {args.vmin}")
+    output = _output_path(args.output, args.image, "heatmap")
+    if output.suffix.lower() != ".png":
+        return _fail("heatmap", f"-o {output} must end in .png (the picture is written as PNG)")
+    if args.scores and Path(args.scores).suffix.lower() != ".npy":
+        return _fail("heatmap", f"--scores {args.scores} must end in .npy")
+    try:
+        image = load_image(args.image)
+        model, tokenizer = _build_model(args)
+        similarity = similarity_map(model, image, args.query, tokenizer=tokenizer,
+                                    templates=args.templates or QUERY_TEMPLATES, **_inference_settings(args))
+        similarity = similarity.float().cpu().numpy()
+        picture, bar = draw_heatmap(image, similarity, caption=args.query, alpha=args.alpha,
+                                    vmin=args.vmin, vmax=args.vmax)
+        save_png(picture, output, {"model": args.model, "image": str(args.image), "query": args.query,
+                                   "vmin": bar.vmin, "vmax": bar.vmax})
+        if args.scores:
+            atomic_write(args.scores, lambda tmp: _save_npy(tmp, similarity))
+    except (OSError, ValueError, RuntimeError) as error:
+        return _fail("heatmap", str(error), RUN_ERROR)
+    peak_y, peak_x = np.unravel_index(int(similarity.argmax()), similarity.shape)
+    print(f"wrote {output} ({picture.width}x{picture.height}): cosine similarity {bar.vmin:.3f}..{bar.vmax:.3f}, "
+          f"peak at x={peak_x}, y={peak_y}")
+    if args.scores:
+        print(f"wrote {args.scores}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- internals
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
+                        help="a folder written by DenseRCModel.save, or an open_clip NAME[:TAG|:FILE] "
+                             f"(e.g. ViT-B-16:openai); default {DEFAULT_MODEL} with random weights")
+    parser.add_argument("--construction", choices=CONSTRUCTIONS, help="dense construction variant "
+                        "(default: the saved one for a folder, multi-v otherwise)")
+    parser.add_argument("--gating", choices=GATINGS, help="gating variant (default: saved one / hsg)")
+    parser.add_argument("--num-layers", type=_positive_int, metavar="L", help="value layers for multi-v (default: saved one / 3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="model weights' precision (default fp32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the random weights of a model given without TAG/FILE (default 0)")
+    parser.add_argument("--short-side", type=_positive_int, metavar="PX", help="inference runs on the image resized to this short "
+                        f"side (default: {SHORT_SIDE_PER_NATIVE}x the model's native size, e.g. 448 for ViT-B-16)")
+    parser.add_argument("--window", type=_positive_int, metavar="PX", help="sliding-window size in pixels (default: model's native size)")
+    parser.add_argument("--stride", type=_positive_int, metavar="PX", help="sliding-window stride (default: half the window)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="windows per forward pass (default 16)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours over the image (default 0.5)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _build_model(args):
+    """The model and its tokenizer from --model and the variant options."""
+    spec = args.model
+    if Path(spec).is_dir():
+        tokenizer_source = spec
+    else:
+        name, _, weights = spec.partition(":")
+        tokenizer_source = name
+        if not weights:
+            torch.manual_seed(args.seed)
+            print(f"note: {name} has random weights (no :TAG or :FILE given); the picture shows the "
+                  "pipeline, not learned semantics", file=sys.stderr)
+    model = from_spec(spec, construction=args.construction, gating=args.gating, num_layers=args.num_layers,
+                      device=args.device, precision=args.precision)
+    return model.eval(), get_tokenizer(tokenizer_source)
+
+
+def _inference_settings(args) -> dict:
+    return dict(short_side=args.short_side, window=args.window, stride=args.stride, batch_size=args.batch_size)
+
+
+def _output_path(output: str | None, image: str, kind: str) -> Path:
+    """-o, or IMAGE_STEM_KIND.png in the current folder."""
+    return Path(output) if output else Path(f"{Path(image).stem}_{kind}.png")
+
+
+def _save_labels(labels: np.ndarray, path: str, classes: list[str]) -> None:
+    """Label map as .npy (smallest unsigned dtype) or single-channel PNG, class names in the PNG metadata."""
+    compact = labels.astype(np.uint8 if len(classes) <= 256 else np.uint16)
+    if Path(path).suffix.lower() == ".npy":
+        atomic_write(path, lambda tmp: _save_npy(tmp, compact))
+    else:
+        save_png(Image.fromarray(compact), path, {"classes": classes})
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+        np.save(f, array)
+
+
+def _fail(command: str, message: str, code: int = USAGE_ERROR) -> int:
+    print(f"denserc {command}: error: {message}", file=sys.stderr)
+    return code
