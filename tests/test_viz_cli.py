@@ -102,10 +102,11 @@ def test_plain_open_clip_weights_a_denserc_folder_and_variants(photo, tmp_path):
         labels = tmp_path / f"{name}.npy"
         assert main(["segment", str(photo), "--classes", ",".join(CLASSES), "--model", *model_args,
                      "-o", str(tmp_path / f"{name}.png"), *FAST, "--labels", str(labels)]) == 0, name
-    from_api = denserc.segment(denserc.load(folder).eval(), photo, CLASSES, short_side=112, window=112)
+    fast = dict(short_side=112, window=112)
+    from_api = denserc.segment(denserc.load(folder).eval(), photo, CLASSES, **fast)
     assert (np.load(tmp_path / "folder.npy") == from_api.numpy()).all()
     variant = denserc.load(folder, construction="x+v", gating="none").eval()
-    assert (np.load(tmp_path / "variant.npy") == denserc.segment(variant, photo, CLASSES, short_side=112, window=112).numpy()).all()
+    assert (np.load(tmp_path / "variant.npy") == denserc.segment(variant, photo, CLASSES, **fast).numpy()).all()
 
 
 def test_seed_fixes_the_random_default_model(photo, tmp_path):

@@ -30,10 +30,13 @@ def register(subparsers) -> None:
         description="Label every pixel of IMAGE with one of --classes (sliding-window dense features vs "
                     "class text embeddings) and write the image with a translucent colour mask and a legend.")
     seg.add_argument("image", help="image file (any size; RGBA, grayscale, 16-bit, EXIF-rotated are fine)")
-    seg.add_argument("--classes", required=True, metavar="NAMES", help='comma-separated class names, e.g. "dog,grass,sky"')
-    seg.add_argument("-o", "--output", metavar="PNG", help="overlay PNG to write (default: IMAGE_STEM_segment.png here)")
-    seg.add_argument("--labels", metavar="PATH", help="also write the label map (class index per pixel, in --classes "
-                                      "order) as .npy, or as .png (8-bit, 16-bit beyond 256 classes)")
+    seg.add_argument("--classes", required=True, metavar="NAMES",
+                     help='comma-separated class names, e.g. "dog,grass,sky"')
+    seg.add_argument("-o", "--output", metavar="PNG",
+                     help="overlay PNG to write (default: IMAGE_STEM_segment.png here)")
+    seg.add_argument("--labels", metavar="PATH",
+                     help="also write the label map (class index per pixel, in --classes order) as .npy, "
+                          "or as .png (8-bit, 16-bit beyond 256 classes)")
     seg.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                      help=f"prompt template with {{}} for the class name, repeatable; the embeddings of "
                           f"all templates are averaged (default: {CLASS_TEMPLATES[0]!r})")
@@ -46,8 +49,10 @@ def register(subparsers) -> None:
                     "--query and write it blended over the image, with a colour bar.")
     heat.add_argument("image", help="image file (any size; RGBA, grayscale, 16-bit, EXIF-rotated are fine)")
     heat.add_argument("--query", required=True, metavar="TEXT", help='text to look for, e.g. "a red umbrella"')
-    heat.add_argument("-o", "--output", metavar="PNG", help="heatmap PNG to write (default: IMAGE_STEM_heatmap.png here)")
-    heat.add_argument("--scores", metavar="NPY", help="also write the per-pixel cosine similarity (float32) as .npy")
+    heat.add_argument("-o", "--output", metavar="PNG",
+                      help="heatmap PNG to write (default: IMAGE_STEM_heatmap.png here)")
+    heat.add_argument("--scores", metavar="NPY",
+                      help="also write the per-pixel cosine similarity (float32) as .npy")
     heat.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                       help="prompt template with {} for the query, repeatable (default: the query as is)")
     heat.add_argument("--vmin", type=float, help="similarity at the bottom of the colour bar (default: map minimum)")
@@ -135,19 +140,25 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--construction", choices=CONSTRUCTIONS, help="dense construction variant "
                         "(default: the saved one for a folder, multi-v otherwise)")
     parser.add_argument("--gating", choices=GATINGS, help="gating variant (default: saved one / hsg)")
-    parser.add_argument("--num-layers", type=_positive_int, metavar="L", help="value layers for multi-v (default: saved one / 3)")
+    parser.add_argument("--num-layers", type=_positive_int, metavar="L",
+                        help="value layers for multi-v (default: saved one / 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="model weights' precision (default fp32)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the random weights of a model given without TAG/FILE (default 0)")
-    parser.add_argument("--short-side", type=_positive_int, metavar="PX", help="inference runs on the image resized to this short "
-                        f"side (default: {SHORT_SIDE_PER_NATIVE}x the model's native size, e.g. 448 for ViT-B-16)")
-    parser.add_argument("--window", type=_positive_int, metavar="PX", help="sliding-window size in pixels (default: model's native size)")
-    parser.add_argument("--stride", type=_positive_int, metavar="PX", help="sliding-window stride (default: half the window)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="windows per forward pass (default 16)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the colours over the image (default 0.5)")
+    parser.add_argument("--short-side", type=_positive_int, metavar="PX",
+                        help="inference runs on the image resized to this short side (default: "
+                             f"{SHORT_SIDE_PER_NATIVE}x the model's native size, e.g. 448 for ViT-B-16)")
+    parser.add_argument("--window", type=_positive_int, metavar="PX",
+                        help="sliding-window size in pixels (default: the model's native size)")
+    parser.add_argument("--stride", type=_positive_int, metavar="PX",
+                        help="sliding-window stride (default: half the window)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                        help="windows per forward pass (default 16)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="opacity of the colours over the image (default 0.5)")
 
 
 def _positive_int(text: str) -> int:

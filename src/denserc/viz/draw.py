@@ -162,9 +162,11 @@ def _boundaries(labels: np.ndarray, thickness: int) -> np.ndarray:
     edges = np.zeros(labels.shape, dtype=bool)
     edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
     edges[1:, :] |= labels[1:, :] != labels[:-1, :]
-    if thickness > 1:
-        grown = F.max_pool2d(torch.from_numpy(edges).float()[None, None], kernel_size=2 * thickness - 1,
-                             stride=1, padding=thickness - 1)
+    if thickness > 1:  # grow by a square, as a row pass then a column pass
+        grown = torch.from_numpy(edges).float()[None, None]
+        size, pad = 2 * thickness - 1, thickness - 1
+        grown = F.max_pool2d(grown, kernel_size=(1, size), stride=1, padding=(0, pad))
+        grown = F.max_pool2d(grown, kernel_size=(size, 1), stride=1, padding=(pad, 0))
         edges = grown[0, 0].numpy() > 0
     return edges
 

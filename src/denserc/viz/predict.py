@@ -25,8 +25,8 @@ QUERY_TEMPLATES = ("{}",)
 # (448 px for a 224-px ViT-B/16, as in sliding-window OVSS on ADE20K).
 SHORT_SIDE_PER_NATIVE = 2
 # Upsampling C score maps to a 12-megapixel photo at once would take C * 48 MB; classes are taken in
-# groups whose upsampled scores fit this many elements.
-UPSAMPLE_ELEMENTS = 1 << 25
+# groups whose upsampled scores fit this many elements (256 MB in float32).
+UPSAMPLE_ELEMENTS = 1 << 26
 
 
 @torch.no_grad()
