@@ -90,6 +90,13 @@ def test_unreadable_and_truncated_files(tmp_path):
         load_image(tmp_path / "cut.png")
 
 
+def test_decompression_bomb_is_a_read_error(tmp_path, monkeypatch):
+    Image.new("RGB", (30, 30)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 900 pixels > 2 x the limit: Pillow refuses
+    with pytest.raises(ImageReadError, match=r"cannot read .*huge\.png: Image size \(900 pixels\) exceeds"):
+        load_image(tmp_path / "huge.png")
+
+
 def test_resized_size_keeps_aspect_and_caps_panoramas():
     assert resized_size((400, 300), 448) == (597, 448)
     assert resized_size((300, 400), 448) == (448, 597)

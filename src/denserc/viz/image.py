@@ -40,6 +40,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"cannot read {path}: {error}") from error
     except UnidentifiedImageError as error:
         raise ImageReadError(f"cannot read {path} as an image: not a format Pillow recognises "
                              "(expected PNG, JPEG, WebP, TIFF, BMP, GIF, ...)") from error
