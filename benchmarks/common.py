@@ -4,17 +4,18 @@ Timing: the things being compared run round-robin in one process (``interleaved_
 warm-up calls, so load from other processes hits them alike; ratios are the median over rounds of
 the per-round ratio. CUDA calls are timed with CUDA events after a synchronize.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around one call. On the CPU, a fresh
-interpreter per configuration (``python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON``) builds
-the call, runs it once to warm up, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``)
-and reports how far the peak resident set (``VmHWM``) rose above the resident set before a second
-call. glibc's mmap threshold is fixed at 128 KiB there so freed tensors go back to the kernel and
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around the measured work. On the CPU, a
+fresh interpreter per configuration (``python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON``)
+builds the work, runs it once to warm up, resets the kernel's peak-RSS mark (``/proc/self/clear_refs``)
+and reports how far the peak resident set (``VmHWM``) rose above the resident set before the
+measured run. glibc's mmap threshold is fixed at 128 KiB there so freed tensors go back to the kernel and
 the warm-up call cannot hide the second call's allocations inside the heap.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import importlib
 import json
 import os
@@ -104,14 +105,45 @@ def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> tuple[float
     return (peak - before) / MIB, peak / MIB
 
 
-def cpu_peak_mib(target: str, **kwargs) -> float:
-    """Peak RSS growth (MiB) of one call of ``target(**kwargs)()`` in a fresh interpreter (see module doc)."""
+def in_fresh_process(target: str, *, memory_probe: bool = False, **kwargs) -> dict:
+    """``target(**kwargs)`` (a ``module:function`` returning a JSON-able dict) run in a new interpreter.
+
+    Peak memory is a per-process mark, so each configuration gets a clean process. ``memory_probe``
+    fixes glibc's mmap threshold (see module doc); that makes every large allocation a page-faulting
+    mmap, 1.5-2.5x slower here, so a process measuring CPU memory must not also measure time.
+    """
     command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT,
-                            env={**os.environ, **PROBE_ENV}, check=False)
+    env = {**os.environ, **(PROBE_ENV if memory_probe else {})}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"memory probe failed ({shlex.join(command)}):\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+        raise RuntimeError(f"benchmark worker failed ({shlex.join(command)}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cpu_peak_mib(build: str, **kwargs) -> float:
+    """Peak RSS growth (MiB) of one call of ``build(**kwargs)()`` in a fresh interpreter (see module doc)."""
+    return in_fresh_process("benchmarks.common:call_peak", memory_probe=True, build=build, kwargs=kwargs)["peak_mib"]
+
+
+def call_peak(build: str, kwargs: dict) -> dict:
+    """Worker of ``cpu_peak_mib``: build the call, warm up, measure the second call."""
+    call = _resolve(build)(**kwargs)
+    call()
+    resident = reset_peak_rss()
+    call()
+    return {"peak_mib": max(0.0, peak_rss_mib() - resident)}
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak-RSS mark (VmHWM) to the current RSS; returns that RSS in MiB."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set since start or the last ``reset_peak_rss`` (MiB)."""
+    return _proc_status_kib("VmHWM") / 1024
 
 
 def _proc_status_kib(field: str) -> int:
@@ -121,19 +153,9 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line (CPU peak memory needs Linux)")
 
 
-def _probe(target: str, kwargs_json: str) -> None:
-    """Entry of ``cpu_peak_mib``'s subprocess: build the call, warm up, measure the second call."""
-    import gc
+def _resolve(target: str):
     module_name, _, function_name = target.partition(":")
-    build = getattr(importlib.import_module(module_name), function_name)
-    call = build(**json.loads(kwargs_json))
-    call()
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    resident = _proc_status_kib("VmRSS")
-    call()
-    peak = _proc_status_kib("VmHWM")
-    print(json.dumps({"peak_mib": max(0, peak - resident) / 1024}))
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -206,5 +228,5 @@ def resolve_device(name: str) -> torch.device:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON (memory probe)")
-    _probe(sys.argv[1], sys.argv[2])
+        raise SystemExit("usage: python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON (benchmark worker)")
+    print(json.dumps(_resolve(sys.argv[1])(**json.loads(sys.argv[2]))))
