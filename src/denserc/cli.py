@@ -12,6 +12,7 @@ import sys
 from . import __version__
 
 SUBCOMMAND_MODULES = (
+    "denserc.train.cli",
     "denserc.viz.cli",
 )
 

@@ -1,0 +1,53 @@
+"""The frozen teacher: the student's initial image tower, embedding grid cells cut from the batch.
+
+Crops are cut on the device with ``torchvision.ops.roi_align`` straight from the (normalised) batch
+tensor and resized to the teacher's native input size in the same call, batched over all cells of
+all images, so the data loader never handles crops.
+
+``sampling_ratio=-1`` (adaptive): each output pixel averages ceil(cell size / native size) x ...
+bilinear samples. A cell larger than the native size (downscaling, e.g. a 1024-px image's 1x1 cell
+to 224) is therefore area-averaged, which is anti-aliased like a PIL resize; a smaller cell
+(upscaling) gets one bilinear sample per output pixel, i.e. plain bilinear resizing.
+``aligned=True`` puts pixel centres at integer + 0.5 so that a box is exactly its pixels.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from .dense import DenseRCModel
+
+CROP_SAMPLING_RATIO = -1
+
+
+def crop_and_resize(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """(sum Ki, C, *size) crops of per-image input-pixel boxes (x1, y1, x2, y2), in the boxes' order."""
+    boxes = [b.to(device=images.device, dtype=images.dtype).reshape(-1, 4) for b in boxes]
+    return roi_align(images, boxes, output_size=tuple(size), spatial_scale=1.0,
+                     sampling_ratio=CROP_SAMPLING_RATIO, aligned=True)
+
+
+class Teacher(nn.Module):
+    """A frozen copy of a DenseRC model's image tower as it is now (call before training starts)."""
+
+    def __init__(self, student: DenseRCModel):
+        super().__init__()
+        self.visual = copy.deepcopy(student.visual)
+        self.visual.requires_grad_(False)
+        self.native_size = tuple(student.native_size)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """The teacher stays in eval mode whatever its parent does."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised global embeddings (sum Ki, E) of every box's crop at the native size."""
+        crops = crop_and_resize(images, boxes, self.native_size)
+        return F.normalize(self.visual(crops).float(), dim=-1)

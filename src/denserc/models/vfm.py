@@ -1,0 +1,93 @@
+"""The frozen vision foundation model (VFM): a timm ViT (DINOv2 by default) giving patch features.
+
+Its patch-to-patch similarity is the target of L_coherence, so it must see the student's image on
+the student's patch grid: the image is resized to (grid_h * p, grid_w * p) for the VFM's patch
+size p (student 1024 / 16 = 64 x 64 -> DINOv2/14 at 896 px) and its prefix tokens (cls and
+registers, ``num_prefix_tokens``) are dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from unittest import mock
+from urllib.parse import urlparse
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import is_model, split_model_name_tag
+from torch import nn
+
+from .factory import _reachable
+
+DEFAULT_VFM = "vit_base_patch14_reg4_dinov2"
+
+
+class VFM(nn.Module):
+    """Frozen timm ViT. ``weights``: a local file (timm or original DINOv2 format) instead of the hub."""
+
+    def __init__(self, name: str = DEFAULT_VFM, *, pretrained: bool = True, weights: str | os.PathLike | None = None,
+                 model_kwargs: dict | None = None):
+        super().__init__()
+        kwargs = {"dynamic_img_size": True, "num_classes": 0, **(model_kwargs or {})}
+        if not is_model(split_model_name_tag(name)[0]):
+            raise ValueError(f"vfm.name: unknown timm model {name!r}; DINOv2 models include "
+                             f"{timm.list_models('*dinov2*')}")
+        if weights is not None:
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"vfm.weights: {weights} does not exist (expected a timm or DINOv2 "
+                                        f"checkpoint file for {name})")
+            try:
+                self.model = timm.create_model(name, pretrained=True,
+                                               pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+            except RuntimeError as error:
+                raise ValueError(f"vfm.weights: {weights} does not fit timm model {name}: {error}") from error
+        elif pretrained:
+            self.model = _create_pretrained(name, kwargs)
+        else:
+            self.model = timm.create_model(name, pretrained=False, **kwargs)
+        if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
+            raise ValueError(f"vfm.name: {name} is not a timm ViT (it needs patch_embed and num_prefix_tokens)")
+        self.name = name
+        self.model.requires_grad_(False)
+        config = self.model.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "VFM":
+        """The VFM stays in eval mode whatever its parent does."""
+        return super().train(False)
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.patch_embed.patch_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.model.num_features
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch features (B, grid_h * grid_w, C), row-major, of images with values in [0, 1]."""
+        size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+        tokens = self.model.forward_features((pixels - self.mean) / self.std)
+        return tokens[:, self.model.num_prefix_tokens:]
+
+
+def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
+    """timm's pretrained download, failing in seconds with a clear message when the hub is unreachable."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    offline = not _reachable(host)
+    patch = mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True) if offline else contextlib.nullcontext()
+    try:
+        with patch:
+            return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as error:  # noqa: BLE001 - every download failure gets the same actionable message
+        reason = f"{host} is unreachable (offline)" if offline else f"{type(error).__name__}: {error}"
+        raise RuntimeError(f"cannot get pretrained weights for VFM {name}: {reason}. Download them on a machine "
+                           f"with access (timm model {name}) and pass the file with vfm.weights=/path/to/file, "
+                           "or train with vfm.pretrained=false (random VFM, for tests only)") from error

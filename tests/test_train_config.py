@@ -1,0 +1,100 @@
+"""Training configs: paper defaults, shipped YAML files, base inheritance, overrides, clear errors."""
+import os
+from pathlib import Path
+
+import pytest
+
+from denserc.cli import main
+from denserc.train.config import CONFIG_DIR, Config, ConfigError, available_configs, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_papers_recipe():
+    config = Config()
+    assert (config.model.name, config.model.pretrained, config.model.construction, config.model.gating) == \
+        ("ViT-B-16", "openai", "multi-v", "hsg")
+    assert config.vfm.name == "vit_base_patch14_reg4_dinov2"
+    assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (1e-5, 0.1, 1000)
+    assert (config.train.epochs, config.train.global_batch_size, config.data.image_size) == (6, 16, 1024)
+    assert config.loss.coherence_weight == 0.025
+    assert (config.data.grid_rule, config.data.grid_max_cells) == ("uniform", 6)
+
+
+def test_every_table5_variant_and_model_has_a_shipped_config():
+    expected = {"ablation_xv": ("x+v", "none"), "ablation_v": ("v", "none"), "ablation_multiv": ("multi-v", "none"),
+                "ablation_qk": ("multi-v", "qk"), "ablation_qq": ("multi-v", "qq"), "ablation_hsg": ("multi-v", "hsg")}
+    assert set(expected) | {"smoke", "vitb16_coco", "vitl14_coco"} <= set(available_configs())
+    for name, (construction, gating) in expected.items():
+        config = load_config(name)
+        assert (config.model.construction, config.model.gating) == (construction, gating), name
+        assert config.optim.lr == 1e-5 and config.data.image_size == 1024, name  # inherited recipe
+    large = load_config("vitl14_coco")
+    assert (large.model.name, large.data.image_size % 14, large.train.global_batch_size) == ("ViT-L-14", 0, 16)
+
+
+def test_configs_folder_at_the_top_links_to_the_shipped_ones():
+    assert (REPO / "configs").is_symlink() and (REPO / "configs").resolve() == CONFIG_DIR
+    by_path = load_config(REPO / "configs" / "vitb16_coco.yaml")
+    assert by_path == load_config("vitb16_coco")
+
+
+def test_overrides_are_dotted_and_read_as_yaml():
+    config = load_config("smoke", ["train.epochs=1", "optim.lr=2e-5", "model.pretrained=null",
+                                   "optim.betas=[0.9, 0.98]", "data.strict=true", "vfm.model_kwargs={depth: 1}"])
+    assert config.train.epochs == 1 and config.optim.lr == 2e-5 and config.model.pretrained is None
+    assert config.optim.betas == [0.9, 0.98] and config.data.strict is True
+    assert config.vfm.model_kwargs == {"depth": 1}  # a mapping value replaces, it is not merged
+
+
+def test_unknown_keys_are_errors_naming_the_key_and_the_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'; valid keys in train: .*'epochs'"):
+        load_config("smoke", ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer'.*'optim'"):
+        load_config("smoke", ["optimizer.lr=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: smoke\ndata:\n  image_sise: 64\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.image_sise'.*'image_size'"):
+        load_config(bad)
+
+
+def test_bad_values_are_errors_naming_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int, got 'two'"):
+        load_config("smoke", ["train.epochs=two"])
+    with pytest.raises(ConfigError, match=r"model\.gating: must be one of .*'hsg'.*got 'gate'"):
+        load_config("smoke", ["model.gating=gate"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size: must be at least 1"):
+        load_config("smoke", ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        load_config("smoke", ["epochs"])
+    with pytest.raises(ConfigError, match="neither a YAML file nor a shipped config"):
+        load_config("vitb99_coco")
+
+
+def test_base_chains_resolve_relative_to_the_file_and_reject_loops(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: smoke\ntrain:\n  epochs: 7\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim:\n  lr: 0.5\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.train.epochs, config.optim.lr, config.model.name) == (7, 0.5, "ViT-Tiny-16")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "smoke", "train.epoch=1"]) == 2
+    assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+    assert main(["train", "vitb16_coco", f"data.root={tmp_path / 'coco' / 'train2017'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and "does not exist" in err and "Traceback" not in err
+    assert main(["train", "smoke", "model.pretrained=/no/such/weights.safetensors"]) == 2
+    assert "neither a file nor a pretrained tag" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "runs" / "smoke" / "checkpoints")
+
+
+def test_cli_prints_the_resolved_config_with_overrides_and_no_config_name(capsys):
+    assert main(["train", "train.epochs=9", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "name: ViT-Tiny-16" in out and "epochs: 9" in out

@@ -1,0 +1,192 @@
+"""The trainer in one process: what trains, the optimizer and schedule, accumulation, checkpoints, export."""
+import math
+
+import open_clip
+import pytest
+import torch
+
+import denserc
+from denserc.train import Trainer, load_config, setup_distributed, train
+from denserc.train.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from denserc.train.metrics import MetricsLogger, read_metrics
+from denserc.train.optim import warmup_cosine
+from denserc.train.sampler import ResumableDistributedSampler
+
+TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
+        "train.batch_size=2", "train.epochs=1", "optim.warmup_steps=0", "train.log_every=1",
+        "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
+
+
+def make_trainer(tmp_path, *overrides):
+    config = load_config("smoke", [*TINY, *overrides])
+    return Trainer(config, setup_distributed("cpu"), tmp_path / "run")
+
+
+def capture_gradients(trainer):
+    """Gradients of the trainable parameters just before each optimizer step."""
+    captured = {}
+
+    def hook(optimizer, args, kwargs):
+        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None})
+    trainer.optimizer.register_step_pre_hook(hook)
+    return captured
+
+
+def first_batches(trainer, count):
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.loader())
+    return [next(batches) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------- what trains, and how
+def test_only_the_image_tower_and_gate_train_and_off_path_tensors_are_frozen(tmp_path):
+    trainer = make_trainer(tmp_path)
+    student = trainer.student
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    tower = {id(p) for p in student.image_tower_parameters()}
+    assert optimised <= tower
+    assert not any(p.requires_grad for p in student.clip.transformer.parameters())  # text tower
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert not any(p.requires_grad for p in trainer.vfm.parameters())
+    last = "clip.visual.transformer.resblocks.3."
+    assert sorted(trainer.frozen_off_path) == sorted(f"{last}{n}" for n in
+                                                     ["ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                                                      "mlp.c_proj.weight", "mlp.c_proj.bias"])
+    named = dict(student.named_parameters())
+    assert optimised == {id(p) for n, p in named.items() if id(p) in tower and n not in trainer.frozen_off_path}
+    assert id(named["gate.linear.weight"]) in optimised
+
+
+def test_x_plus_v_uses_the_last_mlp_so_nothing_is_frozen(tmp_path):
+    trainer = make_trainer(tmp_path, "model.construction=x+v", "model.gating=none", "model.num_layers=1")
+    assert trainer.frozen_off_path == []
+
+
+def test_weight_decay_spares_norms_biases_embeddings_and_the_gate(tmp_path):
+    trainer = make_trainer(tmp_path)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in trainer.student.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"gate.linear.weight", "gate.linear.bias", "clip.visual.ln_post.weight",
+            "clip.visual.class_embedding", "clip.visual.transformer.resblocks.0.attn.in_proj_bias"} <= no_decay_names
+    assert all(p.ndim >= 2 and not names[id(p)].startswith("gate.") for p in decay["params"])
+    assert "clip.visual.transformer.resblocks.0.attn.in_proj_weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_warmup_then_cosine():
+    multiplier = warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert multiplier(0) == pytest.approx(0.1) and multiplier(4) == pytest.approx(0.5)
+    assert multiplier(9) == pytest.approx(1.0) and multiplier(10) == pytest.approx(1.0)
+    assert multiplier(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert multiplier(110) == pytest.approx(0.1)
+    assert warmup_cosine(100, 0)(0) == pytest.approx(1.0)
+
+
+def test_accumulating_two_half_batches_gives_the_full_batch_gradient(tmp_path):
+    whole = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=4")
+    halves = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=2")
+    assert (whole.accumulation, halves.accumulation) == (1, 2)
+    micro = first_batches(halves, 2)
+    full = {key: torch.cat([m[key] for m in micro]) for key in ("image", "size", "index", "skipped")}
+    assert torch.equal(full["index"], first_batches(whole, 1)[0]["index"])
+    whole_gradients, half_gradients = capture_gradients(whole), capture_gradients(halves)
+    whole_metrics = whole.train_step([full], epoch=0)
+    half_metrics = halves.train_step(micro, epoch=0)
+    assert whole_gradients.keys() == half_gradients.keys() and whole_gradients
+    for name, gradient in whole_gradients.items():
+        torch.testing.assert_close(half_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(half_metrics["loss"], whole_metrics["loss"])
+
+
+def test_sampler_deals_each_epoch_once_and_resumes_at_any_position():
+    ranks = [ResumableDistributedSampler(10, 8, world_size=2, rank=r, seed=3) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    dealt = [list(sampler) for sampler in ranks]
+    order = ranks[0].order()
+    assert len(set(order)) == 8 and sorted(dealt[0] + dealt[1]) == sorted(order)
+    assert dealt[0] == order[0::2] and dealt[1] == order[1::2]
+    for sampler in ranks:
+        sampler.set_epoch(1, start=4)
+    assert [list(s) for s in ranks] == [dealt[0][2:], dealt[1][2:]]
+    one = ResumableDistributedSampler(10, 8, seed=3)
+    one.set_epoch(1, start=4)
+    assert sorted(one) == sorted(dealt[0][2:] + dealt[1][2:])  # another world size sees the same rest
+    one.set_epoch(2)
+    assert one.order() != order
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ranks[0].set_epoch(0, start=3)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_checkpoints_publish_atomically_and_keep_the_last_k(tmp_path):
+    weights = {"w": torch.arange(4.0)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, weights, {"step": step}, {"epoch": 0}, keep_last=2)
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [2, 3]
+    (tmp_path / "step_000000009").mkdir()  # a folder without its marker is not a checkpoint
+    (tmp_path / ".step_000000010.abc.tmp").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_000000003"
+    loaded_weights, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert torch.equal(loaded_weights["w"], weights["w"]) and state == {"step": 3}
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "step_000000009")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoints_alone(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, {"step": 1}, {}, keep_last=1)
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {"step": 2, "unpicklable": (x for x in ())}, {}, keep_last=1)
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [1]
+    assert not list(tmp_path.glob(".step_*"))
+
+
+def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
+    metrics = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        metrics.log(step, {"loss": float(step)})
+    metrics.close()
+    MetricsLogger(tmp_path, start_step=2).close()
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ whole runs
+def test_smoke_default_lowers_semantics_loss_and_exports_an_open_clip_model(tmp_path):
+    """The built-in default config, one epoch of it on a fixed seed."""
+    config = load_config("smoke", ["train.epochs=1", "data.num_images=32", "train.log_every=2"])
+    torch.manual_seed(config.train.seed)
+    initial = denserc.create_model("ViT-Tiny-16")  # the run's initial weights: the text tower must keep them
+    final = train(config, setup_distributed("cpu"), tmp_path / "smoke")
+    records = read_metrics(tmp_path / "smoke")
+    semantics = [r["loss_semantics"] for r in records]
+    assert len(records) == 2 and all({"loss", "loss_coherence", "lr", "grad_norm"} <= r.keys() for r in records)
+    assert semantics[-1] < 0.8 * semantics[0], semantics
+    assert all(math.isfinite(r["loss_coherence"]) for r in records)
+
+    model = denserc.load(final)
+    assert model.gating == "hsg" and model.gate is not None
+    clip = open_clip.create_model("ViT-Tiny-16", pretrained=str(final / "open_clip_model.safetensors"))
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(tensor, model.clip.state_dict()[name]), name
+    text = {n: t for n, t in clip.state_dict().items() if not n.startswith("visual.")}
+    assert all(torch.equal(t, initial.clip.state_dict()[n]) for n, t in text.items())
+    assert not torch.equal(clip.visual.proj, initial.clip.visual.proj)  # the image tower did train
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(images), model.encode_image(images))
+    assert latest_checkpoint(tmp_path / "smoke" / "checkpoints").name == "step_000000004"
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25])
+def test_export_averages_the_image_tower_with_the_teacher(tmp_path, alpha):
+    trainer = make_trainer(tmp_path, f"export.alpha={alpha}")
+    with torch.no_grad():
+        for parameter in trainer.student.visual.parameters():
+            parameter.add_(1.0)
+    exported = denserc.load(trainer.export())
+    teacher = dict(trainer.teacher.visual.named_parameters())
+    for name, parameter in exported.visual.named_parameters():
+        expected = alpha * (teacher[name] + 1.0) + (1 - alpha) * teacher[name]
+        torch.testing.assert_close(parameter, expected, msg=name)
+    assert torch.equal(exported.gate.linear.weight, trainer.student.gate.linear.weight)
