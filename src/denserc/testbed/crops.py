@@ -1,0 +1,104 @@
+"""Scenes held in memory as tensors, and the single-class crops the tiny CLIP learns from.
+
+A ``ScenePool`` renders scenes once and indexes one crop region per class occurrence: every object's
+box, and for every stuff segment a window that is mostly (>= ``STUFF_PURITY``) that stuff. Crops are
+cut and resized with RoIAlign on the image tensor, the way DenseRC's teacher crops grid cells.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+from .scenes import SceneConfig, render_scene, scene_rng
+from .vocabulary import CATEGORIES
+
+STUFF_PURITY = 0.8
+STUFF_WINDOW_FRACTION = (0.2, 0.45)  # side of a stuff window, as a fraction of the image side
+STUFF_WINDOW_TRIES = 12
+
+
+@dataclass
+class ScenePool:
+    """Rendered scenes and their crop regions; ``regions`` rows are (scene, category_id, x1, y1, x2, y2)."""
+
+    images: torch.Tensor  # (N, 3, S, S) uint8
+    captions: list[str]
+    regions: torch.Tensor  # (K, 6) float: scene index, category id, box in pixel-edge coordinates
+
+    @classmethod
+    def render(cls, seed: int, num_scenes: int, config: SceneConfig = SceneConfig(),
+               progress: bool = False) -> "ScenePool":
+        images, captions, regions = [], [], []
+        for index in tqdm(range(num_scenes), desc=f"rendering scenes (seed {seed})", disable=not progress):
+            scene = render_scene(scene_rng(seed, index), config)
+            images.append(torch.from_numpy(scene.image).permute(2, 0, 1))
+            captions.append(scene.caption)
+            for thing in scene.things:
+                x, y, w, h = thing.bbox
+                regions.append((index, thing.category_id, x, y, x + w, y + h))
+            window_rng = np.random.default_rng([seed, index, 1])
+            for stuff in scene.stuff:
+                window = _pure_window(stuff.mask, window_rng)
+                if window is not None:
+                    regions.append((index, stuff.category_id, *window))
+        return cls(torch.stack(images), captions, torch.tensor(regions, dtype=torch.float32))
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    def regions_of(self, category_id: int) -> torch.Tensor:
+        return torch.nonzero(self.regions[:, 1] == category_id).flatten()
+
+    def missing_categories(self) -> list[str]:
+        present = set(self.regions[:, 1].long().tolist())
+        return [c["name"] for c in CATEGORIES if c["id"] not in present]
+
+
+def square_boxes(boxes: torch.Tensor, scale: torch.Tensor | float, image_size: int,
+                 shift: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Square boxes of side ``scale * max(w, h)`` around ``boxes`` (+ ``shift`` * side), kept inside the image."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = ((boxes[:, 2:] - boxes[:, :2]).amax(dim=1) * scale).clamp(max=image_size)
+    centre = centre + side[:, None] * shift
+    low = (centre - side[:, None] / 2).clamp(min=0)
+    low = torch.minimum(low, image_size - side[:, None])
+    return torch.cat([low, low + side[:, None]], dim=1)
+
+
+def crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Cut box i from image i and resize it to size x size (RoIAlign, bilinear, 2x2 samples a bin)."""
+    indexed = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], dim=1)
+    return roi_align(images.float(), indexed, output_size=size, spatial_scale=1.0, sampling_ratio=2,
+                     aligned=True)
+
+
+def normalize(images: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
+    """uint8-range (B, 3, H, W) images -> the model's input normalisation."""
+    mean = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Whole images to size x size (antialiased), as float."""
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _pure_window(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """A random square window (x1, y1, x2, y2) that is >= STUFF_PURITY inside ``mask``, or None."""
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    for _ in range(STUFF_WINDOW_TRIES):
+        side = int(rng.uniform(*STUFF_WINDOW_FRACTION) * size)
+        pick = rng.integers(len(ys))
+        x1 = int(np.clip(xs[pick] - side // 2, 0, size - side))
+        y1 = int(np.clip(ys[pick] - side // 2, 0, size - side))
+        if mask[y1:y1 + side, x1:x1 + side].mean() >= STUFF_PURITY:
+            return x1, y1, x1 + side, y1 + side
+    return None

@@ -1,0 +1,47 @@
+"""Zero-shot classification of held-out single-class crops with the tiny CLIP's global embedding."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .crops import ScenePool, crop, normalize, square_boxes
+from .vocabulary import CATEGORIES, TEMPLATES, phrase
+
+EVAL_CROP_SCALE = 1.3  # held-out object crops: a square 1.3x the object's longer side, centred
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, category_ids: list[int]) -> torch.Tensor:
+    """(C, E) normalised text classifiers: each class's prompt-template embeddings averaged."""
+    prompts = [template.format(phrase(c)) for c in category_ids for template in TEMPLATES]
+    text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+    return F.normalize(text.view(len(category_ids), len(TEMPLATES), -1).mean(dim=1), dim=-1)
+
+
+def eval_crops(pool: ScenePool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic crops (uint8 range) of every indexed region and their category ids."""
+    boxes = pool.regions[:, 2:]
+    is_thing = torch.tensor([CATEGORIES[int(c) - 1]["isthing"] == 1 for c in pool.regions[:, 1]])
+    boxes = torch.where(is_thing[:, None], square_boxes(boxes, EVAL_CROP_SCALE, pool.image_size), boxes)
+    images = pool.images[pool.regions[:, 0].long()]
+    return crop(images, boxes, size), pool.regions[:, 1].long()
+
+
+@torch.no_grad()
+def crop_accuracy(model, tokenizer, pool: ScenePool, batch_size: int = 256) -> dict[str, float]:
+    """Top-1 zero-shot accuracy on the pool's crops: objects among the thing classes, stuff among stuff."""
+    was_training = model.training
+    model.eval()
+    crops, labels = eval_crops(pool, model.native_size[0])
+    features = torch.cat([model.encode_image(normalize(chunk, model.preprocess_cfg), normalize=True)
+                          for chunk in crops.split(batch_size)])
+    results = {}
+    for kind, isthing in (("things", 1), ("stuff", 0)):
+        ids = [c["id"] for c in CATEGORIES if c["isthing"] == isthing]
+        rows = torch.isin(labels, torch.tensor(ids))
+        logits = features[rows] @ class_embeddings(model, tokenizer, ids).T
+        predicted = torch.tensor(ids)[logits.argmax(dim=1)]
+        results[f"{kind}_top1"] = (predicted == labels[rows]).float().mean().item()
+        results[f"{kind}_crops"] = int(rows.sum())
+    model.train(was_training)
+    return results
