@@ -1,0 +1,182 @@
+"""`denserc eval region|seg`: evaluate one or more models, write JSON, print a Markdown table.
+
+    denserc eval region --model ViT-B-16:openai --model runs/vitb16 --data /data/coco
+    denserc eval seg --model runs/vitb16 --data /data/ADEChallengeData2016 --dataset ade20k
+    denserc eval seg --model ViT-B-16:openai --variants --data /data/VOC2012 --dataset voc20
+
+Under ``torchrun --nproc_per_node N -m denserc eval ...`` every rank evaluates a shard of the
+images and the counts are summed; rank 0 writes the report.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..io import save_json
+from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer
+from . import distributed
+from .datasets import SEGMENTATION_DATASETS, detect_segmentation_dataset
+from .region import DEFAULT_TEMPLATES as REGION_TEMPLATES
+from .region import evaluate_regions
+from .segmentation import DEFAULT_TEMPLATES as SEGMENTATION_TEMPLATES
+from .segmentation import evaluate_segmentation, protocol_for
+from .text import default_cache_dir
+
+# The paper's Table 5 (training-free rows): what to extract, then how to weight the heads of multi-v.
+VARIANTS = (("x+v", "none"), ("v", "none"), ("multi-v", "none"), ("multi-v", "qk"), ("multi-v", "qq"),
+            ("multi-v", "hsg"))
+REGION_COLUMNS = (("boxes_thing", "boxes"), ("masks_thing", "thing masks"), ("masks_stuff", "stuff masks"))
+SEGMENTATION_COLUMNS = ("mIoU", "mAcc", "aAcc")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="zero-shot region classification and training-free open-vocabulary segmentation",
+        description="Evaluate models (open_clip NAME[:TAG|:FILE] or DenseRC folders) and print one table row each.")
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    region = tasks.add_parser("region", help="COCO-panoptic box/mask classification (CLIPSelf protocol)",
+                              description="Top-1/top-5 of every panoptic segment's box- and mask-pooled features.")
+    _add_common(region, REGION_TEMPLATES)
+    region.add_argument("--dataset", default="coco-panoptic", choices=["coco-panoptic"])
+    region.add_argument("--split", default="val2017", help="panoptic split: ROOT/SPLIT images, "
+                        "ROOT/annotations/panoptic_SPLIT.json and PNGs (default: val2017)")
+    region.add_argument("--image-size", type=int, default=None,
+                        help="square input size after resize-longest + pad (default: 64 patches, 1024 for /16)")
+    region.add_argument("--class-names", default="coco_panoptic",
+                        help="bundled list or file in category-id order, or 'dataset' for the JSON's names "
+                             "(default: %(default)s)")
+    region.set_defaults(func=run_region, batch_size=4)
+    seg = tasks.add_parser("seg", help="training-free open-vocabulary semantic segmentation (SCLIP protocol)",
+                           description="Sliding-window dense logits -> mIoU, per-class IoU, pixel accuracy.")
+    _add_common(seg, SEGMENTATION_TEMPLATES)
+    seg.add_argument("--dataset", choices=sorted(SEGMENTATION_DATASETS), default=None,
+                     help="dataset name (default: detected from the folder layout)")
+    seg.add_argument("--class-names", default=None, help="bundled list or file (default: the dataset's)")
+    for flag, kind, meaning in (("--short-side", int, "short side after resizing"),
+                                ("--window", int, "sliding-window size in pixels"),
+                                ("--stride", int, "sliding-window stride in pixels"),
+                                ("--logit-scale", float, "softmax temperature on the cosine logits"),
+                                ("--prob-threshold", float, "below this class probability -> background"),
+                                ("--area-threshold", float, "drop classes winning less than this share of "
+                                                            "non-background pixels")):
+        seg.add_argument(flag, type=kind, default=None, help=f"{meaning} (default: the dataset's, SCLIP)")
+    seg.set_defaults(func=run_seg, batch_size=16)
+
+
+def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None:
+    parser.add_argument("--model", action="append", required=True, metavar="SPEC",
+                        help="DenseRC folder, or open_clip NAME, NAME:TAG, NAME:FILE; repeat for more rows")
+    parser.add_argument("--data", required=True, type=Path, help="dataset root folder")
+    parser.add_argument("--variants", action="store_true",
+                        help="evaluate each model under every construction/gating of the paper's Table 5")
+    parser.add_argument("--construction", choices=CONSTRUCTIONS, default=None)
+    parser.add_argument("--gating", choices=GATINGS, default=None)
+    parser.add_argument("--num-layers", type=int, default=None, help="value layers of multi-v")
+    parser.add_argument("--templates", default=default_templates,
+                        help=f"prompt templates: openai, simple, vild or a file (default: {default_templates})")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: eval-TASK-DATASET.json)")
+    parser.add_argument("--batch-size", type=int, help="images (region) or windows (seg) per forward pass")
+    parser.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help="text-embedding cache (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_region(args: argparse.Namespace) -> int:
+    def evaluate(model, tokenizer, shard, label):
+        return evaluate_regions(model, tokenizer, args.data, split=args.split,
+                                class_names=args.class_names, templates=args.templates,
+                                image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
+                                limit=args.limit, shard=shard, cache_dir=args.cache_dir,
+                                progress=not args.no_progress, description=label)
+    return _run(args, "region", args.dataset, evaluate)
+
+
+def run_seg(args: argparse.Namespace) -> int:
+    dataset = args.dataset or detect_segmentation_dataset(args.data)
+    protocol = protocol_for(dataset, short_side=args.short_side, window=args.window, stride=args.stride,
+                            logit_scale=args.logit_scale, prob_threshold=args.prob_threshold,
+                            area_threshold=args.area_threshold)
+
+    def evaluate(model, tokenizer, shard, label):
+        return evaluate_segmentation(model, tokenizer, args.data, dataset, protocol=protocol,
+                                     class_names=args.class_names, templates=args.templates,
+                                     batch_size=args.batch_size, workers=args.workers, limit=args.limit,
+                                     shard=shard, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                     description=label)
+    return _run(args, "seg", dataset, evaluate)
+
+
+def model_settings(args: argparse.Namespace) -> list[dict]:
+    """The construction settings each model is evaluated under (one dict per table row)."""
+    if not args.variants:
+        return [{"construction": args.construction, "gating": args.gating, "num_layers": args.num_layers}]
+    if args.construction or args.gating:
+        raise SystemExit("denserc eval: --variants sets construction and gating itself; drop --construction/--gating")
+    return [{"construction": construction, "gating": gating,
+             "num_layers": args.num_layers if construction == "multi-v" else None}
+            for construction, gating in VARIANTS]
+
+
+def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
+    shard, device = distributed.setup(args.device)
+    try:
+        rows = []
+        for spec in args.model:
+            for settings in model_settings(args):
+                model = from_spec(spec, device=device, precision=args.precision, **settings)
+                tokenizer = get_tokenizer(spec if Path(spec).is_dir() else model.model_name)
+                config = model.config
+                label = f"{spec} ({config['construction']}, {config['gating']}, L={config['num_layers']})"
+                start = time.perf_counter()
+                result = evaluate(model, tokenizer, shard, label)
+                rows.append({"model": spec, "label": label, "config": config,
+                             "seconds": round(time.perf_counter() - start, 2), **result})
+                del model
+        if shard.is_main:
+            out = args.out or Path(f"eval-{task}-{dataset}.json")
+            save_json(_report(args, task, dataset, rows, device, shard), out)
+            print(markdown_table(task, rows))
+            print(f"\nwrote {out}")
+    finally:
+        distributed.teardown()
+    return 0
+
+
+def _report(args, task: str, dataset: str, rows: list[dict], device: torch.device, shard) -> dict:
+    return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows, "argv": sys.argv,
+            "denserc_version": __version__, "torch_version": torch.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "precision": args.precision, "world_size": shard.world_size, "limit": args.limit,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def markdown_table(task: str, rows: list[dict]) -> str:
+    """One row per evaluated model; region cells are mean per-class accuracy (CLIPSelf's mAcc)."""
+    if task == "region":
+        header = ["model", "construction", "gating", "L", "images"]
+        header += [f"{title} {k}" for _, title in REGION_COLUMNS for k in ("top-1", "top-5")]
+        cells = [[row[key][stat] for key, _ in REGION_COLUMNS for stat in ("mean_top1", "mean_top5")]
+                 for row in rows]
+        note = ("mean per-class accuracy (%) over COCO-panoptic segments: boxes of thing segments, "
+                "thing masks, stuff masks (CLIPSelf protocol)")
+    else:
+        header = ["model", "construction", "gating", "L", "images", *SEGMENTATION_COLUMNS]
+        cells = [[row[key] for key in SEGMENTATION_COLUMNS] for row in rows]
+        note = f"{rows[0]['dataset'] if rows else ''}: mIoU, mean class accuracy, pixel accuracy (%)"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, values in zip(rows, cells):
+        config = row["config"]
+        shown = [row["model"], config["construction"], config["gating"], str(config["num_layers"]),
+                 str(row["num_images"]), *("n/a" if v is None else f"{v:.2f}" for v in values)]
+        lines.append("| " + " | ".join(shown) + " |")
+    return "\n".join(lines) + f"\n\n{note}"

@@ -1,0 +1,394 @@
+"""Readers for the evaluation datasets in their standard on-disk layouts.
+
+Semantic segmentation (training-free OVSS): ADE20K-150, PASCAL VOC 20/21, PASCAL Context 59/60
+(mmseg's converted layout), COCO-Stuff-164k and Cityscapes, each yielding an image resized the
+mmseg way (``Resize(scale=(2048, short_side), keep_ratio=True)``, bilinear) and its label map at
+full resolution with classes 0..C-1 and 255 = ignore.
+
+Region classification: COCO panoptic (``panoptic_{split}.json`` + PNG folder, segment id =
+R + 256 G + 256^2 B), yielding the image resized and padded the CLIPSelf way plus, per segment,
+its box and its mask coverage of every patch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .metrics import IGNORE_INDEX
+
+Pairs = list[tuple[Path, Path]]
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder does not have the expected layout."""
+
+
+@dataclass(frozen=True)
+class SegmentationLayout:
+    """Where a segmentation dataset keeps its images and labels, and how labels are encoded."""
+
+    name: str
+    title: str
+    class_names: str  # bundled class-name list
+    num_classes: int
+    has_background: bool  # class 0 is "background" (VOC-21, Context-60)
+    reduce_zero_label: bool  # stored 0 = ignore, stored k = class k - 1
+    layout: str
+    markers: tuple[str, ...]  # paths whose presence identifies the layout
+    list_pairs: Callable[["SegmentationLayout", Path], Pairs]
+
+
+def _sorted_images(layout: SegmentationLayout, root: Path, image_dir: str, pattern: str,
+                   label_of: Callable[[Path], Path]) -> Pairs:
+    images = sorted(_require_dir(layout, root, image_dir).glob(pattern))
+    if not images:
+        raise DatasetLayoutError(_layout_message(layout, root, f"no images matching {pattern} in {root / image_dir}"))
+    return [(image, _require_file(layout, root, label_of(image))) for image in images]
+
+
+def _listed_images(layout: SegmentationLayout, root: Path, split_file: str, image_dir: str,
+                   label_dir: str) -> Pairs:
+    split = _require_file(layout, root, root / split_file)
+    ids = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetLayoutError(_layout_message(layout, root, f"{split} lists no image ids"))
+    _require_dir(layout, root, image_dir)
+    _require_dir(layout, root, label_dir)
+    return [(_require_file(layout, root, root / image_dir / f"{i}.jpg"),
+             _require_file(layout, root, root / label_dir / f"{i}.png")) for i in ids]
+
+
+def _ade20k(layout, root):
+    return _sorted_images(layout, root, "images/validation", "*.jpg",
+                          lambda image: root / "annotations" / "validation" / f"{image.stem}.png")
+
+
+def _voc(layout, root):
+    return _listed_images(layout, root, "ImageSets/Segmentation/val.txt", "JPEGImages", "SegmentationClass")
+
+
+def _context(layout, root):
+    return _listed_images(layout, root, "ImageSets/SegmentationContext/val.txt", "JPEGImages",
+                          "SegmentationClassContext")
+
+
+def _coco_stuff(layout, root):
+    return _sorted_images(layout, root, "images/val2017", "*.jpg",
+                          lambda image: root / "annotations" / "val2017" / f"{image.stem}_labelTrainIds.png")
+
+
+def _cityscapes(layout, root):
+    suffix = "_leftImg8bit"
+
+    def label_of(image: Path) -> Path:
+        name = image.stem.removesuffix(suffix)
+        return root / "gtFine" / "val" / image.parent.name / f"{name}_gtFine_labelTrainIds.png"
+    return _sorted_images(layout, root, "leftImg8bit/val", f"*/*{suffix}.png", label_of)
+
+
+_VOC_LAYOUT = """VOC2012/                                  (VOCdevkit/VOC2012)
+  JPEGImages/<id>.jpg
+  SegmentationClass/<id>.png              palette PNG: 0 = background, 1..20 = classes, 255 = boundary
+  ImageSets/Segmentation/val.txt          one image id per line"""
+_CONTEXT_LAYOUT = """VOC2010/                                  (after mmseg's tools/dataset_converters/pascal_context.py)
+  JPEGImages/<id>.jpg
+  SegmentationClassContext/<id>.png       0 = background, 1..59 = classes
+  ImageSets/SegmentationContext/val.txt   one image id per line"""
+
+SEGMENTATION_DATASETS = {layout.name: layout for layout in (
+    SegmentationLayout(
+        "ade20k", "ADE20K-150", "ade20k", 150, False, True,
+        """ADEChallengeData2016/
+  images/validation/<name>.jpg
+  annotations/validation/<name>.png       0 = unlabelled, 1..150 = classes""",
+        ("images/validation", "annotations/validation"), _ade20k),
+    SegmentationLayout("voc20", "PASCAL VOC-20", "voc20", 20, False, True, _VOC_LAYOUT,
+                       ("ImageSets/Segmentation/val.txt", "SegmentationClass"), _voc),
+    SegmentationLayout("voc21", "PASCAL VOC-21", "voc21", 21, True, False, _VOC_LAYOUT,
+                       ("ImageSets/Segmentation/val.txt", "SegmentationClass"), _voc),
+    SegmentationLayout("context59", "PASCAL Context-59", "context59", 59, False, True, _CONTEXT_LAYOUT,
+                       ("ImageSets/SegmentationContext/val.txt", "SegmentationClassContext"), _context),
+    SegmentationLayout("context60", "PASCAL Context-60", "context60", 60, True, False, _CONTEXT_LAYOUT,
+                       ("ImageSets/SegmentationContext/val.txt", "SegmentationClassContext"), _context),
+    SegmentationLayout(
+        "coco-stuff", "COCO-Stuff-171", "coco_stuff", 171, False, False,
+        """coco_stuff164k/                           (after mmseg's tools/dataset_converters/coco_stuff164k.py)
+  images/val2017/<id>.jpg
+  annotations/val2017/<id>_labelTrainIds.png   0..170 = classes, 255 = unlabelled""",
+        ("images/val2017", "annotations/val2017"), _coco_stuff),
+    SegmentationLayout(
+        "cityscapes", "Cityscapes-19", "cityscapes", 19, False, False,
+        """cityscapes/
+  leftImg8bit/val/<city>/<name>_leftImg8bit.png
+  gtFine/val/<city>/<name>_gtFine_labelTrainIds.png   0..18 = train ids, 255 = ignore
+                                                      (cityscapesscripts' createTrainIdLabelImgs)""",
+        ("leftImg8bit/val", "gtFine/val"), _cityscapes),
+)}
+
+
+def detect_segmentation_dataset(root: str | os.PathLike) -> str:
+    """The dataset whose layout ``root`` has; an error if none or several (VOC-20/21, Context-59/60) fit."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"dataset folder {root} does not exist")
+    matches = [name for name, layout in SEGMENTATION_DATASETS.items()
+               if all((root / marker).exists() for marker in layout.markers)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"{root} has the layout of {' and '.join(matches)}: choose one with --dataset")
+    expected = "\n\n".join(f"{layout.title} (--dataset {name}):\n{layout.layout}"
+                           for name, layout in SEGMENTATION_DATASETS.items())
+    raise DatasetLayoutError(f"{root} has none of the known segmentation layouts:\n\n{expected}")
+
+
+class SegmentationDataset(Dataset):
+    """(image, label) pairs of one segmentation dataset; images optionally resized the mmseg way."""
+
+    def __init__(self, name: str, root: str | os.PathLike, short_side: int | None = None,
+                 max_long_side: int = 2048):
+        if name not in SEGMENTATION_DATASETS:
+            raise ValueError(f"unknown segmentation dataset {name!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
+        self.layout = SEGMENTATION_DATASETS[name]
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetLayoutError(_layout_message(self.layout, self.root, f"{self.root} does not exist"))
+        self.samples = self.layout.list_pairs(self.layout, self.root)
+        self.short_side = short_side
+        self.max_long_side = max_long_side
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)
+        label = self.read_label(label_path)
+        if image.shape[1:] != label.shape:
+            raise ValueError(f"{label_path}: label size {tuple(label.shape)} differs from image {image_path} "
+                             f"size {tuple(image.shape[1:])}")
+        if self.short_side is not None:
+            image = resize_short_side(image, self.short_side, self.max_long_side)
+        return {"image": image, "label": label, "name": image_path.stem}
+
+    def read_label(self, path: Path) -> torch.Tensor:
+        """(H, W) uint8 labels: 0..C-1 classes, 255 ignore (stored 0 -> 255 and k -> k-1 where reduced)."""
+        with Image.open(path) as png:
+            if png.mode not in ("L", "P"):
+                raise ValueError(_layout_message(self.layout, self.root, f"{path}: label PNG has mode {png.mode}, "
+                                                 "expected a single-channel (L) or palette (P) PNG of class ids"))
+            label = np.array(png, dtype=np.uint8)
+        if self.layout.reduce_zero_label:
+            label = np.where(label == 0, IGNORE_INDEX, label - 1).astype(np.uint8)
+            label[label == IGNORE_INDEX - 1] = IGNORE_INDEX
+        stray = np.unique(label[(label != IGNORE_INDEX) & (label >= self.layout.num_classes)])
+        if stray.size:
+            raise ValueError(_layout_message(
+                self.layout, self.root, f"{path}: label value(s) {stray.tolist()} are not class ids 0.."
+                f"{self.layout.num_classes - 1} or {IGNORE_INDEX} (ignore) after decoding"))
+        return torch.from_numpy(label)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """(3, H, W) uint8 RGB."""
+    with Image.open(path) as image:
+        array = np.array(image.convert("RGB"))
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def resize_short_side(image: torch.Tensor, short_side: int, max_long_side: int) -> torch.Tensor:
+    """mmseg's ``Resize(scale=(max_long_side, short_side), keep_ratio=True)``: bilinear, no antialiasing."""
+    height, width = image.shape[1:]
+    scale = min(short_side / min(height, width), max_long_side / max(height, width))
+    size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    if size == (height, width):
+        return image
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------ panoptic
+PANOPTIC_LAYOUT = """COCO/
+  {split}/<file_name>                       images (file names from the JSON)
+  annotations/panoptic_{split}.json         images, annotations (segments_info), categories (isthing)
+  annotations/panoptic_{split}/<file>.png   segment id = R + 256 G + 256^2 B, 0 = void
+                                            (the PNG folder may also sit at COCO/panoptic_{split}/)"""
+
+
+def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) int64 segment ids of a COCO-panoptic PNG: id = R + 256 G + 256^2 B."""
+    with Image.open(path) as png:
+        if png.mode != "RGB":
+            raise ValueError(f"{path}: panoptic PNG has mode {png.mode}, expected RGB with segment id = "
+                             "R + 256 G + 256^2 B")
+        rgb = np.array(png, dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+class PanopticRegions(Dataset):
+    """Every segment of a COCO-panoptic split as a region to classify (CLIPSelf's protocol).
+
+    The image is resized so its longer side is ``image_size`` (bicubic) and padded with black on the
+    bottom/right to ``image_size`` x ``image_size``. Per segment: its box (the mask's pixel extent,
+    x1, y1, x2, y2 in input pixels) and its mask's coverage of each patch of the padded input
+    (``image_size / patch_size`` squared, the fraction of the patch's pixels inside the mask).
+    Segments whose box is under ``min_box_area`` original pixels are skipped, as CLIPSelf does (8 x 8).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "val2017", *, image_size: int, patch_size: int,
+                 min_box_area: int = 64):
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch_size}")
+        self.root = Path(root)
+        self.split = split
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.min_box_area = min_box_area
+        self.json_path = self.root / "annotations" / f"panoptic_{split}.json"
+        self.image_dir = self.root / split
+        if not self.json_path.is_file():
+            raise DatasetLayoutError(self._message(f"{self.json_path} does not exist"))
+        png_dirs = [self.root / "annotations" / f"panoptic_{split}", self.root / f"panoptic_{split}"]
+        existing = [d for d in png_dirs if d.is_dir()]
+        if not existing:
+            raise DatasetLayoutError(self._message(f"no panoptic PNG folder: neither {png_dirs[0]} nor {png_dirs[1]} "
+                                                   "exists"))
+        self.png_dir = existing[0]
+        if not self.image_dir.is_dir():
+            raise DatasetLayoutError(self._message(f"image folder {self.image_dir} does not exist"))
+        content = self._read_json()
+        try:
+            self._index(content)
+        except KeyError as error:
+            raise ValueError(self._message(f"{self.json_path}: an entry lacks the key {error}")) from error
+
+    def _index(self, content: dict) -> None:
+        categories = sorted(content["categories"], key=lambda category: category["id"])
+        self.category_names = [category["name"] for category in categories]
+        self.is_thing = torch.tensor([bool(category["isthing"]) for category in categories])
+        self.label_of_category = {category["id"]: label for label, category in enumerate(categories)}
+        images = {image["id"]: image for image in content["images"]}
+        self.entries = []
+        for annotation in content["annotations"]:
+            image_id = annotation["image_id"]
+            if image_id not in images:
+                raise ValueError(f"{self.json_path}: annotation for image id {image_id} has no entry in 'images'")
+            for segment in annotation["segments_info"]:
+                if segment["category_id"] not in self.label_of_category:
+                    raise ValueError(f"{self.json_path}: segment {segment['id']} of image {image_id} has "
+                                     f"category_id {segment['category_id']}, which is not in 'categories'")
+            self.entries.append((images[image_id]["file_name"], annotation["file_name"], image_id,
+                                 [(segment["id"], self.label_of_category[segment["category_id"]])
+                                  for segment in annotation["segments_info"]]))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        image_name, png_name, image_id, segments = self.entries[index]
+        image_path = self.image_dir / image_name
+        png_path = self.png_dir / png_name
+        for path in (image_path, png_path):
+            if not path.is_file():
+                raise DatasetLayoutError(self._message(f"{path} does not exist"))
+        with Image.open(image_path) as image:
+            image = image.convert("RGB")
+        segment_ids = decode_panoptic_png(png_path)
+        width, height = image.size
+        if segment_ids.shape != (height, width):
+            raise ValueError(f"{png_path}: size {segment_ids.shape[::-1]} differs from image {image_path} size "
+                             f"{(width, height)}")
+        scale = self.image_size / max(height, width)
+        new_height, new_width = round(height * scale), round(width * scale)
+        canvas = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
+        canvas[:new_height, :new_width] = np.array(image.resize((new_width, new_height), Image.BICUBIC))
+        coverage_of = self._patch_coverage(segment_ids, new_height, new_width)
+        boxes, coverage, labels, skipped = [], [], [], 0
+        for segment_id, label in segments:
+            rows, cols = np.nonzero(segment_ids == segment_id)
+            if rows.size == 0:
+                raise ValueError(f"{png_path}: segment id {segment_id} listed in {self.json_path} "
+                                 f"(image {image_id}) has no pixels")
+            box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
+            segment_coverage = coverage_of(segment_id)
+            if (box[2] - box[0]) * (box[3] - box[1]) < self.min_box_area or not segment_coverage.any():
+                skipped += 1
+                continue
+            boxes.append(box * scale)
+            coverage.append(segment_coverage)
+            labels.append(label)
+        grid = self.image_size // self.patch_size
+        return {
+            "image": torch.from_numpy(canvas).permute(2, 0, 1).contiguous(),
+            "boxes": torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
+            "coverage": torch.tensor(np.array(coverage), dtype=torch.float32).reshape(-1, grid, grid),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "skipped": skipped,
+        }
+
+    def _patch_coverage(self, segment_ids: np.ndarray, new_height: int, new_width: int):
+        """A function: segment id -> (grid, grid) fraction of each patch's pixels inside the segment.
+
+        The id map is resized to the image's new size by nearest neighbour (pixel centres) and padded
+        with 0 (void) like the image; all segments' coverages come from one bincount.
+        """
+        height, width = segment_ids.shape
+        rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
+        cols = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
+        padded = np.zeros((self.image_size, self.image_size), dtype=np.int64)
+        padded[:new_height, :new_width] = segment_ids[rows[:, None], cols[None, :]]
+        ids, inverse = np.unique(padded, return_inverse=True)
+        grid = self.image_size // self.patch_size
+        cell = np.arange(self.image_size) // self.patch_size
+        patch_index = (cell[:, None] * grid + cell[None, :]).ravel()
+        counts = np.bincount(inverse.ravel() * grid * grid + patch_index, minlength=len(ids) * grid * grid)
+        fractions = counts.reshape(len(ids), grid, grid) / float(self.patch_size ** 2)
+
+        def coverage_of(segment_id: int) -> np.ndarray:
+            position = np.searchsorted(ids, segment_id)
+            if position < len(ids) and ids[position] == segment_id:
+                return fractions[position]
+            return np.zeros((grid, grid))
+        return coverage_of
+
+    def _read_json(self) -> dict:
+        try:
+            with open(self.json_path, encoding="utf-8") as f:
+                content = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(self._message(f"{self.json_path} is not valid JSON: {error}")) from error
+        missing = [key for key in ("images", "annotations", "categories") if key not in content]
+        if missing:
+            raise ValueError(self._message(f"{self.json_path} lacks the key(s) {missing}"))
+        return content
+
+    def _message(self, problem: str) -> str:
+        return f"COCO panoptic: {problem}. Expected layout under {self.root}:\n" + \
+            PANOPTIC_LAYOUT.format(split=self.split)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _layout_message(layout: SegmentationLayout, root: Path, problem: str) -> str:
+    return f"{layout.title}: {problem}. Expected layout under {root}:\n{layout.layout}"
+
+
+def _require_dir(layout: SegmentationLayout, root: Path, relative: str) -> Path:
+    path = root / relative
+    if not path.is_dir():
+        raise DatasetLayoutError(_layout_message(layout, root, f"folder {path} does not exist"))
+    return path
+
+
+def _require_file(layout: SegmentationLayout, root: Path, path: Path) -> Path:
+    if not path.is_file():
+        raise DatasetLayoutError(_layout_message(layout, root, f"file {path} does not exist"))
+    return path

@@ -1,0 +1,139 @@
+"""Training-free open-vocabulary semantic segmentation (the SCLIP protocol, used by its successors).
+
+Per image: resize so the short side is ``short_side`` (long side at most 2048), slide ``window``
+crops with ``stride`` over it, take cosine logits between the L2-normalised dense features and
+every class query, average overlapping windows, upsample the logits (bilinear) to the label's
+size, then
+
+    probabilities = softmax(logit_scale * logits) over the queries
+    class score   = max over the class's queries (synonyms)
+    area filter   (datasets with a background class) a non-background class winning less than
+                  ``area_threshold`` of the non-background pixels gets score 0 everywhere
+    prediction    = argmax class; pixels whose best score is under ``prob_threshold`` become
+                  background (class 0)
+
+and accumulate a confusion matrix that ignores label 255.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .datasets import SEGMENTATION_DATASETS, SegmentationDataset
+from .distributed import Shard, all_reduce_sum
+from .metrics import confusion_matrix, segmentation_metrics
+from .sliding import sliding_window_logits
+from .text import TextClassifier, build_text_classifier, load_class_names, load_templates
+
+BACKGROUND = 0
+DEFAULT_TEMPLATES = "openai"
+
+
+@dataclass(frozen=True)
+class SegmentationProtocol:
+    """Inference settings of training-free OVSS (defaults: SCLIP's, see ``PROTOCOLS``)."""
+
+    short_side: int = 336
+    max_long_side: int = 2048
+    window: int = 224
+    stride: int = 112
+    logit_scale: float = 40.0
+    prob_threshold: float = 0.0
+    area_threshold: float = 0.0
+
+    def __post_init__(self):
+        problems = [f"{name} must be positive, got {getattr(self, name)}"
+                    for name in ("short_side", "max_long_side", "window", "stride", "logit_scale")
+                    if getattr(self, name) <= 0]
+        problems += [f"{name} must be in [0, 1), got {getattr(self, name)}"
+                     for name in ("prob_threshold", "area_threshold") if not 0 <= getattr(self, name) < 1]
+        if problems:
+            raise ValueError("invalid segmentation protocol: " + "; ".join(problems))
+
+
+# SCLIP's per-dataset settings (configs/cfg_*.py of wangf3014/SCLIP): window 224, stride 112, logit
+# scale 40; short side 336, 448 for COCO-Stuff, 560 for Cityscapes; the background settings
+# (VOC-21: scale 65, probability 0.1, area 0.1; Context-60: scale 50, probability 0.1).
+PROTOCOLS = {
+    "ade20k": SegmentationProtocol(),
+    "voc20": SegmentationProtocol(),
+    "voc21": SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1),
+    "context59": SegmentationProtocol(),
+    "context60": SegmentationProtocol(logit_scale=50.0, prob_threshold=0.1),
+    "coco-stuff": SegmentationProtocol(short_side=448),
+    "cityscapes": SegmentationProtocol(short_side=560),
+}
+
+
+def protocol_for(dataset: str, **overrides) -> SegmentationProtocol:
+    """The dataset's default protocol with ``overrides`` (None values keep the default)."""
+    return replace(PROTOCOLS[dataset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def predict_labels(query_logits: torch.Tensor, classifier: TextClassifier,
+                   protocol: SegmentationProtocol) -> torch.Tensor:
+    """(Q, H, W) cosine logits -> (H, W) class ids by the rule in the module docstring."""
+    probabilities = torch.softmax(protocol.logit_scale * query_logits.float(), dim=0)
+    scores = classifier.class_scores(probabilities, dim=0)
+    if protocol.area_threshold > 0:
+        winners = torch.bincount(scores.argmax(dim=0).flatten(), minlength=classifier.num_classes).float()
+        winners[BACKGROUND] = 0
+        keep = winners > protocol.area_threshold * winners.sum()
+        keep[BACKGROUND] = True
+        scores = scores * keep[:, None, None]
+    best, prediction = scores.max(dim=0)
+    if protocol.prob_threshold > 0:
+        prediction[best < protocol.prob_threshold] = BACKGROUND
+    return prediction
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: str, *,
+                          protocol: SegmentationProtocol | None = None, class_names: str | None = None,
+                          templates: str = DEFAULT_TEMPLATES, batch_size: int = 16, workers: int = 4,
+                          limit: int | None = None, shard: Shard = Shard(),
+                          cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                          description: str | None = None) -> dict:
+    """mIoU / mAcc / aAcc and per-class IoU of ``model`` on one dataset (this rank's shard, then summed).
+
+    ``class_names`` defaults to the dataset's bundled list; ``batch_size`` is windows per forward pass.
+    """
+    if dataset not in SEGMENTATION_DATASETS:
+        raise ValueError(f"unknown segmentation dataset {dataset!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
+    layout = SEGMENTATION_DATASETS[dataset]
+    protocol = protocol or PROTOCOLS[dataset]
+    if not layout.has_background and (protocol.prob_threshold > 0 or protocol.area_threshold > 0):
+        raise ValueError(f"{layout.title} has no background class: prob_threshold and area_threshold must be 0 "
+                         f"(got {protocol.prob_threshold}, {protocol.area_threshold})")
+    data = SegmentationDataset(dataset, root, protocol.short_side, protocol.max_long_side)
+    names = load_class_names(class_names or layout.class_names)
+    if len(names) != layout.num_classes:
+        raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
+                         f"{class_names or layout.class_names!r} has {len(names)}")
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir)
+    count = len(data) if limit is None else min(limit, len(data))
+    loader = DataLoader(Subset(data, shard.indices(count)), batch_size=None, num_workers=workers)
+    mean, std = (torch.tensor(model.preprocess_cfg[k], device=device).view(3, 1, 1) * 255 for k in ("mean", "std"))
+    confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
+    images = torch.zeros((), dtype=torch.long, device=device)
+    for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
+        image = ((sample["image"].to(device).float() - mean) / std).to(dtype)[None]
+        label = sample["label"].to(device)
+        logits = sliding_window_logits(model, image, classifier.embeddings, window=protocol.window,
+                                       stride=protocol.stride, batch_size=batch_size)
+        logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)[0]
+        confusion += confusion_matrix(predict_labels(logits, classifier, protocol), label, layout.num_classes)
+        images += 1
+    all_reduce_sum(confusion)
+    all_reduce_sum(images)
+    return {"dataset": dataset, "num_images": int(images), "protocol": asdict(protocol), "templates": templates,
+            "class_names": class_names or layout.class_names,
+            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names])}

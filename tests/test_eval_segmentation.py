@@ -1,0 +1,149 @@
+"""Training-free OVSS: prediction rule (synonyms, background thresholds), protocols, oracle, sharding."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import denserc
+from denserc.eval import (PROTOCOLS, SegmentationProtocol, TextClassifier, evaluate_segmentation, predict_labels,
+                          protocol_for)
+from denserc.eval import distributed
+from denserc.eval.text import load_class_names, load_templates
+from test_eval_fixtures import (TINY, grey_image, grey_levels, make_oracle, shifted, stripes, tiny_model,
+                                write_segmentation_dataset, write_templates)
+
+# class 0 = background with two synonyms, class 1 = cat, class 2 = dog
+CLASSIFIER = TextClassifier([["bg1", "bg2"], ["cat"], ["dog"]], torch.zeros(4, 2), torch.tensor([0, 0, 1, 2]))
+
+
+def _logits(*pixels):
+    """(Q, 1, W) query logits from per-pixel lists of Q values."""
+    return torch.tensor(pixels, dtype=torch.float).T[:, None, :]
+
+
+def test_prediction_takes_the_best_synonym_of_each_class():
+    logits = _logits([0.9, 0.1, 0.2, 0.3], [0.1, 0.95, 0.2, 0.3], [0.1, 0.1, 0.8, 0.3], [0.1, 0.1, 0.2, 0.7])
+    assert predict_labels(logits, CLASSIFIER, SegmentationProtocol()).tolist() == [[0, 0, 1, 2]]
+
+
+def test_low_probability_pixels_become_background():
+    logits = _logits([0.9, 0.1, 0.2, 0.3], [0.1, 0.1, 0.8, 0.3], [0.5, 0.5, 0.51, 0.5])
+    # at logit scale 1 the probabilities are softmax(logits): 0.40 (bg), 0.38 (cat) and 0.25 (cat)
+    protocol = SegmentationProtocol(logit_scale=1.0, prob_threshold=0.3)
+    assert predict_labels(logits, CLASSIFIER, protocol).tolist() == [[0, 1, 0]]
+    assert predict_labels(logits, CLASSIFIER, SegmentationProtocol(logit_scale=1.0)).tolist() == [[0, 1, 1]]
+
+
+def test_classes_winning_too_little_area_are_dropped():
+    cat = [0.0, 0.0, 0.9, 0.1]
+    dog_then_cat = [0.0, 0.0, 0.5, 0.9]
+    background = [0.9, 0.0, 0.1, 0.2]
+    logits = _logits(*[cat] * 9, dog_then_cat, background)
+    assert predict_labels(logits, CLASSIFIER, SegmentationProtocol()).tolist() == [[1] * 9 + [2, 0]]
+    # dog wins 1 of the 10 non-background pixels: under 20 % it is dropped there and cat takes over
+    dropped = predict_labels(logits, CLASSIFIER, SegmentationProtocol(area_threshold=0.2))
+    assert dropped.tolist() == [[1] * 10 + [0]]
+    assert predict_labels(logits, CLASSIFIER, SegmentationProtocol(area_threshold=0.05)).tolist() == \
+        [[1] * 9 + [2, 0]]
+
+
+def test_protocol_defaults_follow_sclip_and_can_be_overridden():
+    assert PROTOCOLS["voc21"] == SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1)
+    assert PROTOCOLS["context60"].prob_threshold == 0.1 and PROTOCOLS["context60"].logit_scale == 50.0
+    assert [PROTOCOLS[name].short_side for name in ("ade20k", "coco-stuff", "cityscapes")] == [336, 448, 560]
+    assert {(p.window, p.stride) for p in PROTOCOLS.values()} == {(224, 112)}
+    custom = protocol_for("cityscapes", window=448, stride=None)
+    assert (custom.window, custom.stride, custom.short_side) == (448, 112, 560)
+    with pytest.raises(ValueError, match="stride must be positive, got 0; prob_threshold must be in"):
+        SegmentationProtocol(stride=0, prob_threshold=1.5)
+
+
+ADE_CLASSES = [0, 3, 12, 20]  # wall, floor, person, car
+
+
+def _ade_fixture(root):
+    """Two 224-high ADE images whose grey bands (patch-aligned) encode their labels."""
+    levels = grey_levels(ADE_CLASSES)
+    labels = [stripes(224, 288, [0, 3, 255, 12]), stripes(224, 256, [20, 0, 12], rows=64)]
+    images = [grey_image(label, levels) for label in labels]
+    return write_segmentation_dataset("ade20k", root, labels, images), levels, labels
+
+
+def test_oracle_scores_100_miou_and_a_shuffled_oracle_0(tmp_path):
+    root, levels, labels = _ade_fixture(tmp_path / "ade")
+    tokenizer = denserc.get_tokenizer(TINY)
+    templates = write_templates(tmp_path / "templates.txt", "a photo of a {}.")
+    names = load_class_names("ade20k")
+    settings = dict(protocol=protocol_for("ade20k", short_side=224), templates=str(templates), workers=0,
+                    cache_dir=tmp_path / "cache", progress=False)
+    oracle = make_oracle(tiny_model(), tokenizer, names, load_templates(templates), levels, tmp_path / "cache")
+    result = evaluate_segmentation(oracle, tokenizer, root, "ade20k", **settings)
+    assert result["num_images"] == 2
+    assert result["mIoU"] == 100.0 and result["aAcc"] == 100.0
+    present = [c for c in result["per_class"] if c["IoU"] is not None]
+    assert [c["name"] for c in present] == ["wall", "floor", "person", "car"]
+    # the ignored band (label 255) is painted like "wall" yet counts nowhere
+    assert sum(c["pixels"] for c in present) == sum(int((label != 255).sum()) for label in labels) < 224 * 544
+    shuffled = make_oracle(tiny_model(), tokenizer, names, load_templates(templates), levels,
+                           tmp_path / "cache", answers=shifted(levels))
+    result = evaluate_segmentation(shuffled, tokenizer, root, "ade20k", **settings)
+    assert result["mIoU"] == 0.0 and result["aAcc"] == 0.0
+
+
+def test_thresholds_need_a_background_class(tmp_path):
+    root, _, _ = _ade_fixture(tmp_path / "ade")
+    with pytest.raises(ValueError, match="ADE20K-150 has no background class: prob_threshold"):
+        evaluate_segmentation(tiny_model(), denserc.get_tokenizer(TINY), root, "ade20k",
+                              protocol=SegmentationProtocol(prob_threshold=0.1), workers=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _oracle_confusing_person_and_car(model, templates, levels, cache_dir):
+    return make_oracle(model, denserc.get_tokenizer(TINY), load_class_names("ade20k"), load_templates(templates),
+                       levels, cache_dir, answers={12: 20, 20: 12})
+
+
+def _sharded_rank(rank, world_size, port, model_dir, root, levels, settings, out_dir):
+    """One torchrun-like rank (a spawned process: forking after torch has run its thread pool hangs)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    shard, device = distributed.setup("cpu")
+    try:
+        assert (shard.rank, shard.world_size, device.type) == (rank, world_size, "cpu")
+        model = _oracle_confusing_person_and_car(denserc.load(model_dir), settings["templates"], levels,
+                                                 settings["cache_dir"])
+        result = evaluate_segmentation(model, denserc.get_tokenizer(model_dir), root, "ade20k", shard=shard,
+                                       **settings)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        distributed.teardown()
+
+
+def test_sharded_evaluation_under_gloo_equals_one_process(tmp_path):
+    """Two ranks (gloo) each evaluate one image; the summed counts give the one-process result."""
+    root, levels, _ = _ade_fixture(tmp_path / "ade")
+    templates = write_templates(tmp_path / "t.txt", "{}")
+    settings = dict(protocol=protocol_for("ade20k", short_side=224), templates=str(templates), workers=0,
+                    cache_dir=tmp_path / "cache", progress=False)
+    model_dir = tiny_model().save(tmp_path / "model")
+    model = _oracle_confusing_person_and_car(denserc.load(model_dir), templates, levels, tmp_path / "cache")
+    single = evaluate_segmentation(model, denserc.get_tokenizer(TINY), root, "ade20k", **settings)
+    assert 0 < single["mIoU"] < 100 and 0 < single["aAcc"] < 100
+    mp.start_processes(_sharded_rank, args=(2, _free_port(), model_dir, root, levels, settings, tmp_path),
+                       nprocs=2, start_method="spawn")
+    expected = json.loads(json.dumps(single))
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == [expected, expected]
+    halves = [evaluate_segmentation(model, denserc.get_tokenizer(TINY), root, "ade20k",
+                                    shard=distributed.Shard(rank, 2), **settings) for rank in range(2)]
+    assert [half["num_images"] for half in halves] == [1, 1]
+    assert np.sum([[c["pixels"] for c in half["per_class"]] for half in halves], axis=0).tolist() == \
+        [c["pixels"] for c in single["per_class"]]
