@@ -13,6 +13,7 @@ from . import __version__
 
 SUBCOMMAND_MODULES = (
     "denserc.train.cli",
+    "denserc.eval.cli",
     "denserc.testbed.pretrain",
     "denserc.viz.cli",
 )
