@@ -106,9 +106,6 @@ class TextClassifier:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def to(self, device) -> "TextClassifier":
-        return TextClassifier(self.class_names, self.embeddings.to(device), self.query_class.to(device))
-
     def class_scores(self, query_scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Reduce per-query scores along ``dim`` (size Q) to per-class scores (size C) by the maximum."""
         if len(self.query_class) == self.num_classes:
