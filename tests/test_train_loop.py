@@ -4,8 +4,10 @@ import math
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 import denserc
+from denserc.cli import main
 from denserc.train import Trainer, load_config, setup_distributed, train
 from denserc.train.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from denserc.train.metrics import MetricsLogger, read_metrics
@@ -190,3 +192,19 @@ def test_export_averages_the_image_tower_with_the_teacher(tmp_path, alpha):
         expected = alpha * (teacher[name] + 1.0) + (1 - alpha) * teacher[name]
         torch.testing.assert_close(parameter, expected, msg=name)
     assert torch.equal(exported.gate.linear.weight, trainer.student.gate.linear.weight)
+
+
+def test_a_corrupt_image_is_skipped_and_counted_in_the_log_or_stops_a_strict_run(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(7):
+        Image.new("RGB", (40, 30), (30 * index, 0, 0)).save(images / f"{index}.png")
+    (images / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    folder = ["data.type=folder", f"data.root={images}"]
+    assert main(["train", "smoke", *TINY, *folder, f"train.output_dir={tmp_path / 'run'}"]) == 0
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 4 and records[-1]["skipped_images"] == 1  # every image is visited once
+    capsys.readouterr()
+    assert main(["train", "smoke", *TINY, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 2
+    error = capsys.readouterr().err
+    assert "cannot read image" in error and "7.png" in error and "Traceback" not in error

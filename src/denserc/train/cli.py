@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..data import UnreadableImageError
 from .config import ConfigError, available_configs, dump_config, load_config
 from .distributed import cleanup_distributed, setup_distributed
 from .trainer import Trainer, resume_checkpoint
@@ -15,10 +16,11 @@ from .trainer import Trainer, resume_checkpoint
 DEFAULT_CONFIG = "smoke"
 
 EXAMPLES = """examples:
-  denserc train                                   built-in default: tiny model, generated images, CPU
-  denserc train vitb16_coco data.root=coco/train2017 data.annotations=coco/annotations/instances_train2017.json
-  torchrun --nproc_per_node 4 -m denserc train vitb16_coco data.root=coco/train2017
-  denserc train vitb16_coco data.root=coco/train2017 --resume auto
+  denserc train                                        built-in default: tiny model, generated images, CPU
+  denserc train vitb16_coco data.root=/data/coco/train2017                 1 GPU (4 images x 4 accumulated)
+  torchrun --standalone --nproc_per_node 4 -m denserc train vitb16_coco data.root=/data/coco/train2017
+  denserc train vitb16_coco data.root=/data/coco/train2017 --resume auto   continue after a crash
+see docs/training.md for multi-node runs, every config key and the output folder
 """
 
 
@@ -46,13 +48,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(name, overrides)
     except ConfigError as error:
-        print(f"denserc train: error: {error}", file=sys.stderr)
-        return 2
+        return _report(error)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
     output_dir = Path(config.train.output_dir or Path("runs") / Path(name).name.removesuffix(".yaml"))
-    env = setup_distributed(config.train.device)
+    try:
+        env = setup_distributed(config.train.device)
+    except RuntimeError as error:
+        return _report(error)
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
@@ -60,13 +64,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             checkpoint = resume_checkpoint(output_dir, args.resume, env)
             trainer = Trainer(config, env, output_dir)
-        except (ValueError, RuntimeError, FileNotFoundError) as error:
-            print(f"denserc train: error: {error}", file=sys.stderr)
-            return 2
-        with logging_redirect_tqdm():
-            final = trainer.fit(checkpoint)
+        except (ValueError, RuntimeError, FileNotFoundError) as error:  # bad config, data or weights
+            return _report(error)
+        try:
+            with logging_redirect_tqdm():
+                final = trainer.fit(checkpoint)
+        except UnreadableImageError as error:  # data.strict=true: the file is named, no traceback needed
+            return _report(error)
     finally:
         cleanup_distributed()
     if env.is_main:
         print(f"denserc train: done; model in {final} (load with denserc.load('{final}'))")
     return 0
+
+
+def _report(error: Exception) -> int:
+    print(f"denserc train: error: {error}", file=sys.stderr)
+    return 2

@@ -264,10 +264,16 @@ def _check_choices(config: Config) -> None:
     for key, value in positive:
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {config.optim.lr}")
+    non_negative = [("optim.weight_decay", config.optim.weight_decay), ("optim.warmup_steps", config.optim.warmup_steps),
+                    ("optim.min_lr", config.optim.min_lr), ("loss.coherence_weight", config.loss.coherence_weight),
+                    ("data.num_workers", config.data.num_workers)]
+    for key, value in non_negative:
+        if value < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if config.train.cpu_threads is not None and config.train.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads: must be at least 1 or null, got {config.train.cpu_threads}")
-    if config.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers: must be 0 or more, got {config.data.num_workers}")
     if not 0.0 <= config.export.alpha <= 1.0:
         raise ConfigError(f"export.alpha: must be in [0, 1], got {config.export.alpha}")
     if len(config.optim.betas) != 2:

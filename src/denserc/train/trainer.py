@@ -334,8 +334,8 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
-            logger.info("exported the student to %s (denserc.load(%r); open_clip.create_model(%r, pretrained=%r))",
-                        final, str(final), self.config.model.name, str(final / "open_clip_model.safetensors"))
+            logger.info("exported the student to %s: denserc.load(%r) or open_clip.create_model(%r)",
+                        final, str(final), f"local-dir:{final}")
         barrier()
         return final
 
