@@ -311,20 +311,22 @@ class PanopticRegions(Dataset):
         new_height, new_width = round(height * scale), round(width * scale)
         canvas = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
         canvas[:new_height, :new_width] = np.array(image.resize((new_width, new_height), Image.BICUBIC))
-        coverage_of = self._patch_coverage(segment_ids, new_height, new_width)
+        ids, index_map = np.unique(segment_ids, return_inverse=True)
+        index_map = index_map.reshape(segment_ids.shape)
+        coverage_of_index = self._patch_coverage(index_map, len(ids), new_height, new_width)
         boxes, coverage, labels, skipped = [], [], [], 0
         for segment_id, label in segments:
-            rows, cols = np.nonzero(segment_ids == segment_id)
-            if rows.size == 0:
+            index = int(np.searchsorted(ids, segment_id))
+            if index == len(ids) or ids[index] != segment_id:
                 raise ValueError(f"{png_path}: segment id {segment_id} listed in {self.json_path} "
                                  f"(image {image_id}) has no pixels")
+            rows, cols = np.nonzero(index_map == index)
             box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
-            segment_coverage = coverage_of(segment_id)
-            if (box[2] - box[0]) * (box[3] - box[1]) < self.min_box_area or not segment_coverage.any():
+            if (box[2] - box[0]) * (box[3] - box[1]) < self.min_box_area or not coverage_of_index[index].any():
                 skipped += 1
                 continue
             boxes.append(box * scale)
-            coverage.append(segment_coverage)
+            coverage.append(coverage_of_index[index])
             labels.append(label)
         grid = self.image_size // self.patch_size
         return {
@@ -335,30 +337,22 @@ class PanopticRegions(Dataset):
             "skipped": skipped,
         }
 
-    def _patch_coverage(self, segment_ids: np.ndarray, new_height: int, new_width: int):
-        """A function: segment id -> (grid, grid) fraction of each patch's pixels inside the segment.
+    def _patch_coverage(self, index_map: np.ndarray, count: int, new_height: int, new_width: int) -> np.ndarray:
+        """(count, grid, grid): the fraction of each patch's pixels that carry each index of ``index_map``.
 
-        The id map is resized to the image's new size by nearest neighbour (pixel centres) and padded
-        with 0 (void) like the image; all segments' coverages come from one bincount.
+        The map is resized to the image's new size by nearest neighbour (pixel centres) and padded
+        like the image (the padding carries no index); all coverages come from one bincount.
         """
-        height, width = segment_ids.shape
+        height, width = index_map.shape
         rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
         cols = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
-        padded = np.zeros((self.image_size, self.image_size), dtype=np.int64)
-        padded[:new_height, :new_width] = segment_ids[rows[:, None], cols[None, :]]
-        ids, inverse = np.unique(padded, return_inverse=True)
+        padded = np.full((self.image_size, self.image_size), count, dtype=np.int64)
+        padded[:new_height, :new_width] = index_map[rows[:, None], cols[None, :]]
         grid = self.image_size // self.patch_size
         cell = np.arange(self.image_size) // self.patch_size
         patch_index = (cell[:, None] * grid + cell[None, :]).ravel()
-        counts = np.bincount(inverse.ravel() * grid * grid + patch_index, minlength=len(ids) * grid * grid)
-        fractions = counts.reshape(len(ids), grid, grid) / float(self.patch_size ** 2)
-
-        def coverage_of(segment_id: int) -> np.ndarray:
-            position = np.searchsorted(ids, segment_id)
-            if position < len(ids) and ids[position] == segment_id:
-                return fractions[position]
-            return np.zeros((grid, grid))
-        return coverage_of
+        counts = np.bincount(padded.ravel() * grid * grid + patch_index, minlength=(count + 1) * grid * grid)
+        return counts.reshape(count + 1, grid, grid)[:count] / float(self.patch_size ** 2)
 
     def _read_json(self) -> dict:
         try:
