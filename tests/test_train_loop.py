@@ -8,7 +8,7 @@ from PIL import Image
 
 import denserc
 from denserc.cli import main
-from denserc.train import Trainer, load_config, setup_distributed, train
+from denserc.train import ConfigError, Trainer, load_config, setup_distributed, train
 from denserc.train.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from denserc.train.metrics import MetricsLogger, read_metrics
 from denserc.train.optim import warmup_cosine
@@ -99,6 +99,26 @@ def test_accumulating_two_half_batches_gives_the_full_batch_gradient(tmp_path):
     for name, gradient in whole_gradients.items():
         torch.testing.assert_close(half_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
     torch.testing.assert_close(half_metrics["loss"], whole_metrics["loss"])
+
+
+def test_gradient_clipping_caps_the_norm_that_reaches_the_optimizer(tmp_path):
+    trainer = make_trainer(tmp_path, "optim.clip_grad_norm=0.001")
+    gradients = capture_gradients(trainer)
+    metrics = trainer.train_step(first_batches(trainer, 1), epoch=0)
+    assert metrics["grad_norm"].item() > 0.01  # the logged norm is the one before clipping
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients.values()]))
+    assert clipped.item() == pytest.approx(0.001, rel=1e-3)
+
+
+def test_batch_layouts_and_precisions_that_cannot_work_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"global_batch_size=4 is not a multiple of train.batch_size=3"):
+        make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=3")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        make_trainer(tmp_path, "train.precision=fp16")
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        make_trainer(tmp_path, "train.global_batch_size=16", "train.batch_size=16")
+    with pytest.raises(ConfigError, match="not a multiple of the patch size 16"):
+        make_trainer(tmp_path, "data.image_size=40")
 
 
 def test_sampler_deals_each_epoch_once_and_resumes_at_any_position():

@@ -70,6 +70,7 @@ def test_a_finished_run_refuses_a_fresh_start_and_resume_only_exports_again(tmp_
     error = capsys.readouterr().err
     assert "already has checkpoints (newest: step 4)" in error and "--resume auto" in error
     with caplog.at_level(logging.INFO, logger="denserc"):
-        assert main(arguments(output, "train.epochs=1", "--resume", "auto")) == 0
+        assert main(arguments(output, "train.epochs=1", "train.log_every=3", "--resume", "auto")) == 0
     assert "at step 4" in caplog.text
+    assert "differ from the checkpoint's: train.log_every: 1 -> 3" in caplog.text
     assert all(torch.equal(t, final_weights(output)[n]) for n, t in before.items())

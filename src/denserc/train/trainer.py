@@ -196,8 +196,11 @@ class Trainer:
                 totals[name] += losses[name].detach() / len(micro_batches)
             self.skipped_local += int(batch["skipped"].sum())
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.optim.clip_grad_norm or float("inf")
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm).detach()
+        if self.config.optim.clip_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.optim.clip_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
+        totals["grad_norm"] = grad_norm.detach()
         totals["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], device=self.env.device)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -277,7 +280,8 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "samples_done": self.samples_done,
                 "global_batch_size": self.config.train.global_batch_size, "skipped_images": self.skipped_images,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": gather_objects(_rng_state())}
+                "scaler": self.scaler.state_dict(), "rng": gather_objects(_rng_state()),
+                "config": self.config.to_dict()}
 
     def save(self) -> None:
         """Checkpoint the current step (main process writes; all processes take part in gathering RNG)."""
@@ -300,6 +304,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.samples_done = state["step"], state["epoch"], state["samples_done"]
         self.skipped_images = state["skipped_images"]
+        changed = _changed_keys(state["config"], self.config.to_dict())
+        if changed and self.env.is_main:
+            logger.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
         if len(state["rng"]) == self.env.world_size:
             _set_rng_state(state["rng"][self.env.rank])
         else:
@@ -362,6 +369,18 @@ class _Window:
         values["images_per_second"] = self.steps * global_batch_size / elapsed
         self.sums, self.steps, self.started = {}, 0, time.perf_counter()
         return values
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += _changed_keys(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changed.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changed
 
 
 def _rng_state() -> dict:
