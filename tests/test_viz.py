@@ -92,6 +92,16 @@ def test_heatmap_peaks_in_the_query_class_region(oracle):
         np.testing.assert_allclose(similarity[region], float(text[0] @ text[index]), atol=1e-5)
 
 
+def test_text_embeddings_average_the_normalised_template_embeddings(oracle):
+    templates = ["a photo of a {}.", "a {} in the wild."]
+    tokenizer = denserc.get_tokenizer(TINY)
+    with torch.no_grad():
+        per_prompt = F.normalize(oracle.encode_text(tokenizer(["a photo of a dog.", "a dog in the wild.",
+                                                              "a photo of a sky.", "a sky in the wild."])), dim=-1)
+    expected = F.normalize(per_prompt.view(2, 2, -1).mean(dim=1), dim=-1)
+    torch.testing.assert_close(text_embeddings(oracle, ["dog", "sky"], templates=templates), expected)
+
+
 def test_upsampling_in_class_groups_equals_upsampling_all_at_once(monkeypatch):
     scores = torch.randn(2, 5, 7, 9, generator=torch.Generator().manual_seed(0))
     whole = F.interpolate(scores, size=(30, 41), mode="bilinear", align_corners=False).argmax(dim=1)

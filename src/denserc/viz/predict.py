@@ -5,18 +5,16 @@ image resized to a working resolution, then bring the per-pixel scores back to t
 """
 from __future__ import annotations
 
-import os
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ..eval.sliding import sliding_window_logits
+from ..eval.text import build_text_classifier
 from ..models.factory import get_tokenizer
 from .image import load_image, to_model_input
-
-ImageSource = Union[str, os.PathLike, Image.Image]
 
 # Class names are nouns ("dog"); a heatmap query is already a phrase ("a red umbrella").
 CLASS_TEMPLATES = ("a photo of a {}.",)
@@ -29,20 +27,16 @@ SHORT_SIDE_PER_NATIVE = 2
 UPSAMPLE_ELEMENTS = 1 << 26
 
 
-@torch.no_grad()
 def text_embeddings(model, texts: Sequence[str], *, tokenizer=None,
                     templates: Sequence[str] = CLASS_TEMPLATES) -> torch.Tensor:
-    """L2-normalised (len(texts), E) embeddings, each the renormalised mean over ``templates``."""
+    """L2-normalised (len(texts), E) float32 embeddings: each text's prompt ensemble over ``templates``
+    (``denserc.eval``'s text classifier, one name per class, no disk cache)."""
     if not texts:
         raise ValueError("need at least one class name or query")
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"every prompt template must contain '{{}}', got {list(templates)}")
     tokenizer = tokenizer or get_tokenizer(model.model_name)
-    prompts = [template.format(text) for text in texts for template in templates]
-    device = next(model.parameters()).device
-    embeddings = model.encode_text(tokenizer(prompts).to(device), normalize=True)
-    embeddings = embeddings.view(len(texts), len(templates), -1).mean(dim=1)
-    return F.normalize(embeddings, dim=-1)
+    return build_text_classifier(model, tokenizer, [[text] for text in texts], templates).embeddings
 
 
 def segment(model, images, class_names: Sequence[str], *, tokenizer=None,
