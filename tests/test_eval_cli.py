@@ -23,13 +23,13 @@ def _common(tmp_path, out):
 
 def test_seg_two_models_write_json_and_print_one_row_each(tmp_path, capsys):
     levels = grey_levels([0, 3])
-    labels = [stripes(224, 256, [0, 3, 255]), stripes(224, 240, [3, 0])]
+    labels = [stripes(112, 144, [0, 3, 255], rows=32), stripes(112, 128, [3, 0], rows=32)]
     root = write_segmentation_dataset("ade20k", tmp_path / "ADEChallengeData2016", labels,
                                       [grey_image(label, levels) for label in labels])
     saved = tiny_model(seed=1).save(tmp_path / "model")
     out = tmp_path / "seg.json"
     code = main(["eval", "seg", "--model", TINY, "--model", str(saved), "--data", str(root),
-                 "--short-side", "224", "--window", "224", "--stride", "112", *_common(tmp_path, out)])
+                 "--short-side", "112", "--window", "112", "--stride", "56", *_common(tmp_path, out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert (report["task"], report["dataset"], report["world_size"]) == ("seg", "ade20k", 1)  # dataset detected
@@ -37,7 +37,7 @@ def test_seg_two_models_write_json_and_print_one_row_each(tmp_path, capsys):
     assert [r["model"] for r in results] == [TINY, str(saved)]
     for result in results:
         assert result["num_images"] == 2 and len(result["per_class"]) == 150
-        assert result["protocol"]["short_side"] == 224 and result["protocol"]["logit_scale"] == 40.0
+        assert result["protocol"]["short_side"] == 112 and result["protocol"]["logit_scale"] == 40.0
         assert result["config"] == {"model_name": TINY, "construction": "multi-v", "gating": "hsg", "num_layers": 3}
         assert 0 <= result["mIoU"] <= 100 and 0 <= result["aAcc"] <= 100
     table = _table(capsys.readouterr().out)

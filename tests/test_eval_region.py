@@ -11,8 +11,9 @@ import denserc
 from denserc.eval import DatasetLayoutError, PanopticRegions, decode_panoptic_png, evaluate_regions
 from denserc.eval.text import load_class_names, load_templates
 from denserc.models import pool_boxes, pool_masks
-from test_eval_fixtures import (TINY, grey_image, grey_levels, ids_to_rgb, make_oracle, save_png, shifted,
-                                tiny_model, write_panoptic, write_templates)
+from denserc.eval import region
+from test_eval_fixtures import (TINY, grey_image, grey_levels, ids_to_rgb, make_oracle, run_as_two_ranks, save_png,
+                                shifted, tiny_model, write_panoptic, write_templates)
 
 
 def test_panoptic_png_ids_are_r_plus_256g_plus_65536b(tmp_path):
@@ -114,6 +115,23 @@ def test_oracle_gets_everything_right_and_a_shuffled_oracle_nothing(tmp_path):
                            tmp_path / "cache", answers=shifted(levels))
     result = evaluate_regions(shuffled, tokenizer, root, **settings)
     assert result["boxes"]["top1"] == 0.0 and result["masks"]["top1"] == 0.0
+
+
+def test_sharded_region_counts_sum_to_the_one_process_result(tmp_path, monkeypatch):
+    levels = grey_levels([0, 2, 80, 132])
+    root = write_panoptic(tmp_path / "coco", _oracle_scenes(levels))
+    tokenizer = denserc.get_tokenizer(TINY)
+    templates = write_templates(tmp_path / "templates.txt", "{}")
+    # wrong about rug only: the two images score differently
+    model = make_oracle(tiny_model(), tokenizer, load_class_names("coco_panoptic"), load_templates(templates),
+                        levels, tmp_path / "cache", answers={132: 80})
+    settings = dict(templates=str(templates), image_size=160, workers=0, cache_dir=tmp_path / "cache",
+                    progress=False)
+    single = evaluate_regions(model, tokenizer, root, **settings)
+    assert 0 < single["boxes"]["top1"] < 100 and single["segments_skipped"] == 1
+    sharded = run_as_two_ranks(monkeypatch, region, lambda shard: evaluate_regions(
+        model, tokenizer, root, shard=shard, **settings))
+    assert sharded == single
 
 
 def test_class_names_must_match_the_categories(tmp_path):
