@@ -416,7 +416,7 @@ def resume_checkpoint(output_dir: str | os.PathLike, resume: str | None, env: Di
             if existing:
                 raise ConfigError(f"{output_dir} already has checkpoints (newest: step {existing[-1][0]}); "
                                   "continue that run with --resume auto, or start another one with "
-                                  "train.output_dir=NEW_DIR")
+                                  f"train.output_dir=NEW_DIR (or delete {output_dir})")
             return None
         if resume == "auto":
             found = latest_checkpoint(checkpoint_dir)
