@@ -137,3 +137,12 @@ def test_cli_version_and_help(capsys):
     assert capsys.readouterr().out.strip() == f"denserc {denserc.__version__}"
     assert main([]) == 0
     assert "usage: denserc" in capsys.readouterr().out
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    denserc.create_model(TINY).save(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (factory.CLIP_WEIGHTS, factory.DENSERC_CONFIG, factory.GATE_WEIGHTS):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

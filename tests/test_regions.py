@@ -137,3 +137,23 @@ def test_region_api_under_autocast_matches_fp32(model, batch):
             regions_amp, pooled_amp = model.encode_regions(batch, boxes), model.encode_masks(batch, masks)
     assert F.cosine_similarity(regions_amp.float(), regions).min() > 0.99
     assert F.cosine_similarity(pooled_amp.float(), pooled).min() > 0.99
+
+
+def test_one_box_or_mask_list_per_image_is_required(model, batch):
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 16.0]])] * 3
+    with pytest.raises(ValueError, match=r"one box tensor per image \(2 images\), got 3"):
+        model.encode_regions(batch, boxes)
+    with pytest.raises(ValueError, match=r"one mask tensor per image \(2 images\), got 1"):
+        model.encode_masks(batch, [torch.ones(1, HEIGHT, WIDTH)])
+
+
+def test_region_api_with_bf16_weights(model, batch):
+    """torchvision has no bfloat16 RoIAlign on the CPU: pooling runs in float32 and casts back."""
+    bf16 = denserc.models.from_spec(TINY, precision="bf16").eval()
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    boxes = [torch.tensor([[0.0, 0.0, 112.0, 80.0]]), torch.tensor([[50.0, 30.0, 224.0, 160.0]])]
+    with torch.no_grad():
+        regions = bf16.encode_regions(batch.to(torch.bfloat16), boxes)
+        reference = model.encode_regions(batch, boxes)
+    assert regions.dtype == torch.bfloat16
+    assert F.cosine_similarity(regions.float(), reference).min() > 0.98

@@ -273,21 +273,28 @@ class DenseRCModel(nn.Module):
 
 
 def pool_boxes(dense: torch.Tensor, boxes: Sequence[torch.Tensor], patch_size: int) -> torch.Tensor:
-    """RoIAlign 1x1 (aligned) of (B, E, h, w) features over per-image input-pixel boxes, normalised."""
-    boxes = [b.to(device=dense.device, dtype=dense.dtype).reshape(-1, 4) for b in boxes]
-    pooled = roi_align(dense, boxes, output_size=(1, 1), spatial_scale=1.0 / patch_size,
+    """RoIAlign 1x1 (aligned) of (B, E, h, w) features over per-image input-pixel boxes, normalised.
+
+    Pooling runs in float32 (torchvision has no bfloat16 RoIAlign on the CPU); the result is cast back.
+    """
+    _check_per_image(dense, boxes, "box")
+    features = dense.float()
+    boxes = [b.to(device=dense.device, dtype=features.dtype).reshape(-1, 4) for b in boxes]
+    pooled = roi_align(features, boxes, output_size=(1, 1), spatial_scale=1.0 / patch_size,
                        sampling_ratio=-1, aligned=True)
-    return F.normalize(pooled.flatten(1), dim=-1)
+    return F.normalize(pooled.flatten(1), dim=-1).to(dense.dtype)
 
 
 def pool_masks(dense: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mask-average of (B, E, h, w) features; each mask is reduced to per-patch coverage first."""
+    _check_per_image(dense, masks, "mask")
     h, w = dense.shape[-2:]
     pooled = []
     for features, image_masks in zip(dense, masks):
         if image_masks.numel() == 0:
             continue
-        coverage = F.adaptive_avg_pool2d(image_masks.to(features.dtype)[:, None], (h, w))[:, 0]
+        image_masks = image_masks.to(device=features.device, dtype=features.dtype)
+        coverage = F.adaptive_avg_pool2d(image_masks[:, None], (h, w))[:, 0]
         weights = coverage.flatten(1)
         empty = weights.sum(1) == 0
         if empty.any():
@@ -296,3 +303,8 @@ def pool_masks(dense: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tens
     if not pooled:
         return dense.new_zeros(0, dense.shape[1])
     return F.normalize(torch.cat(pooled), dim=-1)
+
+
+def _check_per_image(dense: torch.Tensor, per_image: Sequence, what: str) -> None:
+    if len(per_image) != dense.shape[0]:
+        raise ValueError(f"expected one {what} tensor per image ({dense.shape[0]} images), got {len(per_image)}")
