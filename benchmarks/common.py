@@ -53,10 +53,12 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def interleaved_timings(calls: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
-                        device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call for every entry of ``calls``, measured round-robin in ``repeats`` rounds.
+                        device: torch.device, min_seconds: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call for every entry of ``calls``, measured round-robin.
 
-    Each round starts at a different entry so that none always runs first (caches, clock boost).
+    Runs ``repeats`` rounds, and more while less than ``min_seconds`` were spent in timed rounds
+    (short calls then get many rounds, which a noisy machine needs). Each round starts at a
+    different entry so that none always runs first (caches, clock boost).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -65,18 +67,32 @@ def interleaved_timings(calls: dict[str, Callable[[], object]], *, warmup: int, 
         for name in names:
             calls[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
+    started = time.perf_counter()
+    round_index = 0
+    while round_index < repeats or time.perf_counter() - started < min_seconds:
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(time_call(calls[name], device))
+        round_index += 1
     return times
 
 
-def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
-    """Median over rounds of ``times[i] / reference[i]`` (both measured in the same round)."""
+def paired_ratios(times: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """``times[i] / reference[i]`` for every round (both measured in the same round)."""
     if len(times) != len(reference) or not times:
         raise ValueError(f"paired timings need equal, non-zero lengths, got {len(times)} and {len(reference)}")
-    return statistics.median(t / r for t, r in zip(times, reference))
+    return [t / r for t, r in zip(times, reference)]
+
+
+def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of the per-round ratio: robust to rounds that another process slowed down."""
+    return statistics.median(paired_ratios(times, reference))
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """(first, third) quartile, the spread reported beside a median (needs 2 values or more)."""
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, third
 
 
 def autocast(device: torch.device, precision: str):
@@ -108,12 +124,13 @@ def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> tuple[float
 def in_fresh_process(target: str, *, memory_probe: bool = False, **kwargs) -> dict:
     """``target(**kwargs)`` (a ``module:function`` returning a JSON-able dict) run in a new interpreter.
 
-    Peak memory is a per-process mark, so each configuration gets a clean process. ``memory_probe``
+    Peak memory is a per-process mark, so each configuration gets a clean process; it inherits this
+    process's torch thread count. ``memory_probe``
     fixes glibc's mmap threshold (see module doc); that makes every large allocation a page-faulting
     mmap, 1.5-2.5x slower here, so a process measuring CPU memory must not also measure time.
     """
     command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)]
-    env = {**os.environ, **(PROBE_ENV if memory_probe else {})}
+    env = {**os.environ, **(PROBE_ENV if memory_probe else {}), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({shlex.join(command)}):\n{result.stderr[-3000:]}")
@@ -214,6 +231,23 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
             raise ValueError(f"table row {cells} has {len(cells)} cells, expected {len(headers)} ({list(headers)})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def add_common_arguments(parser) -> None:
+    """``--device`` and ``--threads``, the same in every benchmark."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine, "
+                             "where a busy core stalls every multi-threaded op")
+
+
+def setup(args) -> torch.device:
+    """Apply ``--threads`` (inherited by worker processes) and return the ``--device``."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from denserc.data import ASPECT_MODES, SquareResize, TrainingImages, build_source, list_images
 from denserc.train.config import DataConfig
 
-from .common import environment, markdown_table, resolve_device
+from .common import add_common_arguments, environment, markdown_table, setup
 
 TRAINING_TARGET_IMAGES_PER_SECOND = 50  # what one H100 consumes at the ViT-B/16 @1024 target
 
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=96, help="samples per timed pass (files repeat)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--device", default="cpu", help="cuda: pinned memory and the copy to the GPU included")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    device = setup(args)
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.root) if args.root else Path(scratch)

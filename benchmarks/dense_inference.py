@@ -20,8 +20,8 @@ import torch
 from denserc import create_model
 from denserc.models import DenseRCModel
 
-from .common import (PRECISIONS, autocast, cpu_peak_mib, cuda_peak_mib, environment, interleaved_timings,
-                     markdown_table, paired_ratio, resolve_device)
+from .common import (PRECISIONS, add_common_arguments, autocast, cpu_peak_mib, cuda_peak_mib, environment,
+                     interleaved_timings, markdown_table, paired_ratios, quartiles, setup)
 
 VARIANTS = (("x+v", "none"), ("v", "none"), ("multi-v", "none"), ("multi-v", "qk"), ("multi-v", "qq"),
             ("multi-v", "hsg"))
@@ -93,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or weights file")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 448, 1024], help="square input sizes")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    add_common_arguments(parser)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="bf16 = autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile every call")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=11, help="at least this many interleaved rounds (>= 2) ...")
+    parser.add_argument("--min-seconds", type=float, default=20.0, help="... and rounds for at least this long per size")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)
-    device = resolve_device(args.device)
+    device = setup(args)
+    if args.repeats < 2:
+        raise SystemExit(f"--repeats must be at least 2 (a median and quartiles need rounds), got {args.repeats}")
 
     torch.manual_seed(0)
     base = create_model(args.model, args.pretrained, device=device)
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## Dense inference: {args.model}, batch {args.batch}, {args.precision}"
           f"{', torch.compile' if args.compile else ''}, {args.device}\n")
     print("\n".join(environment(device)))
-    print(f"- timing: {args.warmup} warm-up rounds, {args.repeats} interleaved rounds; ratio = median over "
-          "rounds of (time / reference time in the same round)")
+    print(f"- timing: {args.warmup} warm-up rounds, then interleaved rounds (at least {args.repeats}, and at least "
+          f"{args.min_seconds:g} s per size; count per size below); ratio = median over rounds of "
+          "(time / reference time in the same round)")
     memory_note = ("peak CUDA memory allocated above the weights during one call (torch.cuda.max_memory_allocated)"
                    if device.type == "cuda" else
                    "peak RSS growth during one call after a warm-up call, fresh process per row "
@@ -127,17 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.randn(args.batch, 3, size, size, device=device)
         calls = size_calls(models, images, args.precision, args.compile)
         reference = next(iter(calls))
-        print(f"- reference at {size}: {reference}")
-        times = interleaved_timings(calls, warmup=args.warmup, repeats=args.repeats, device=device)
+        times = interleaved_timings(calls, warmup=args.warmup, repeats=args.repeats, device=device,
+                                    min_seconds=args.min_seconds)
+        print(f"- {size}: reference {reference}, {len(times[reference])} rounds")
         for label, call in calls.items():
             median_ms = 1000 * statistics.median(times[label])
-            ratio = paired_ratio(times[label], times[reference])
+            ratios = paired_ratios(times[label], times[reference])
+            ratio = statistics.median(ratios)
+            low, high = quartiles(ratios)
             if label == variant_label("multi-v", "hsg"):
                 worst_default = max(worst_default, ratio)
             memory = "-" if args.no_memory else f"{peak_memory(args, device, size, label, call):.1f}"
-            rows.append((size, label, f"{median_ms:.2f}", f"{ratio:.3f}", memory))
+            rows.append((size, label, f"{median_ms:.2f}", f"{ratio:.3f}", f"{low:.3f}-{high:.3f}", memory))
         del images, calls
-    print(markdown_table(("size", "call", "median ms", "time / reference", "peak MiB"), rows))
+    print(markdown_table(("size", "call", "median ms", "time / reference", "quartiles", "peak MiB"), rows))
     verdict = "meets" if worst_default <= TARGET_RATIO else "misses"
     print(f"\nDefault DenseRC (multi-v/hsg) encode_dense: worst ratio {worst_default:.3f} over sizes "
           f"{args.sizes}; {verdict} the target <= {TARGET_RATIO}x encode_image.")

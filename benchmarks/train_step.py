@@ -31,8 +31,8 @@ import time
 import torch
 from torch.utils.data import default_collate
 
-from .common import (MIB, PRECISIONS, environment, in_fresh_process, markdown_table, peak_rss_mib, reset_peak_rss,
-                     resolve_device, synchronize)
+from .common import (MIB, PRECISIONS, add_common_arguments, environment, in_fresh_process, markdown_table,
+                     peak_rss_mib, reset_peak_rss, setup, synchronize)
 
 # model, input size, images per step, VFM (timm name + create_model kwargs)
 PRESETS = {
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vfm-kwargs", type=json.loads, help="timm.create_model kwargs as JSON")
     parser.add_argument("--construction", default="multi-v")
     parser.add_argument("--gating", default="hsg")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    add_common_arguments(parser)
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
                         help="autocast precisions to run")
     parser.add_argument("--checkpointing", nargs="+", choices=("off", "on"), default=["off", "on"],
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="profile the first configuration's steps and print its top ROWS ops")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    device = setup(args)
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in PRESETS[args.preset].items()}
     settings.update(construction=args.construction, gating=args.gating)

@@ -8,7 +8,8 @@ import torch
 
 # benchmarks/ is a top-level folder of the repository, not part of the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import autocast, cpu_peak_mib, interleaved_timings, markdown_table, paired_ratio  # noqa: E402
+from benchmarks.common import (autocast, cpu_peak_mib, interleaved_timings, markdown_table, paired_ratio,  # noqa: E402
+                               quartiles)
 
 BUFFER_MIB = 64
 
@@ -39,8 +40,14 @@ def test_interleaved_timings_rotates_the_order_and_times_each_call():
     assert all(len(t) == 4 for t in times.values())
     assert min(times["slow"]) >= 0.03
     assert min(times["a"]) < 0.03
+    assert len(interleaved_timings({"a": calls["a"]}, warmup=0, repeats=2, device=torch.device("cpu"),
+                                   min_seconds=0.05)["a"]) > 2  # kept going until 50 ms were spent
     with pytest.raises(ValueError, match="repeats >= 1"):
         interleaved_timings(calls, warmup=0, repeats=0, device=torch.device("cpu"))
+
+
+def test_quartiles_of_ratios():
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
 
 
 def test_markdown_table_layout_and_row_check():
