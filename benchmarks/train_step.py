@@ -11,7 +11,7 @@ belongs to that configuration alone. Per configuration:
 Phases are read off the trainer's own pieces, never re-implemented: ``prepare`` (uint8 batch to
 the device, normalisation, grid boxes), ``embed_crops`` (teacher crops + forward), ``embed_patches``
 (VFM), the student's ``encode_dense``, the loss (rest of the distillation module's forward), the
-backward pass (+ gradient clipping, up to the optimizer's step pre-hook), the optimizer step, and
+backward pass (+ gradient norm or clipping, up to the optimizer's step pre-hook), the optimizer step, and
 "other" (zero_grad, scheduler, loss bookkeeping). The step is one micro-batch of ``--batch`` images.
 
     python -m benchmarks.train_step                                   # tiny preset, CPU
@@ -44,7 +44,7 @@ PRESETS = {
                    "vfm_kwargs": {}},
 }
 PHASES = ("data to device + grids", "teacher crops + forward", "VFM forward", "student forward", "losses",
-          "backward + grad clip", "optimizer step", "other")
+          "backward + grad norm", "optimizer step", "other")
 TARGET_IMAGES_PER_SECOND = 50  # ViT-B/16 @1024, bf16, one H100
 FIT_CARD_GIB = 24  # batch 4 @1024 with checkpointing must fit a 24 GB card ...
 CUDA_CONTEXT_GIB = 1  # ... which leaves about this much for the CUDA context and libraries
