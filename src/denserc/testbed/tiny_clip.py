@@ -4,6 +4,11 @@
 text tower (width 64), pretrained contrastively on testbed scenes by ``denserc pretrain-testbed``.
 The weights ship in fp16 (``weights/ViT-Testbed-P8.safetensors``); the run that made them (command,
 seed, wall time, zero-shot accuracy) is recorded beside them in ``ViT-Testbed-P8.pretrain.json``.
+
+Importing this module registers the config and the pretrained tag ``testbed`` (a local file, so
+nothing is downloaded): ``denserc.create_model("ViT-Testbed-P8", pretrained="testbed")``, or
+``model.pretrained: testbed`` in a training config. open_clip has no public call to add a
+pretrained tag, so the entry is added to its tag table directly.
 """
 from __future__ import annotations
 
@@ -11,14 +16,18 @@ import json
 from pathlib import Path
 
 import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 MODEL_NAME = "ViT-Testbed-P8"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONFIG_FILE = WEIGHTS_DIR / f"{MODEL_NAME}.json"
 WEIGHTS_FILE = f"{MODEL_NAME}.safetensors"
 RECORD_FILE = f"{MODEL_NAME}.pretrain.json"
+PRETRAINED_TAG = "testbed"
 
 open_clip.add_model_config(CONFIG_FILE)
+open_clip.pretrained._PRETRAINED.setdefault(MODEL_NAME, {})[PRETRAINED_TAG] = {
+    "file": str(WEIGHTS_DIR / WEIGHTS_FILE), "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD}
 
 
 def pretrained_path(directory: str | Path = WEIGHTS_DIR) -> Path:
