@@ -14,7 +14,7 @@ from . import __version__
 SUBCOMMAND_MODULES = (
     "denserc.train.cli",
     "denserc.eval.cli",
-    "denserc.testbed.pretrain",
+    "denserc.testbed.cli",
     "denserc.viz.cli",
 )
 

@@ -1,0 +1,149 @@
+"""The testbed run (``denserc testbed``): before/after DenseRC self-distillation of the tiny CLIP.
+
+For every requested Table-5 variant: evaluate the un-distilled tiny CLIP built with that
+construction/gating, distil it with the ordinary trainer on generated scenes (config ``testbed``
+for the short schedule, ``testbed_full`` for the full one), evaluate the distilled model on the
+same held-out split, and print one before -> after table. Results are written as JSON and as the
+markdown table to the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..io import atomic_write, save_json
+from ..models import create_model, get_tokenizer, load
+from ..train.config import load_config
+from ..train.distributed import cleanup_distributed, setup_distributed
+from ..train.trainer import Trainer
+from .crops import ScenePool
+from .evaluation import evaluate, prepare_split
+from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
+
+logger = logging.getLogger(__name__)
+
+# Table 5 of the paper: what to extract (x+v, v, multi-v; no gating) and how to construct (gating on multi-v).
+# "multi-v" and "none" are the same model, so it is one variant here.
+VARIANTS = {
+    "x+v": ("x+v", "none"),
+    "v": ("v", "none"),
+    "multi-v": ("multi-v", "none"),
+    "qk": ("multi-v", "qk"),
+    "qq": ("multi-v", "qq"),
+    "hsg": ("multi-v", "hsg"),
+}
+SCHEDULES = {"short": "testbed", "full": "testbed_full"}
+EVAL_SEED = 2_000_000  # held-out scenes; CLIP pretraining uses seeds 0 and 1_000_000, distillation 0..
+EVAL_IMAGES = 200
+METRICS = (("boxes_top1", "boxes"), ("thing_masks_top1", "thing masks"), ("stuff_masks_top1", "stuff masks"),
+           ("mIoU", "mIoU"), ("crop_things_top1", "global: object crops"))
+
+
+def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Path = "runs/testbed",
+        eval_images: int = EVAL_IMAGES, overrides=(), threads: int = 1, progress: bool = True) -> list[dict]:
+    """Evaluate, distil and re-evaluate every variant (x seed); returns one record per (variant, seed).
+
+    ``threads`` sets torch's CPU threads: on a 2-core machine shared with other jobs, one thread runs
+    a step several (up to ~25) times faster than two, which stall each other.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or schedule not in SCHEDULES:
+        raise ValueError(f"unknown variant(s) {unknown} or schedule {schedule!r}; variants: {list(VARIANTS)}, "
+                         f"schedules: {list(SCHEDULES)}")
+    torch.set_num_threads(threads)
+    output = Path(output)
+    root = prepare_split(output / "data", eval_images, EVAL_SEED, progress=progress)
+    crops = ScenePool.render(EVAL_SEED, eval_images)
+    tokenizer = get_tokenizer(MODEL_NAME)
+    records = []
+    for variant in variants:
+        construction, gating = VARIANTS[variant]
+        before = evaluate(create_model(MODEL_NAME, PRETRAINED_TAG, construction=construction, gating=gating),
+                          tokenizer, root, crops)
+        for seed in seeds:
+            run_dir = output / "runs" / f"{variant}-seed{seed}"
+            config = load_config(SCHEDULES[schedule], [
+                f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null",
+                f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}", *overrides])
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a fresh run each time: this folder is the runner's own output
+            started = time.time()
+            env = setup_distributed(config.train.device)
+            try:
+                with logging_redirect_tqdm():
+                    final = Trainer(config, env, run_dir).fit()
+            finally:
+                cleanup_distributed()
+            train_seconds = time.time() - started
+            after = evaluate(load(final), tokenizer, root, crops)
+            records.append({"variant": variant, "construction": construction, "gating": gating, "seed": seed,
+                            "schedule": schedule, "train_seconds": round(train_seconds, 1),
+                            "steps": _steps(config), "before": before, "after": after})
+            save_json(records, output / "results.json")
+    atomic_write(output / "results.md", lambda tmp: Path(tmp).write_text(format_table(records), encoding="utf-8"))
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """Markdown: one row per variant, ``before -> after`` per metric (after: mean +- std over seeds)."""
+    header = "| variant | " + " | ".join(label for _, label in METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        rows = [r for r in records if r["variant"] == variant]
+        cells = []
+        for key, _ in METRICS:
+            after = [r["after"][key] for r in rows]
+            spread = f" ± {statistics.stdev(after):.1f}" if len(after) > 1 else ""
+            cells.append(f"{rows[0]['before'][key]:.1f} → {statistics.mean(after):.1f}{spread}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in records})
+    lines.append("")
+    lines.append(f"Top-1 accuracy / mIoU in %, un-distilled → distilled ({records[0]['schedule']} schedule, "
+                 f"{records[0]['steps']} steps, seed(s) {', '.join(map(str, seeds))}; "
+                 f"{records[0]['before']['segments']} held-out segments).")
+    return "\n".join(lines) + "\n"
+
+
+def _steps(config) -> int:
+    return config.data.num_images // config.train.global_batch_size * config.train.epochs
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "testbed", help="before/after DenseRC distillation of the testbed's tiny CLIP (CPU, minutes)",
+        description="Distil the testbed's tiny CLIP on generated scenes and compare region classification "
+                    "and segmentation before and after, for the chosen Table-5 variants (docs/testbed.md).")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="training-config overrides, e.g. optim.lr=2e-4 train.epochs=2")
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default="short",
+                        help="short: ~2-5 min per variant on 2 CPU cores; full: the docs' results (default: short)")
+    parser.add_argument("--variants", default="hsg",
+                        help=f"comma-separated subset of {','.join(VARIANTS)}, or 'all' (default: hsg)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds (default: 0)")
+    parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
+                        help="folder for the held-out split, the runs and the results; its runs are "
+                             "replaced (default: %(default)s)")
+    parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES,
+                        help="held-out scenes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default: 1, fastest on a small machine shared with other jobs)")
+    parser.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("denserc").setLevel(logging.INFO)
+    records = run(args.schedule, variants, args.seeds, args.output, args.eval_images, args.overrides,
+                  args.threads)
+    print(format_table(records), end="")
+    print(f"results: {args.output / 'results.json'}")
+    return 0
