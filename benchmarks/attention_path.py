@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios = paired_ratios(times[path], times[PATHS[0]])
             low, high = quartiles(ratios)
             if device.type == "cuda":
-                peak = cuda_peak_mib(call, device)[0]
+                peak = cuda_peak_mib(call, device)
             else:
                 peak = cpu_peak_mib("benchmarks.attention_path:build_call", model_name=args.model, size=size,
                                     batch=args.batch, path=path)

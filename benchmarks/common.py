@@ -78,15 +78,13 @@ def interleaved_timings(calls: dict[str, Callable[[], object]], *, warmup: int, 
 
 
 def paired_ratios(times: Sequence[float], reference: Sequence[float]) -> list[float]:
-    """``times[i] / reference[i]`` for every round (both measured in the same round)."""
+    """``times[i] / reference[i]`` for every round (both measured in the same round).
+
+    Their median is the reported ratio: robust to rounds that another process slowed down.
+    """
     if len(times) != len(reference) or not times:
         raise ValueError(f"paired timings need equal, non-zero lengths, got {len(times)} and {len(reference)}")
     return [t / r for t, r in zip(times, reference)]
-
-
-def paired_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
-    """Median over rounds of the per-round ratio: robust to rounds that another process slowed down."""
-    return statistics.median(paired_ratios(times, reference))
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
@@ -110,15 +108,14 @@ def synchronize(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------ memory
-def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(peak MiB allocated above what was allocated before the call, peak MiB allocated in all)."""
+def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak MiB allocated during one call above what was allocated before it."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return (peak - before) / MIB, peak / MIB
+    return (torch.cuda.max_memory_allocated(device) - before) / MIB
 
 
 def in_fresh_process(target: str, *, memory_probe: bool = False, **kwargs) -> dict:
@@ -217,9 +214,13 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO_ROOT, check=False)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
+    """Short HEAD commit, marked when the package or benchmark sources differ from it."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+        return result.stdout.strip() if result.returncode == 0 else ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" (with uncommitted changes in src/ or benchmarks/)"
+                     if git("status", "--porcelain", "--", "src", "benchmarks") else "")
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -80,7 +80,7 @@ def build_call(*, model_name: str, pretrained: str | None, size: int, batch: int
 def peak_memory(args: argparse.Namespace, device: torch.device, size: int, label: str, call) -> float:
     """MiB for the table's memory column (CUDA: in this process; CPU: a fresh process per row)."""
     if device.type == "cuda":
-        return cuda_peak_mib(call, device)[0]
+        return cuda_peak_mib(call, device)
     return cpu_peak_mib("benchmarks.dense_inference:build_call", model_name=args.model,
                         pretrained=args.pretrained, size=size, batch=args.batch, label=label,
                         precision=args.precision, compile_model=args.compile)
