@@ -107,6 +107,13 @@ def test_per_head_values_reproduce_every_attention_block(tiny_model, images):
         torch.testing.assert_close(qk_model._value_branch(block, x), mha[:, 1:], rtol=1e-5, atol=1e-5)
 
 
+def test_trunk_blocks_through_sdpa_equal_open_clip_blocks(tiny_model, images):
+    """encode_dense runs its trunk with SDPA attention; every block must match open_clip's own forward."""
+    for block, x in zip(tiny_model.visual.transformer.resblocks, block_inputs(tiny_model, images)):
+        with torch.no_grad():
+            torch.testing.assert_close(DenseRCModel._block(block, x), block(x), rtol=1e-5, atol=1e-5)
+
+
 def test_v_none_equals_value_path_of_last_block(tiny_model, images):
     x_last = block_inputs(tiny_model, images)[-1]
     block = tiny_model.visual.transformer.resblocks[-1]

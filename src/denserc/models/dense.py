@@ -160,7 +160,7 @@ class DenseRCModel(nn.Module):
         x, _ = self._embed(images)
         x = self.visual.patch_dropout(x)
         for block in self.visual.transformer.resblocks:
-            x = self._run_block(block, x)
+            x = self._checkpointed(block, x)
         pooled = self.visual.ln_post(x[:, 0]) @ self.visual.proj
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
@@ -170,7 +170,7 @@ class DenseRCModel(nn.Module):
         blocks = self.visual.transformer.resblocks
         first = len(blocks) - self.num_layers
         for block in blocks[:first]:
-            x = self._run_block(block, x)
+            x = self._checkpointed(self._block, block, x)
         if self.construction == "x+v":
             block = blocks[-1]
             y = x[:, 1:] + self._value_branch(block, x)
@@ -178,7 +178,7 @@ class DenseRCModel(nn.Module):
         else:
             y = self._value_branch(blocks[first], x)
             for prev, block in zip(blocks[first:-1], blocks[first + 1:]):
-                x = self._run_block(prev, x)
+                x = self._checkpointed(self._block, prev, x)
                 y = y + self._value_branch(block, x)
         y = self.visual.ln_post(y) @ self.visual.proj
         return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
@@ -231,10 +231,22 @@ class DenseRCModel(nn.Module):
             self._pos_cache[key] = (pos._version, cached)
         return cached
 
-    def _run_block(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    def _checkpointed(self, function, *args) -> torch.Tensor:
+        """``function(*args)``, recomputed in the backward pass when gradient checkpointing is on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+    @staticmethod
+    def _block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        """The block's own computation with attention through ``scaled_dot_product_attention``.
+
+        ``encode_dense`` runs its trunk this way because ``nn.MultiheadAttention``'s inference fast
+        path materialises the (heads, N, N) attention matrix on the CPU (256 MiB for a 64 x 64 grid;
+        benchmarks/RESULTS.md 4.1); ``encode_image`` keeps open_clip's module for bit-exact output.
+        """
+        x = x + block.ls_1(block.attn.out_proj(_attention(block.attn, block.ln_1(x))))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def _value_branch(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
         """The block's attention branch for the patch tokens, with the attention replaced by gating.
@@ -254,11 +266,7 @@ class DenseRCModel(nn.Module):
                 values = (values.view(batch, tokens - 1, heads, head_dim) * gates.unsqueeze(-1))
                 values = values.reshape(batch, tokens - 1, width)
         else:
-            qkv = F.linear(u, attn.in_proj_weight, attn.in_proj_bias)
-            q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            keys = k if self.gating == "qk" else q
-            values = F.scaled_dot_product_attention(q[:, :, 1:], keys, v)
-            values = values.transpose(1, 2).reshape(batch, tokens - 1, width)
+            values = _attention(attn, u, self_self=self.gating == "qq", first_query=1)
         return block.ls_1(attn.out_proj(values))
 
     # ------------------------------------------------------------------------------ save/load
@@ -270,6 +278,21 @@ class DenseRCModel(nn.Module):
         """
         from .factory import save_model
         return save_model(self, directory)
+
+
+def _attention(attn: nn.MultiheadAttention, u: torch.Tensor, *, self_self: bool = False,
+               first_query: int = 0) -> torch.Tensor:
+    """Per-head softmax(q k^T / sqrt d) v (softmax(q q^T / sqrt d) v if ``self_self``), before out_proj.
+
+    u: (B, T, D) normed tokens; queries are ``u[:, first_query:]``, keys/values all T tokens.
+    Returns (B, T - first_query, D) with the heads concatenated, as ``out_proj`` expects.
+    """
+    batch, tokens, width = u.shape
+    heads = attn.num_heads
+    qkv = F.linear(u, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
+    return out.transpose(1, 2).reshape(batch, tokens - first_query, width)
 
 
 def pool_boxes(dense: torch.Tensor, boxes: Sequence[torch.Tensor], patch_size: int) -> torch.Tensor:
