@@ -213,6 +213,8 @@ def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: st
     With no route to the weights' host the hub is put in offline mode, so already-cached weights
     still load and missing ones fail at once instead of after the hub client's retries.
     """
+    if tag_cfg.get("file"):
+        return tag_cfg["file"]  # a tag registered for a local file: nothing to download
     host = _hub_host(tag_cfg)
     offline = not _reachable(host)
     patch = (mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True) if offline
