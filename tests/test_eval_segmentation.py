@@ -49,7 +49,8 @@ def test_protocol_defaults_follow_sclip_and_can_be_overridden():
     assert PROTOCOLS["voc21"] == SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1)
     assert PROTOCOLS["context60"].prob_threshold == 0.1 and PROTOCOLS["context60"].logit_scale == 50.0
     assert [PROTOCOLS[name].short_side for name in ("ade20k", "coco-stuff", "cityscapes")] == [336, 448, 560]
-    assert {(p.window, p.stride) for p in PROTOCOLS.values()} == {(224, 112)}
+    sclip_datasets = ("ade20k", "context59", "context60", "voc20", "voc21", "coco-stuff", "cityscapes")
+    assert {(PROTOCOLS[name].window, PROTOCOLS[name].stride) for name in sclip_datasets} == {(224, 112)}
     custom = protocol_for("cityscapes", window=448, stride=None)
     assert (custom.window, custom.stride, custom.short_side) == (448, 112, 560)
     with pytest.raises(ValueError, match="stride must be positive, got 0; prob_threshold must be in"):
