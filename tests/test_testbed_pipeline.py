@@ -85,7 +85,7 @@ def test_held_out_split_is_read_by_the_evaluation_suite(tmp_path):
 
     torch.manual_seed(0)
     model = denserc.create_model(TINY).eval()
-    results = evaluate(model, denserc.get_tokenizer(TINY), root, ScenePool.render(11, 3))
+    results = evaluate(model, denserc.get_tokenizer(TINY), root, ScenePool.render(11, 3), image_size=128)
     panoptic = json.loads((root / "annotations" / f"panoptic_{SPLIT}.json").read_text())
     boxes_over_64_px = sum(1 for a in panoptic["annotations"] for s in a["segments_info"]
                            if s["bbox"][2] * s["bbox"][3] >= 64)

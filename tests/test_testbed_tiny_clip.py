@@ -8,7 +8,7 @@ import denserc
 from denserc.testbed.crops import ScenePool, crop, square_boxes
 from denserc.testbed.pretrain import BatchSampler, PretrainConfig, learning_rate, pretrain, check_set_pool
 from denserc.testbed.tiny_clip import MODEL_NAME, WEIGHTS_FILE, pretrain_record, pretrained_path
-from denserc.testbed.vocabulary import CATEGORIES, TEMPLATES, phrase
+from denserc.testbed.vocabulary import CATEGORIES, STUFF_ID, TEMPLATES, THING_ID, phrase
 from denserc.testbed.zero_shot import crop_accuracy
 
 ACCURACY_TOLERANCE = 0.02  # float differences between machines may flip a borderline crop or two
@@ -35,19 +35,31 @@ def test_crop_takes_the_box_in_pixel_edge_coordinates():
     assert torch.allclose(out[0], image[0, :, 16:32, 8:24], atol=1e-4)
 
 
-def test_batch_has_one_crop_per_class_captioned_with_its_class(pool):
+def test_batch_has_one_crop_per_class_then_captioned_regions(pool):
     tokenizer = denserc.get_tokenizer(MODEL_NAME)
-    sampler = BatchSampler(pool, tokenizer, native_size=64, scenes_per_batch=5, rng=np.random.default_rng(3))
-    images, tokens = sampler()
-    assert images.shape == (len(CATEGORIES) + 5, 3, 64, 64)
-    for row, category in enumerate(CATEGORIES):
-        prompts = tokenizer([t.format(phrase(category["id"])) for t in TEMPLATES])
-        assert (prompts == tokens[row]).all(dim=1).any(), f"crop {row} is not captioned '{category['name']}'"
-    scene_tokens = tokenizer(pool.captions)
-    for row in tokens[len(CATEGORIES):]:
-        assert (scene_tokens == row).all(dim=1).any()
-    again = BatchSampler(pool, tokenizer, native_size=64, scenes_per_batch=5, rng=np.random.default_rng(3))()
-    assert torch.equal(again[0], images) and torch.equal(again[1], tokens)
+    sampler = BatchSampler(pool, tokenizer, native_size=48, regions_per_batch=5, rng=np.random.default_rng(3))
+    images, tokens, captions = sampler()
+    assert images.shape == (len(CATEGORIES) + 5, 3, 48, 48)
+    for caption, category in zip(captions, CATEGORIES):
+        assert caption in [t.format(phrase(category["id"])) for t in TEMPLATES]
+    assert all(caption.startswith("a photo of ") for caption in captions[len(CATEGORIES):])
+    assert torch.equal(tokens, tokenizer(captions))
+    again = BatchSampler(pool, tokenizer, native_size=48, regions_per_batch=5, rng=np.random.default_rng(3))()
+    assert torch.equal(again[0], images) and again[2] == captions
+
+
+def test_region_caption_names_what_the_box_shows():
+    """10 x 10 scene: grass, a red circle in rows/cols 0-3, a blue square in rows/cols 6-9."""
+    segment_map = np.zeros((1, 10, 10), dtype=np.uint8)
+    segment_map[0, :4, :4] = 1
+    segment_map[0, 6:, 6:] = 2
+    parts = [[(STUFF_ID["grass"], 68), (THING_ID[("circle", "red")], 16), (THING_ID[("square", "blue")], 16)]]
+    pool = ScenePool(torch.zeros(1, 3, 10, 10, dtype=torch.uint8), ["scene"], torch.zeros(0, 6), segment_map, parts)
+    # the whole circle and 9/25 grass are inside; the square is not
+    assert pool.region_caption(0, (0, 0, 5, 5)) == "a photo of a red circle on grass."
+    # 1/16 of the circle (2% of the box) is not named; the square covers 16/49 of the box
+    assert pool.region_caption(0, (3, 3, 10, 10)) == "a photo of a blue square on grass."
+    assert pool.region_caption(0, (0, 0, 2, 2)) == "a photo of a red circle."
 
 
 def test_sampler_refuses_a_pool_that_lacks_classes():
@@ -65,7 +77,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_pretraining_is_reproducible_and_writes_loadable_weights(tmp_path):
-    config = PretrainConfig(seed=5, steps=2, train_scenes=120, held_out_scenes=6, scenes_per_batch=4,
+    config = PretrainConfig(seed=5, steps=2, train_scenes=120, held_out_scenes=6, regions_per_batch=4,
                             warmup_steps=1, eval_every=2)
     record = pretrain(config, tmp_path / "a", command="test", progress=False)
     pretrain(config, tmp_path / "b", command="test", progress=False)

@@ -1,8 +1,11 @@
-"""Scenes held in memory as tensors, and the single-class crops the tiny CLIP learns from.
+"""Scenes held in memory as tensors, and the crops the tiny CLIP learns from.
 
 A ``ScenePool`` renders scenes once and indexes one crop region per class occurrence: every object's
-box, and for every stuff segment a window that is mostly (>= ``STUFF_PURITY``) that stuff. Crops are
-cut and resized with RoIAlign on the image tensor, the way DenseRC's teacher crops grid cells.
+box, and for every stuff segment a window that is mostly (>= ``STUFF_PURITY``) that stuff. It also
+keeps each scene's segment map, so that any box can be captioned by what it shows
+(``region_caption``): DenseRC's teacher embeds arbitrary grid cells, and a CLIP that has only
+seen object-centred crops misreads them. Crops are cut and resized with RoIAlign on the image
+tensor, the way DenseRC's teacher crops grid cells.
 """
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
-from .scenes import SceneConfig, render_scene, scene_rng
+from .scenes import SceneConfig, caption_of, render_scene, scene_rng
 from .vocabulary import CATEGORIES
 
 STUFF_PURITY = 0.8
 STUFF_WINDOW_FRACTION = (0.2, 0.45)  # side of a stuff window, as a fraction of the image side
 STUFF_WINDOW_TRIES = 12
+REGION_SHARE = 0.15  # a region's caption names every segment covering this share of the region ...
+REGION_THING_INSIDE = 0.6  # ... and every object with this share of its own pixels inside
 
 
 @dataclass
@@ -29,15 +34,22 @@ class ScenePool:
     images: torch.Tensor  # (N, 3, S, S) uint8
     captions: list[str]
     regions: torch.Tensor  # (K, 6) float: scene index, category id, box in pixel-edge coordinates
+    segment_maps: np.ndarray  # (N, S, S) uint8: index of each pixel's segment in ``segment_parts``
+    segment_parts: list[list[tuple[int, int]]]  # per scene: (category id, pixel count) per segment
 
     @classmethod
     def render(cls, seed: int, num_scenes: int, config: SceneConfig = SceneConfig(),
                progress: bool = False) -> "ScenePool":
-        images, captions, regions = [], [], []
+        images, captions, regions, maps, parts = [], [], [], [], []
         for index in tqdm(range(num_scenes), desc=f"rendering scenes (seed {seed})", disable=not progress):
             scene = render_scene(scene_rng(seed, index), config)
             images.append(torch.from_numpy(scene.image).permute(2, 0, 1))
             captions.append(scene.caption)
+            segment_map = np.zeros(scene.image.shape[:2], dtype=np.uint8)
+            for number, segment in enumerate(scene.segments):
+                segment_map[segment.mask] = number
+            maps.append(segment_map)
+            parts.append([(segment.category_id, segment.area) for segment in scene.segments])
             for thing in scene.things:
                 x, y, w, h = thing.bbox
                 regions.append((index, thing.category_id, x, y, x + w, y + h))
@@ -46,7 +58,7 @@ class ScenePool:
                 window = _pure_window(stuff.mask, window_rng)
                 if window is not None:
                     regions.append((index, stuff.category_id, *window))
-        return cls(torch.stack(images), captions, torch.tensor(regions, dtype=torch.float32))
+        return cls(torch.stack(images), captions, torch.tensor(regions, dtype=torch.float32), np.stack(maps), parts)
 
     @property
     def image_size(self) -> int:
@@ -54,6 +66,23 @@ class ScenePool:
 
     def regions_of(self, category_id: int) -> torch.Tensor:
         return torch.nonzero(self.regions[:, 1] == category_id).flatten()
+
+    def region_caption(self, scene: int, box: tuple[int, int, int, int]) -> str:
+        """Caption of what integer box (x1, y1, x2, y2) of a scene shows: every segment covering at
+        least REGION_SHARE of it and every object with at least REGION_THING_INSIDE of its pixels
+        inside; if none qualifies, the segment with most pixels inside."""
+        x1, y1, x2, y2 = box
+        parts = self.segment_parts[scene]
+        inside = np.bincount(self.segment_maps[scene, y1:y2, x1:x2].ravel(), minlength=len(parts))
+        named = []
+        for (category_id, area), count in zip(parts, inside):
+            mostly_inside = CATEGORIES[category_id - 1]["isthing"] and count >= REGION_THING_INSIDE * area
+            if count and (count >= REGION_SHARE * inside.sum() or mostly_inside):
+                named.append((category_id, int(count)))
+        if not named:
+            dominant = int(inside.argmax())
+            named = [(parts[dominant][0], int(inside[dominant]))]
+        return caption_of(named)
 
     def missing_categories(self) -> list[str]:
         present = set(self.regions[:, 1].long().tolist())

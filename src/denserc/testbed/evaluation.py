@@ -45,9 +45,14 @@ SEGMENTATION_DATASETS[DATASET] = SegmentationLayout(
   annotations/panoptic_{SPLIT}.json
   annotations/semantic_{SPLIT}/<id>.png        0..{len(CATEGORIES) - 1} = classes, 255 = void""",
     (SPLIT, f"annotations/semantic_{SPLIT}"), _list_pairs)
-# One window covers a whole scene: the scenes are small and the model takes any size.
-PROTOCOLS[DATASET] = SegmentationProtocol(short_side=SceneConfig().image_size, window=SceneConfig().image_size,
-                                          stride=SceneConfig().image_size // 2)
+
+
+def protocol(image_size: int) -> SegmentationProtocol:
+    """Scenes resized to ``image_size``, one window covering all of it (the model takes any size)."""
+    return SegmentationProtocol(short_side=image_size, window=image_size, stride=image_size // 2)
+
+
+PROTOCOLS[DATASET] = protocol(SceneConfig().image_size)
 
 
 def prepare_split(root: str | os.PathLike, num_images: int, seed: int, progress: bool = True) -> Path:
@@ -66,18 +71,20 @@ def prepare_split(root: str | os.PathLike, num_images: int, seed: int, progress:
     return root
 
 
-def evaluate(model, tokenizer, root: str | os.PathLike, crops: ScenePool, progress: bool = False) -> dict:
+def evaluate(model, tokenizer, root: str | os.PathLike, crops: ScenePool, image_size: int,
+             progress: bool = False) -> dict:
     """Region top-1 (boxes, thing masks, stuff masks), segmentation mIoU and crop zero-shot accuracy.
 
-    ``crops`` is the held-out split as a ``ScenePool`` (the same scenes), for the global embedding's
-    zero-shot accuracy on single-class crops.
+    Dense features are computed on scenes resized to ``image_size`` (the distillation's input size,
+    as CLIPSelf evaluates at its training size). ``crops`` is the held-out split as a ``ScenePool``
+    (the same scenes), for the global embedding's zero-shot accuracy on single-class crops.
     """
     root = Path(root)
     queries = {"class_names": str(root / CLASS_NAMES_FILE), "templates": str(root / TEMPLATES_FILE),
                "cache_dir": root / "text_cache", "workers": 0, "progress": progress}
-    regions = evaluate_regions(model, tokenizer, root, split=SPLIT, image_size=SceneConfig().image_size,
-                               batch_size=32, **queries)
-    segmentation = evaluate_segmentation(model, tokenizer, root, DATASET, batch_size=32, **queries)
+    regions = evaluate_regions(model, tokenizer, root, split=SPLIT, image_size=image_size, batch_size=32, **queries)
+    segmentation = evaluate_segmentation(model, tokenizer, root, DATASET, protocol=protocol(image_size),
+                                         batch_size=32, **queries)
     zero_shot = crop_accuracy(model, tokenizer, crops)
     return {
         "boxes_top1": regions["boxes"]["top1"],

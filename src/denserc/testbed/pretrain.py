@@ -1,8 +1,10 @@
 """Contrastive pretraining of the testbed's tiny CLIP (``denserc pretrain-testbed``).
 
-Each step pairs one crop of every class (so no two crops in a batch share a caption, which would
-make ClipLoss push matching pairs apart) with whole scenes resized to the native size and their
-scene captions. Crops are jittered (scale, position, flip) and captioned with a random template.
+Each step pairs one crop of every class (so no two class crops share a caption, which would make
+ClipLoss push matching pairs apart) with random scene regions (whole scenes included) captioned by
+what they show. Class crops are jittered (scale, position, flip) and captioned with a random
+template. Two regions may get the same caption ("a photo of grass."); identical texts only put a
+floor under the loss, their gradients still pull each image towards its caption.
 Everything random follows ``--seed``: the scene pools, the batches and the initial weights.
 """
 from __future__ import annotations
@@ -30,6 +32,9 @@ from .zero_shot import crop_accuracy
 THING_CROP_SCALE = (1.1, 1.5)  # object crops: square of this many times the object's longer side
 CROP_SHIFT = 0.15  # crop centre jitter, as a fraction of the crop side
 STUFF_WINDOW_SCALE = (0.85, 1.15)
+REGION_SIDE = (0.15, 1.0)  # random regions: width as a fraction of the scene side ...
+REGION_ASPECT = 3.0  # ... height / width log-uniform in [1/3, 3]
+MIN_REGION = 8  # pixels
 LOG_EVERY = 25  # steps between lines of pretrain_log.jsonl (evaluations are always logged)
 TEST_SET_SEED = 20_261_125  # the small fixed held-out set the test suite re-scores
 TEST_SET_SCENES = 60
@@ -41,7 +46,7 @@ class PretrainConfig:
     steps: int = 3000
     train_scenes: int = 5000
     held_out_scenes: int = 400
-    scenes_per_batch: int = 8
+    regions_per_batch: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
@@ -50,45 +55,64 @@ class PretrainConfig:
 
 
 class BatchSampler:
-    """One jittered crop per class plus ``scenes_per_batch`` whole scenes, each with a caption."""
+    """One jittered crop per class plus ``regions_per_batch`` random scene regions, each with a caption.
 
-    def __init__(self, pool: ScenePool, tokenizer, native_size: int, scenes_per_batch: int,
+    A region is any axis-aligned box (side ``REGION_SIDE`` of the scene, aspect up to
+    ``REGION_ASPECT``, whole scenes included), captioned by what it shows (``ScenePool.region_caption``).
+    """
+
+    def __init__(self, pool: ScenePool, tokenizer, native_size: int, regions_per_batch: int,
                  rng: np.random.Generator):
         missing = pool.missing_categories()
         if missing:
             raise ValueError(f"the training pool has no example of {missing}; render more scenes")
         self.pool = pool
+        self.tokenizer = tokenizer
         self.native_size = native_size
-        self.scenes_per_batch = scenes_per_batch
+        self.regions_per_batch = regions_per_batch
         self.rng = rng
         self.by_class = [pool.regions_of(c["id"]) for c in CATEGORIES]
         self.is_thing = torch.tensor([c["isthing"] == 1 for c in CATEGORIES])
-        prompts = [template.format(phrase(c["id"])) for c in CATEGORIES for template in TEMPLATES]
-        self.prompt_tokens = tokenizer(prompts).view(len(CATEGORIES), len(TEMPLATES), -1)
-        self.scene_tokens = tokenizer(pool.captions)
-        self.scene_images = resize(pool.images, native_size).round().clamp(0, 255).to(torch.uint8)
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images in uint8 range, tokens) for one step."""
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(images in uint8 range, tokens, captions) for one step: class crops first, then regions."""
+        class_crops, class_captions = self._class_crops()
+        region_crops, region_captions = self._regions()
+        captions = class_captions + region_captions
+        return torch.cat([class_crops, region_crops]), self.tokenizer(captions), captions
+
+    def _class_crops(self) -> tuple[torch.Tensor, list[str]]:
         rng = self.rng
         picks = torch.stack([rows[rng.integers(len(rows))] for rows in self.by_class])
         regions = self.pool.regions[picks]
         count = len(picks)
-        boxes = regions[:, 2:]
         thing_scale = torch.from_numpy(rng.uniform(*THING_CROP_SCALE, size=count)).float()
         stuff_scale = torch.from_numpy(rng.uniform(*STUFF_WINDOW_SCALE, size=count)).float()
         shift = torch.from_numpy(rng.uniform(-CROP_SHIFT, CROP_SHIFT, size=(count, 2))).float()
         size = self.pool.image_size
-        boxes = torch.where(self.is_thing[:, None], square_boxes(boxes, thing_scale, size, shift),
-                            square_boxes(boxes, stuff_scale, size, shift))
+        boxes = torch.where(self.is_thing[:, None], square_boxes(regions[:, 2:], thing_scale, size, shift),
+                            square_boxes(regions[:, 2:], stuff_scale, size, shift))
         crops = crop(self.pool.images[regions[:, 0].long()], boxes, self.native_size)
         flip = torch.from_numpy(rng.random(count) < 0.5)
         crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
-        templates = torch.from_numpy(rng.integers(len(TEMPLATES), size=count))
-        crop_tokens = self.prompt_tokens[torch.arange(count), templates]
-        scenes = torch.from_numpy(rng.choice(len(self.pool.captions), self.scenes_per_batch, replace=False))
-        images = torch.cat([crops, self.scene_images[scenes].float()])
-        return images, torch.cat([crop_tokens, self.scene_tokens[scenes]])
+        templates = rng.integers(len(TEMPLATES), size=count)
+        captions = [TEMPLATES[t].format(phrase(c["id"])) for t, c in zip(templates, CATEGORIES)]
+        return crops, captions
+
+    def _regions(self) -> tuple[torch.Tensor, list[str]]:
+        rng, size, count = self.rng, self.pool.image_size, self.regions_per_batch
+        scenes = rng.choice(len(self.pool.captions), count, replace=False)
+        widths = rng.uniform(*REGION_SIDE, size=count) * size
+        heights = widths * np.exp(rng.uniform(-math.log(REGION_ASPECT), math.log(REGION_ASPECT), size=count))
+        boxes = []
+        for width, height in zip(widths, heights):
+            width, height = (int(np.clip(round(side), MIN_REGION, size)) for side in (width, height))
+            x1, y1 = int(rng.integers(size - width + 1)), int(rng.integers(size - height + 1))
+            boxes.append((x1, y1, x1 + width, y1 + height))
+        captions = [self.pool.region_caption(int(scene), box) for scene, box in zip(scenes, boxes)]
+        crops = crop(self.pool.images[torch.from_numpy(scenes)], torch.tensor(boxes, dtype=torch.float32),
+                     self.native_size)
+        return crops, captions
 
 
 def learning_rate(step: int, config: PretrainConfig) -> float:
@@ -109,7 +133,7 @@ def pretrain(config: PretrainConfig, output: Path, command: str, progress: bool 
     native = model.native_size[0]
     train_pool = ScenePool.render(config.seed, config.train_scenes, progress=progress)
     held_out = ScenePool.render(held_out_seed(config.seed), config.held_out_scenes, progress=progress)
-    sampler = BatchSampler(train_pool, tokenizer, native, config.scenes_per_batch,
+    sampler = BatchSampler(train_pool, tokenizer, native, config.regions_per_batch,
                            np.random.default_rng([config.seed, 2]))
     optimizer = torch.optim.AdamW(model.clip.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=config.weight_decay)
@@ -120,7 +144,7 @@ def pretrain(config: PretrainConfig, output: Path, command: str, progress: bool 
     for step in tqdm(range(config.steps), desc="pretraining tiny CLIP", disable=not progress):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        images, tokens = sampler()
+        images, tokens, _ = sampler()
         image_features = model.encode_image(normalize(images, model.preprocess_cfg), normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
         loss = loss_fn(image_features, text_features, model.clip.logit_scale.exp())

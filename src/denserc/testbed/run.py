@@ -57,21 +57,29 @@ def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Pa
     if unknown or schedule not in SCHEDULES:
         raise ValueError(f"unknown variant(s) {unknown} or schedule {schedule!r}; variants: {list(VARIANTS)}, "
                          f"schedules: {list(SCHEDULES)}")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    output = Path(output)
+    try:
+        return _run(schedule, variants, seeds, Path(output), eval_images, overrides, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progress) -> list[dict]:
     root = prepare_split(output / "data", eval_images, EVAL_SEED, progress=progress)
     crops = ScenePool.render(EVAL_SEED, eval_images)
     tokenizer = get_tokenizer(MODEL_NAME)
     records = []
     for variant in variants:
         construction, gating = VARIANTS[variant]
+        settings = [f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null"]
+        image_size = load_config(SCHEDULES[schedule], [*settings, *overrides]).data.image_size
         before = evaluate(create_model(MODEL_NAME, PRETRAINED_TAG, construction=construction, gating=gating),
-                          tokenizer, root, crops)
+                          tokenizer, root, crops, image_size)
         for seed in seeds:
             run_dir = output / "runs" / f"{variant}-seed{seed}"
             config = load_config(SCHEDULES[schedule], [
-                f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null",
-                f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}", *overrides])
+                *settings, f"train.seed={seed}", f"data.seed={seed}", f"train.output_dir={run_dir}", *overrides])
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # a fresh run each time: this folder is the runner's own output
             started = time.time()
@@ -82,7 +90,7 @@ def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Pa
             finally:
                 cleanup_distributed()
             train_seconds = time.time() - started
-            after = evaluate(load(final), tokenizer, root, crops)
+            after = evaluate(load(final), tokenizer, root, crops, image_size)
             records.append({"variant": variant, "construction": construction, "gating": gating, "seed": seed,
                             "schedule": schedule, "train_seconds": round(train_seconds, 1),
                             "steps": _steps(config), "before": before, "after": after})

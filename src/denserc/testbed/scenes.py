@@ -27,9 +27,9 @@ class SceneConfig:
 
     image_size: int = 128
     min_objects: int = 1
-    max_objects: int = 6
-    min_object_size: int = 18
-    max_object_size: int = 56
+    max_objects: int = 4
+    min_object_size: int = 28
+    max_object_size: int = 72
     max_rotation: float = 30.0
     min_visible: float = 0.6
     max_stuff: int = 3
@@ -112,22 +112,28 @@ class Scene:
 
 
 def scene_caption(segments: list[Segment]) -> str:
-    """"a red star, a blue ring and grass." : distinct thing classes then stuff, largest first."""
-    def distinct(items):
+    """"a photo of a red star, a blue ring on grass and sand." for a scene's segments."""
+    return caption_of([(s.category_id, s.area) for s in segments])
+
+
+def caption_of(parts: list[tuple[int, int]]) -> str:
+    """Caption of (category id, pixel count) parts: distinct thing classes then stuff, largest first."""
+    def distinct(isthing):
         names = []
-        for segment in sorted(items, key=lambda s: -s.area):
-            name = phrase(segment.category_id)
-            if name not in names:
+        for category_id, _ in sorted(parts, key=lambda part: -part[1]):
+            name = phrase(category_id)
+            if CATEGORY_BY_ID[category_id]["isthing"] == isthing and name not in names:
                 names.append(name)
         return names
 
     def join(names):
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
-    things = distinct([s for s in segments if s.isthing])
-    stuff = distinct([s for s in segments if not s.isthing])
+    things, stuff = distinct(1), distinct(0)
     if not things:
         return f"a photo of {join(stuff)}."
+    if not stuff:
+        return f"a photo of {join(things)}."
     return f"a photo of {join(things)} on {join(stuff)}."
 
 
