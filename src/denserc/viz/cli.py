@@ -15,10 +15,11 @@ from .draw import draw_heatmap, draw_segmentation, save_png
 from .image import load_image
 from .predict import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE, segment, similarity_map
 
-# The model used when --model is not given: the bundled tiny config with random weights (seeded by
-# --seed), so the commands run anywhere without a download. It shows the pipeline, not real semantics;
-# pass a trained model (e.g. ViT-B-16:openai or a DenseRC folder) for meaningful pictures.
-DEFAULT_MODEL = "ViT-Tiny-16"
+# The model used when --model is not given: the testbed's tiny CLIP shipped in the package (pretrained
+# on generated scenes, docs/testbed.md), so the commands run anywhere without a download. It knows only
+# the testbed's shapes, colours and textures; pass a real model (e.g. ViT-B-16:openai or a DenseRC
+# folder) for photos.
+DEFAULT_MODEL = "ViT-Testbed-P8:testbed"
 # Exit codes: bad arguments (argparse's own code) and a failure while running (unreadable image, ...).
 USAGE_ERROR = 2
 RUN_ERROR = 1
@@ -136,7 +137,7 @@ def run_heatmap(args) -> int:
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
                         help="a folder written by DenseRCModel.save, or an open_clip NAME[:TAG|:FILE] "
-                             f"(e.g. ViT-B-16:openai); default {DEFAULT_MODEL} with random weights")
+                             f"(e.g. ViT-B-16:openai); default {DEFAULT_MODEL}, the testbed's tiny CLIP")
     parser.add_argument("--construction", choices=CONSTRUCTIONS, help="dense construction variant "
                         "(default: the saved one for a folder, multi-v otherwise)")
     parser.add_argument("--gating", choices=GATINGS, help="gating variant (default: saved one / hsg)")
