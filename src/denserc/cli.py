@@ -13,8 +13,8 @@ from . import __version__
 
 SUBCOMMAND_MODULES = (
     "denserc.train.cli",
+    "denserc.testbed.cli",  # before eval: registers the segmentation dataset "testbed" it offers
     "denserc.eval.cli",
-    "denserc.testbed.cli",
     "denserc.viz.cli",
 )
 
