@@ -146,3 +146,13 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     for name in (factory.CLIP_WEIGHTS, factory.DENSERC_CONFIG, factory.GATE_WEIGHTS):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_import_denserc_alone_knows_the_shipped_testbed_clip():
+    import subprocess
+    import sys
+    code = ("import denserc; m = denserc.create_model('ViT-Testbed-P8', pretrained='testbed'); "
+            "print(m.model_name, m.embed_dim)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "ViT-Testbed-P8"
