@@ -97,4 +97,13 @@ def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys
 def test_cli_prints_the_resolved_config_with_overrides_and_no_config_name(capsys):
     assert main(["train", "train.epochs=9", "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "name: ViT-Tiny-16" in out and "epochs: 9" in out
+    assert "name: ViT-Testbed-P8" in out and "epochs: 9" in out
+
+
+def test_no_config_runs_the_testbed_before_after_with_the_overrides(monkeypatch):
+    import denserc.testbed.run as testbed_run
+    calls = []
+    monkeypatch.setattr(testbed_run, "run_and_print", lambda **kwargs: calls.append(kwargs) or 0)
+    assert main(["train"]) == 0
+    assert main(["train", "optim.lr=2e-4"]) == 0
+    assert calls == [{"overrides": []}, {"overrides": ["optim.lr=2e-4"]}]
