@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
@@ -112,11 +111,6 @@ def normalize(images: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
     mean = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Whole images to size x size (antialiased), as float."""
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _pure_window(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int] | None:

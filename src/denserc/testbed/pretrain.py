@@ -9,7 +9,6 @@ Everything random follows ``--seed``: the scene pools, the batches and the initi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from ..io import atomic_write, save_json, save_tensors
 from ..models import create_model, get_tokenizer
-from .crops import ScenePool, crop, normalize, resize, square_boxes
+from .crops import ScenePool, crop, normalize, square_boxes
 from .tiny_clip import MODEL_NAME, RECORD_FILE, WEIGHTS_FILE, pretrained_path
 from .vocabulary import CATEGORIES, TEMPLATES, phrase
 from .zero_shot import crop_accuracy

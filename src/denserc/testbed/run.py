@@ -8,7 +8,6 @@ markdown table to the output folder.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import statistics
@@ -26,8 +25,6 @@ from ..train.trainer import Trainer
 from .crops import ScenePool
 from .evaluation import evaluate, prepare_split
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
-
-logger = logging.getLogger(__name__)
 
 # Table 5 of the paper: what to extract (x+v, v, multi-v; no gating) and how to construct (gating on multi-v).
 # "multi-v" and "none" are the same model, so it is one variant here.
@@ -146,12 +143,18 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_main)
 
 
-def _main(args) -> int:
-    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+def run_and_print(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Path = "runs/testbed",
+                  eval_images: int = EVAL_IMAGES, overrides=(), threads: int = 1) -> int:
+    """``run`` with progress logging, then print the before -> after table; the exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("denserc").setLevel(logging.INFO)
-    records = run(args.schedule, variants, args.seeds, args.output, args.eval_images, args.overrides,
-                  args.threads)
+    records = run(schedule, variants, seeds, output, eval_images, overrides, threads)
     print(format_table(records), end="")
-    print(f"results: {args.output / 'results.json'}")
+    print(f"results: {Path(output) / 'results.json'}")
     return 0
+
+
+def _main(args) -> int:
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    return run_and_print(args.schedule, variants, args.seeds, args.output, args.eval_images, args.overrides,
+                         args.threads)
