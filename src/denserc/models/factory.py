@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -64,8 +65,9 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
             weights_file = _download_pretrained(model_name, pretrained, tag_cfg, cache_dir)
     if force_quick_gelu:
         model_cfg["quick_gelu"] = True
-    clip = open_clip.create_model(model_name, force_quick_gelu=force_quick_gelu, device="cpu",
-                                  precision="fp32", pretrained_text=False)
+    with _quiet_random_init() if weights_file is not None else contextlib.nullcontext():
+        clip = open_clip.create_model(model_name, force_quick_gelu=force_quick_gelu, device="cpu",
+                                      precision="fp32", pretrained_text=False)
     if weights_file is not None:
         _load_open_clip_checkpoint(clip, weights_file, model_name)
     model = DenseRCModel(clip, model_name=model_name, model_cfg=model_cfg,
@@ -136,7 +138,8 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
     settings.update(overrides)
     if "construction" in overrides and "num_layers" not in overrides:
         settings["num_layers"] = None
-    clip = open_clip.create_model(f"local-dir:{directory}", load_weights=False, pretrained_text=False)
+    with _quiet_random_init():
+        clip = open_clip.create_model(f"local-dir:{directory}", load_weights=False, pretrained_text=False)
     load_state_dict_checked(clip, load_file(directory / CLIP_WEIGHTS), directory / CLIP_WEIGHTS)
     model = DenseRCModel(clip, model_name=config["model_name"], model_cfg=open_clip_config["model_cfg"],
                          preprocess_cfg=open_clip_config.get("preprocess_cfg", get_model_preprocess_cfg(clip)),
@@ -167,6 +170,19 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
 
 
 # ---------------------------------------------------------------------------------- internals
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's "initialized randomly" warning: the weights are loaded right after creation."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
