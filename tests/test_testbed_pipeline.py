@@ -90,5 +90,5 @@ def test_held_out_split_is_read_by_the_evaluation_suite(tmp_path):
     boxes_over_64_px = sum(1 for a in panoptic["annotations"] for s in a["segments_info"]
                            if s["bbox"][2] * s["bbox"][3] >= 64)
     assert results["segments"] == boxes_over_64_px
-    for key in ("boxes_top1", "thing_masks_top1", "stuff_masks_top1", "mIoU", "crop_things_top1"):
+    for key in ("boxes_top1", "thing_boxes_top1", "thing_masks_top1", "stuff_masks_top1", "mIoU", "crop_things_top1"):
         assert 0.0 <= results[key] <= 100.0

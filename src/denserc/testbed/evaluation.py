@@ -73,7 +73,7 @@ def prepare_split(root: str | os.PathLike, num_images: int, seed: int, progress:
 
 def evaluate(model, tokenizer, root: str | os.PathLike, crops: ScenePool, image_size: int,
              progress: bool = False) -> dict:
-    """Region top-1 (boxes, thing masks, stuff masks), segmentation mIoU and crop zero-shot accuracy.
+    """Region top-1 (boxes, thing boxes, thing masks, stuff masks), segmentation mIoU and crop zero-shot accuracy.
 
     Dense features are computed on scenes resized to ``image_size`` (the distillation's input size,
     as CLIPSelf evaluates at its training size). ``crops`` is the held-out split as a ``ScenePool``
@@ -88,6 +88,7 @@ def evaluate(model, tokenizer, root: str | os.PathLike, crops: ScenePool, image_
     zero_shot = crop_accuracy(model, tokenizer, crops)
     return {
         "boxes_top1": regions["boxes"]["top1"],
+        "thing_boxes_top1": regions["boxes_thing"]["top1"],
         "thing_masks_top1": regions["masks_thing"]["top1"],
         "stuff_masks_top1": regions["masks_stuff"]["top1"],
         "mIoU": segmentation["mIoU"],

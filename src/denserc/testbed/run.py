@@ -39,8 +39,8 @@ VARIANTS = {
 SCHEDULES = {"short": "testbed", "full": "testbed_full"}
 EVAL_SEED = 2_000_000  # held-out scenes; CLIP pretraining uses seeds 0 and 1_000_000, distillation 0..
 EVAL_IMAGES = 200
-METRICS = (("boxes_top1", "boxes"), ("thing_masks_top1", "thing masks"), ("stuff_masks_top1", "stuff masks"),
-           ("mIoU", "mIoU"), ("crop_things_top1", "global: object crops"))
+METRICS = (("boxes_top1", "boxes"), ("thing_boxes_top1", "thing boxes"), ("thing_masks_top1", "thing masks"),
+           ("stuff_masks_top1", "stuff masks"), ("mIoU", "mIoU"), ("crop_things_top1", "global: object crops"))
 
 
 def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Path = "runs/testbed",

@@ -1,0 +1,197 @@
+"""``denserc testbed-probe``: how much of an object's colour and shape a testbed CLIP's features hold.
+
+A testbed thing class is a colour and a shape, so a wrong class can still be half right. For each
+model this measures, on the held-out split:
+1. zero-shot, dense: the class predicted for every thing box and thing mask (the testbed
+   evaluation's pooling and class queries), scored for class, colour and shape separately;
+2. zero-shot, global: the cls-path embedding of the held-out object crops, scored the same way;
+3. linear probes: shape (8-way) and colour (6-way) read out of the patch tokens averaged over each
+   object's mask, at every block's input, at the tower's output and from the dense features, with
+   the probes trained on a second generated split.
+docs/testbed.md uses it to explain why distillation lifts stuff but hardly things on the testbed.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..eval.datasets import PanopticRegions
+from ..eval.text import build_text_classifier, load_class_names, load_templates
+from ..models import create_model, get_tokenizer, load, pool_boxes, pool_masks
+from .crops import ScenePool, normalize
+from .evaluation import CLASS_NAMES_FILE, SPLIT, TEMPLATES_FILE, prepare_split
+from .run import EVAL_IMAGES, EVAL_SEED
+from .scenes import SceneConfig
+from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
+from .vocabulary import CATEGORIES, COLOURS, SHAPES
+from .zero_shot import class_embeddings, eval_crops
+
+PROBE_SEED = 3_000_000  # the probes' training scenes: disjoint from pretraining, distillation and evaluation
+PROBE_IMAGES = 400
+ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES)}
+
+
+def thing_attributes(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Colour and shape index of each thing label (label = category id - 1, as the evaluation reads it)."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    rows = [CATEGORIES[int(label)] for label in labels]
+    if any(not row["isthing"] for row in rows):
+        raise ValueError("thing_attributes: every label must be a thing class (stuff has no colour or shape)")
+    return {"colour": torch.tensor([colours.index(row["colour"]) for row in rows], dtype=torch.long),
+            "shape": torch.tensor([shapes.index(row["shape"]) for row in rows], dtype=torch.long)}
+
+
+def attribute_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Percent of thing segments whose predicted class is right, has the right colour, the right shape.
+
+    A prediction of a stuff class counts as wrong for all three.
+    """
+    is_thing = torch.tensor([bool(CATEGORIES[int(p)]["isthing"]) for p in predicted], dtype=torch.bool)
+    truth = thing_attributes(labels[is_thing])
+    guessed = thing_attributes(predicted[is_thing])
+    result = {"class": 100 * (predicted == labels).float().mean().item()}
+    for name in ATTRIBUTES:
+        right = torch.zeros(len(labels), dtype=torch.bool)
+        right[is_thing] = guessed[name] == truth[name]
+        result[name] = 100 * right.float().mean().item()
+    return result
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, weight_decay: float = 1e-3) -> float:
+    """Test accuracy (percent) of a multinomial logistic regression on standardised features (L-BFGS)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return 100 * ((test_x @ weight + bias).argmax(1) == test_y).float().mean().item()
+
+
+@torch.no_grad()
+def _thing_segments(model, root: Path, classifier=None) -> dict:
+    """Per thing segment of the split: labels, mask-averaged tokens per layer, and (with a classifier)
+    the zero-shot class of its box and mask."""
+    data = PanopticRegions(root, SPLIT, image_size=SceneConfig().image_size, patch_size=model.patch_size)
+    mean, std = (torch.tensor(model.preprocess_cfg[k]).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
+    blocks = model.visual.transformer.resblocks
+    layers = [f"block {i} input" for i in range(len(blocks))] + ["tower output", "dense features"]
+    collected = {"labels": [], "boxes": [], "masks": [], **{layer: [] for layer in layers}}
+    for index in range(len(data)):
+        sample = data[index]
+        things = data.is_thing[sample["labels"]]
+        if not things.any():
+            continue
+        images = (sample["image"][None].float() - mean) / std
+        tokens = []
+        hooks = [block.register_forward_hook(lambda module, inputs, output: tokens.append(inputs[0]))
+                 for block in blocks]
+        hooks.append(blocks[-1].register_forward_hook(lambda module, inputs, output: tokens.append(output)))
+        try:
+            model.encode_image(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        dense = F.normalize(model.encode_dense(images), dim=1)
+        coverage = sample["coverage"][things].flatten(1)
+        weights = coverage / coverage.sum(1, keepdim=True)
+        patch_tokens = [t[0, 1:] for t in tokens] + [dense[0].flatten(1).T]
+        for layer, features in zip(layers, patch_tokens):
+            collected[layer].append(weights @ features)
+        collected["labels"].append(sample["labels"][things])
+        if classifier is not None:
+            for pooling, pooled in (("boxes", pool_boxes(dense, [sample["boxes"][things]], model.patch_size)),
+                                    ("masks", pool_masks(dense, [sample["coverage"][things]]))):
+                collected[pooling].append(classifier.class_scores(pooled @ classifier.embeddings.T).argmax(1))
+    return {key: torch.cat(value) for key, value in collected.items() if value}
+
+
+@torch.no_grad()
+def _global_predictions(model, tokenizer, crops: ScenePool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true thing labels of the held-out object crops, classified among the things."""
+    images, category_ids = eval_crops(crops, model.native_size[0])
+    thing_ids = [c["id"] for c in CATEGORIES if c["isthing"]]
+    rows = torch.isin(category_ids, torch.tensor(thing_ids))
+    features = model.encode_image(normalize(images[rows], model.preprocess_cfg), normalize=True)
+    predicted = torch.tensor(thing_ids)[(features @ class_embeddings(model, tokenizer, thing_ids).T).argmax(1)]
+    return predicted - 1, category_ids[rows] - 1
+
+
+def probe(model, tokenizer, output: str | Path = "runs/testbed", eval_images: int = EVAL_IMAGES,
+          probe_images: int = PROBE_IMAGES) -> dict:
+    """Zero-shot class/colour/shape accuracy (dense and global) and linear-probe accuracy per layer."""
+    model.eval()
+    output = Path(output)
+    root = prepare_split(output / "data", eval_images, EVAL_SEED, progress=False)
+    probe_root = prepare_split(output / "probe_data", probe_images, PROBE_SEED, progress=False)
+    classifier = build_text_classifier(model, tokenizer, load_class_names(root / CLASS_NAMES_FILE),
+                                       load_templates(root / TEMPLATES_FILE))
+    held_out = _thing_segments(model, root, classifier)
+    probe_train = _thing_segments(model, probe_root)
+    zero_shot = {pooling: attribute_accuracy(held_out[pooling], held_out["labels"]) for pooling in ("boxes", "masks")}
+    zero_shot["global, object crops"] = attribute_accuracy(*_global_predictions(
+        model, tokenizer, ScenePool.render(EVAL_SEED, eval_images)))
+    train_attributes, test_attributes = thing_attributes(probe_train["labels"]), thing_attributes(held_out["labels"])
+    probes = {layer: {name: linear_probe(probe_train[layer], train_attributes[name], held_out[layer],
+                                         test_attributes[name], classes)
+                      for name, classes in ATTRIBUTES.items()}
+              for layer in held_out if layer not in ("labels", "boxes", "masks")}
+    return {"zero_shot": zero_shot, "linear_probes": probes, "thing_segments": len(held_out["labels"]),
+            "probe_train_segments": len(probe_train["labels"])}
+
+
+def format_report(name: str, result: dict) -> str:
+    """Markdown: the zero-shot table and the linear-probe table of one model."""
+    lines = [f"### {name}", "", "| zero-shot, things | class | colour | shape |", "|---|---|---|---|"]
+    lines += [f"| {pooling} | {r['class']:.1f} | {r['colour']:.1f} | {r['shape']:.1f} |"
+              for pooling, r in result["zero_shot"].items()]
+    lines += ["", "| linear probe, mask-averaged | colour | shape |", "|---|---|---|"]
+    lines += [f"| {layer} | {r['colour']:.1f} | {r['shape']:.1f} |" for layer, r in result["linear_probes"].items()]
+    lines += ["", f"Percent of {result['thing_segments']} held-out thing segments (probes trained on "
+                  f"{result['probe_train_segments']}); chance: class {100 / 48:.1f}, colour "
+                  f"{100 / ATTRIBUTES['colour']:.1f}, shape {100 / ATTRIBUTES['shape']:.1f}.", ""]
+    return "\n".join(lines)
+
+
+def _load(spec: str):
+    """``testbed`` (the shipped CLIP, multi-v + hsg) or a saved model folder."""
+    if spec == PRETRAINED_TAG:
+        return create_model(MODEL_NAME, PRETRAINED_TAG)
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"testbed-probe: {spec!r} is neither 'testbed' nor a saved model folder "
+                                f"(a run's final/ directory)")
+    return load(spec)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "testbed-probe", help="how much of an object's colour and shape a testbed CLIP's features hold",
+        description="Zero-shot class/colour/shape accuracy of thing regions (dense and global) and linear "
+                    "probes of colour and shape per layer, on the testbed's held-out split (docs/testbed.md).")
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help="'testbed' (the shipped tiny CLIP) or a saved model folder, e.g. runs/testbed/runs/hsg-seed0/final")
+    parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
+                        help="folder holding (or to hold) the held-out split and the probes' split (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    tokenizer = get_tokenizer(MODEL_NAME)
+    for spec in args.models:
+        print(format_report(spec, probe(_load(spec), tokenizer, args.output)))
+    return 0

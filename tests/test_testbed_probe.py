@@ -1,0 +1,63 @@
+"""`denserc testbed-probe`: colour/shape scoring by hand, the linear probe, and agreement with the evaluation."""
+import json
+
+import pytest
+import torch
+
+import denserc
+from denserc.cli import main
+from denserc.testbed.crops import ScenePool
+from denserc.testbed.evaluation import SPLIT, evaluate
+from denserc.testbed.probe import attribute_accuracy, linear_probe, probe, thing_attributes
+from denserc.testbed.run import EVAL_SEED
+
+from conftest import TINY
+
+RED_CIRCLE, ORANGE_CIRCLE, RED_SQUARE, GRASS = 0, 1, 6, 48  # labels = category id - 1, shape-major order
+
+
+def test_thing_attributes_by_hand():
+    attributes = thing_attributes(torch.tensor([RED_CIRCLE, ORANGE_CIRCLE, RED_SQUARE, 47]))
+    assert attributes["colour"].tolist() == [0, 1, 0, 5]  # red, orange, red, purple
+    assert attributes["shape"].tolist() == [0, 0, 1, 7]  # circle, circle, square, crescent
+    with pytest.raises(ValueError, match="every label must be a thing class"):
+        thing_attributes(torch.tensor([GRASS]))
+
+
+def test_attribute_accuracy_by_hand():
+    """Four red circles predicted as: red circle, orange circle, red square, grass."""
+    labels = torch.tensor([RED_CIRCLE] * 4)
+    predicted = torch.tensor([RED_CIRCLE, ORANGE_CIRCLE, RED_SQUARE, GRASS])
+    assert attribute_accuracy(predicted, labels) == {"class": 25.0, "colour": 50.0, "shape": 50.0}
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (90,), generator=generator)
+    separable = torch.nn.functional.one_hot(labels, 3).float() + 0.1 * torch.randn(90, 3, generator=generator)
+    assert linear_probe(separable[:60], labels[:60], separable[60:], labels[60:], 3) == 100.0
+    # Features that hold nothing: the probe can only predict the training set's most frequent class.
+    constant = torch.ones(90, 4)
+    train, test = torch.tensor([2] * 40 + [0] * 20), torch.tensor([2] * 3 + [1] * 7)
+    assert linear_probe(constant[:60], train, constant[:10], test, 3) == pytest.approx(30.0)
+
+
+def test_probe_agrees_with_the_testbed_evaluation(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = denserc.create_model(TINY).eval()
+    tokenizer = denserc.get_tokenizer(TINY)
+    result = probe(model, tokenizer, tmp_path, eval_images=3, probe_images=4)
+
+    panoptic = json.loads((tmp_path / "data" / "annotations" / f"panoptic_{SPLIT}.json").read_text())
+    things = sum(1 for a in panoptic["annotations"] for s in a["segments_info"]
+                 if s["category_id"] <= 48 and s["bbox"][2] * s["bbox"][3] >= 64)
+    assert result["thing_segments"] == things
+    assert list(result["linear_probes"]) == [f"block {i} input" for i in range(len(model.visual.transformer.resblocks))
+                                             ] + ["tower output", "dense features"]
+    reference = evaluate(model, tokenizer, tmp_path / "data", ScenePool.render(EVAL_SEED, 3), image_size=128)
+    assert result["zero_shot"]["boxes"]["class"] == pytest.approx(reference["thing_boxes_top1"])
+    assert result["zero_shot"]["masks"]["class"] == pytest.approx(reference["thing_masks_top1"])
+    assert result["zero_shot"]["global, object crops"]["class"] == pytest.approx(reference["crop_things_top1"])
+
+    with pytest.raises(FileNotFoundError, match="neither 'testbed' nor a saved model folder"):
+        main(["testbed-probe", str(tmp_path / "missing"), "--output", str(tmp_path)])
