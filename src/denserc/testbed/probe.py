@@ -166,13 +166,13 @@ def format_report(name: str, result: dict) -> str:
     return "\n".join(lines)
 
 
-def _load(spec: str):
-    """``testbed`` (the shipped CLIP, multi-v + hsg) or a saved model folder."""
-    if spec == PRETRAINED_TAG:
-        return create_model(MODEL_NAME, PRETRAINED_TAG)
+def load_testbed_model(spec: str):
+    """``testbed`` (the shipped CLIP), a ``pretrain-testbed`` weights file, or a saved model folder."""
+    if spec == PRETRAINED_TAG or Path(spec).is_file():
+        return create_model(MODEL_NAME, spec)
     if not Path(spec).is_dir():
-        raise FileNotFoundError(f"testbed-probe: {spec!r} is neither 'testbed' nor a saved model folder "
-                                f"(a run's final/ directory)")
+        raise FileNotFoundError(f"testbed-probe: {spec!r} is neither 'testbed', a weights file written by "
+                                f"pretrain-testbed, nor a saved model folder (a run's final/ directory)")
     return load(spec)
 
 
@@ -182,7 +182,8 @@ def register(subparsers) -> None:
         description="Zero-shot class/colour/shape accuracy of thing regions (dense and global) and linear "
                     "probes of colour and shape per layer, on the testbed's held-out split (docs/testbed.md).")
     parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="'testbed' (the shipped tiny CLIP) or a saved model folder, e.g. runs/testbed/runs/hsg-seed0/final")
+                        help="'testbed' (the shipped tiny CLIP), a weights file written by pretrain-testbed, or a saved "
+                             "model folder, e.g. runs/testbed/runs/hsg-seed0/final")
     parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
                         help="folder holding (or to hold) the held-out split and the probes' split (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
@@ -193,5 +194,5 @@ def _main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = get_tokenizer(MODEL_NAME)
     for spec in args.models:
-        print(format_report(spec, probe(_load(spec), tokenizer, args.output)))
+        print(format_report(spec, probe(load_testbed_model(spec), tokenizer, args.output)))
     return 0
