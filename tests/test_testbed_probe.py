@@ -8,7 +8,7 @@ import denserc
 from denserc.cli import main
 from denserc.testbed.crops import ScenePool
 from denserc.testbed.evaluation import SPLIT, evaluate
-from denserc.testbed.probe import load_testbed_model, attribute_accuracy, linear_probe, probe, thing_attributes
+from denserc.testbed.probe import attribute_accuracy, linear_probe, load_testbed_model, probe, thing_attributes
 from denserc.testbed.run import EVAL_SEED
 from denserc.testbed.tiny_clip import pretrained_path
 
@@ -60,11 +60,12 @@ def test_probe_agrees_with_the_testbed_evaluation(tmp_path, capsys):
     assert result["zero_shot"]["masks"]["class"] == pytest.approx(reference["thing_masks_top1"])
     assert result["zero_shot"]["global, object crops"]["class"] == pytest.approx(reference["crop_things_top1"])
 
-    with pytest.raises(FileNotFoundError, match="neither 'testbed', a weights file written by pretrain-testbed, nor a saved model folder"):
+    with pytest.raises(FileNotFoundError, match="neither 'testbed', a weights file written by pretrain-testbed, nor"):
         main(["testbed-probe", str(tmp_path / "missing"), "--output", str(tmp_path)])
 
 
 def test_probe_loads_a_pretrain_testbed_weights_file_like_the_shipped_tag():
-    from_file, from_tag = load_testbed_model(str(pretrained_path())).state_dict(), load_testbed_model("testbed").state_dict()
+    from_file = load_testbed_model(str(pretrained_path())).state_dict()
+    from_tag = load_testbed_model("testbed").state_dict()
     assert from_file.keys() == from_tag.keys()
     assert all(torch.equal(from_file[key], from_tag[key]) for key in from_tag)

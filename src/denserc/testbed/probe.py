@@ -182,10 +182,11 @@ def register(subparsers) -> None:
         description="Zero-shot class/colour/shape accuracy of thing regions (dense and global) and linear "
                     "probes of colour and shape per layer, on the testbed's held-out split (docs/testbed.md).")
     parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="'testbed' (the shipped tiny CLIP), a weights file written by pretrain-testbed, or a saved "
-                             "model folder, e.g. runs/testbed/runs/hsg-seed0/final")
+                        help="'testbed' (the shipped tiny CLIP), a weights file written by pretrain-testbed, "
+                             "or a saved model folder, e.g. runs/testbed/runs/hsg-seed0/final")
     parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
-                        help="folder holding (or to hold) the held-out split and the probes' split (default: %(default)s)")
+                        help="folder holding (or to hold) the held-out split and the probes' split "
+                             "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     parser.set_defaults(func=_main)
 
