@@ -161,7 +161,7 @@ def format_report(name: str, result: dict) -> str:
     lines += ["", "| linear probe, mask-averaged | colour | shape |", "|---|---|---|"]
     lines += [f"| {layer} | {r['colour']:.1f} | {r['shape']:.1f} |" for layer, r in result["linear_probes"].items()]
     lines += ["", f"Percent of {result['thing_segments']} held-out thing segments (probes trained on "
-                  f"{result['probe_train_segments']}); chance: class {100 / 48:.1f}, colour "
+                  f"{result['probe_train_segments']}); chance: class {100 / (len(COLOURS) * len(SHAPES)):.1f}, colour "
                   f"{100 / ATTRIBUTES['colour']:.1f}, shape {100 / ATTRIBUTES['shape']:.1f}.", ""]
     return "\n".join(lines)
 
