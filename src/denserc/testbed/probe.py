@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from ..eval.datasets import PanopticRegions
 from ..eval.text import build_text_classifier, load_class_names, load_templates
 from ..models import create_model, get_tokenizer, load, pool_boxes, pool_masks
-from .crops import ScenePool, normalize
+from .crops import ScenePool
 from .evaluation import CLASS_NAMES_FILE, SPLIT, TEMPLATES_FILE, prepare_split
 from .run import EVAL_IMAGES, EVAL_SEED
 from .scenes import SceneConfig
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 from .vocabulary import CATEGORIES, COLOURS, SHAPES
-from .zero_shot import class_embeddings, eval_crops
+from .zero_shot import crop_predictions
 
 PROBE_SEED = 3_000_000  # the probes' training scenes: disjoint from pretraining, distillation and evaluation
 PROBE_IMAGES = 400
@@ -95,7 +95,7 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
         things = data.is_thing[sample["labels"]]
         if not things.any():
             continue
-        images = (sample["image"][None].float() - mean) / std
+        images = (sample["image"][None].float() - mean) / std  # as evaluate_regions normalises
         tokens = []
         hooks = [block.register_forward_hook(lambda module, inputs, output: tokens.append(inputs[0]))
                  for block in blocks]
@@ -119,17 +119,6 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
     return {key: torch.cat(value) for key, value in collected.items() if value}
 
 
-@torch.no_grad()
-def _global_predictions(model, tokenizer, crops: ScenePool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true thing labels of the held-out object crops, classified among the things."""
-    images, category_ids = eval_crops(crops, model.native_size[0])
-    thing_ids = [c["id"] for c in CATEGORIES if c["isthing"]]
-    rows = torch.isin(category_ids, torch.tensor(thing_ids))
-    features = model.encode_image(normalize(images[rows], model.preprocess_cfg), normalize=True)
-    predicted = torch.tensor(thing_ids)[(features @ class_embeddings(model, tokenizer, thing_ids).T).argmax(1)]
-    return predicted - 1, category_ids[rows] - 1
-
-
 def probe(model, tokenizer, output: str | Path = "runs/testbed", eval_images: int = EVAL_IMAGES,
           probe_images: int = PROBE_IMAGES) -> dict:
     """Zero-shot class/colour/shape accuracy (dense and global) and linear-probe accuracy per layer."""
@@ -142,8 +131,8 @@ def probe(model, tokenizer, output: str | Path = "runs/testbed", eval_images: in
     held_out = _thing_segments(model, root, classifier)
     probe_train = _thing_segments(model, probe_root)
     zero_shot = {pooling: attribute_accuracy(held_out[pooling], held_out["labels"]) for pooling in ("boxes", "masks")}
-    zero_shot["global, object crops"] = attribute_accuracy(*_global_predictions(
-        model, tokenizer, ScenePool.render(EVAL_SEED, eval_images)))
+    predicted, labels = crop_predictions(model, tokenizer, ScenePool.render(EVAL_SEED, eval_images), isthing=1)
+    zero_shot["global, object crops"] = attribute_accuracy(predicted - 1, labels - 1)
     train_attributes, test_attributes = thing_attributes(probe_train["labels"]), thing_attributes(held_out["labels"])
     probes = {layer: {name: linear_probe(probe_train[layer], train_attributes[name], held_out[layer],
                                          test_attributes[name], classes)

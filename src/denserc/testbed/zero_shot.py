@@ -28,20 +28,27 @@ def eval_crops(pool: ScenePool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def crop_accuracy(model, tokenizer, pool: ScenePool, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 zero-shot accuracy on the pool's crops: objects among the thing classes, stuff among stuff."""
+def crop_predictions(model, tokenizer, pool: ScenePool, isthing: int, batch_size: int = 256
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) category ids of the pool's object (``isthing=1``) or stuff (0) crops,
+    classified by the global embedding among the classes of that kind."""
     was_training = model.training
     model.eval()
     crops, labels = eval_crops(pool, model.native_size[0])
+    ids = [c["id"] for c in CATEGORIES if c["isthing"] == isthing]
+    rows = torch.isin(labels, torch.tensor(ids))
     features = torch.cat([model.encode_image(normalize(chunk, model.preprocess_cfg), normalize=True)
-                          for chunk in crops.split(batch_size)])
+                          for chunk in crops[rows].split(batch_size)])
+    predicted = torch.tensor(ids)[(features @ class_embeddings(model, tokenizer, ids).T).argmax(dim=1)]
+    model.train(was_training)
+    return predicted, labels[rows]
+
+
+def crop_accuracy(model, tokenizer, pool: ScenePool, batch_size: int = 256) -> dict[str, float]:
+    """Top-1 zero-shot accuracy on the pool's crops: objects among the thing classes, stuff among stuff."""
     results = {}
     for kind, isthing in (("things", 1), ("stuff", 0)):
-        ids = [c["id"] for c in CATEGORIES if c["isthing"] == isthing]
-        rows = torch.isin(labels, torch.tensor(ids))
-        logits = features[rows] @ class_embeddings(model, tokenizer, ids).T
-        predicted = torch.tensor(ids)[logits.argmax(dim=1)]
-        results[f"{kind}_top1"] = (predicted == labels[rows]).float().mean().item()
-        results[f"{kind}_crops"] = int(rows.sum())
-    model.train(was_training)
+        predicted, labels = crop_predictions(model, tokenizer, pool, isthing, batch_size)
+        results[f"{kind}_top1"] = (predicted == labels).float().mean().item()
+        results[f"{kind}_crops"] = len(labels)
     return results
