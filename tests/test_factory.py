@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import denserc
-from denserc.models import UnsupportedModelError, factory
+from denserc.models import UnsupportedModelError, hub, serialization
 
 from conftest import TINY, randomize_
 
@@ -28,7 +28,7 @@ def test_saved_folder_is_an_open_clip_model(tmp_path, images):
     model.save(tmp_path)
     plain = open_clip.create_model(f"local-dir:{tmp_path}").eval()
     assert torch.equal(plain.encode_image(images), model.encode_image(images))
-    by_path = open_clip.create_model(TINY, pretrained=str(tmp_path / factory.CLIP_WEIGHTS)).eval()
+    by_path = open_clip.create_model(TINY, pretrained=str(tmp_path / serialization.CLIP_WEIGHTS)).eval()
     assert torch.equal(by_path.encode_image(images), model.encode_image(images))
     tokens = denserc.get_tokenizer(tmp_path)(["a cat"])
     assert torch.equal(tokens, open_clip.get_tokenizer(TINY)(["a cat"]))
@@ -69,11 +69,11 @@ def test_saved_folder_with_wrong_shapes_names_the_key(tmp_path):
     model.save(tmp_path)
     bad = dict(model.gate.state_dict())
     bad["linear.weight"] = torch.zeros(8, 64)
-    save_file(bad, str(tmp_path / factory.GATE_WEIGHTS))
+    save_file(bad, str(tmp_path / serialization.GATE_WEIGHTS))
     with pytest.raises(ValueError, match=r"key 'linear.weight' has shape \(8, 64\)"):
         denserc.load(tmp_path)
     state = {k: v.contiguous() for k, v in model.clip.state_dict().items() if k != "logit_scale"}
-    save_file(state, str(tmp_path / factory.CLIP_WEIGHTS))
+    save_file(state, str(tmp_path / serialization.CLIP_WEIGHTS))
     with pytest.raises(ValueError, match="missing key 'logit_scale'"):
         denserc.load(tmp_path)
 
@@ -82,7 +82,7 @@ def test_load_errors_name_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing denserc_config.json"):
         denserc.load(tmp_path)
     denserc.create_model(TINY).save(tmp_path)
-    (tmp_path / factory.DENSERC_CONFIG).write_text(json.dumps({"format_version": 99}))
+    (tmp_path / serialization.DENSERC_CONFIG).write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99 is not supported"):
         denserc.load(tmp_path)
 
@@ -97,7 +97,7 @@ def test_pretrained_spec_errors(tmp_path):
 
 
 def test_offline_pretrained_tag_fails_fast_with_a_way_out(monkeypatch):
-    monkeypatch.setattr(factory, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-denserc-test-cache")
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"unreachable \(offline\).*pretrained='/path/to/"):
@@ -124,7 +124,7 @@ def test_from_spec_builds_from_names_files_and_folders(tmp_path):
     model = denserc.create_model(TINY)
     model.save(tmp_path / "saved")
     assert denserc.models.from_spec(tmp_path / "saved", gating="none").gating == "none"
-    assert denserc.models.from_spec(f"{TINY}:{tmp_path / 'saved' / factory.CLIP_WEIGHTS}").gating == "hsg"
+    assert denserc.models.from_spec(f"{TINY}:{tmp_path / 'saved' / serialization.CLIP_WEIGHTS}").gating == "hsg"
     with pytest.raises(ValueError, match="neither a folder written by DenseRCModel.save"):
         denserc.models.from_spec("not-a-model:openai")
 
@@ -144,7 +144,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     denserc.create_model(TINY).save(tmp_path)
     umask = os.umask(0)
     os.umask(umask)
-    for name in (factory.CLIP_WEIGHTS, factory.DENSERC_CONFIG, factory.GATE_WEIGHTS):
+    for name in (serialization.CLIP_WEIGHTS, serialization.DENSERC_CONFIG, serialization.GATE_WEIGHTS):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 

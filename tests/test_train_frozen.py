@@ -109,7 +109,7 @@ def test_vfm_errors_name_the_problem(tmp_path):
 
 
 def test_vfm_without_reachable_weights_fails_fast_with_instructions(monkeypatch, tmp_path):
-    monkeypatch.setattr("denserc.models.vfm._reachable", lambda host: False)
+    monkeypatch.setattr("denserc.models.hub.reachable", lambda host: False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # nothing cached
     with pytest.raises(RuntimeError, match="unreachable.*vfm.weights=/path/to/file"):
         VFM("vit_small_patch14_reg4_dinov2", model_kwargs=TINY_VFM)

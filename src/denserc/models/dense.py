@@ -31,13 +31,18 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from timm.layers import resample_abs_pos_embed
 from torchvision.ops import roi_align
 
 from .gating import HeadSelectionGate
-from .pos_embed import interpolate_pos_embed
+from .serialization import save_model
 
 CONSTRUCTIONS = ("multi-v", "v", "x+v")
 GATINGS = ("hsg", "none", "qk", "qq")
+# The paper's Table 5 by the names its rows use: what to extract (x+v, v, multi-v, all without gating),
+# then how multi-v combines its heads. "multi-v" is multi-v with gating "none".
+TABLE5_VARIANTS = {"x+v": ("x+v", "none"), "v": ("v", "none"), "multi-v": ("multi-v", "none"),
+                   "qk": ("multi-v", "qk"), "qq": ("multi-v", "qq"), "hsg": ("multi-v", "hsg")}
 DEFAULT_NUM_LAYERS = 3
 
 
@@ -223,11 +228,11 @@ class DenseRCModel(nn.Module):
         native = tuple(self.visual.grid_size)
         cacheable = not (torch.is_grad_enabled() and pos.requires_grad) and not torch.compiler.is_compiling()
         if (h, w) == native or not cacheable:
-            return interpolate_pos_embed(pos, native, (h, w))
+            return resample_pos_embed(pos, native, (h, w))
         key = (h, w, pos.device, pos.dtype)
         version, cached = self._pos_cache.get(key, (None, None))
         if version != pos._version or cached is None:
-            cached = interpolate_pos_embed(pos.detach(), native, (h, w))
+            cached = resample_pos_embed(pos.detach(), native, (h, w))
             self._pos_cache[key] = (pos._version, cached)
         return cached
 
@@ -276,8 +281,20 @@ class DenseRCModel(nn.Module):
         The folder loads back with ``denserc.load(directory)``, and as a plain open_clip model with
         ``open_clip.create_model('local-dir:' + directory)``.
         """
-        from .factory import save_model
         return save_model(self, directory)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """(1 + gh*gw, D) position embedding -> (1 + h*w, D) for another patch grid, the cls entry kept.
+
+    timm's ``resample_abs_pos_embed`` with open_clip's ``resize_pos_embed`` settings (bicubic,
+    antialiased, align_corners=False), so a model run at 448 px equals open_clip created with
+    ``force_image_size=448``; the native grid is returned unchanged (bit-exact open_clip).
+    """
+    if tuple(grid) == tuple(native_grid):
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed[None], new_size=list(grid), old_size=list(native_grid),
+                                  num_prefix_tokens=1, interpolation="bicubic", antialias=True)[0]
 
 
 def _attention(attn: nn.MultiheadAttention, u: torch.Tensor, *, self_self: bool = False,

@@ -1,33 +1,25 @@
-"""Creating, saving and loading DenseRC models on top of open_clip."""
+"""Creating and loading DenseRC models on top of open_clip, and registering local pretrained weights."""
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
-import socket
 from pathlib import Path
-from unittest import mock
 from urllib.parse import urlparse
 
 import open_clip
 import torch
 from open_clip.model import get_model_preprocess_cfg
-from safetensors.torch import load_file
 from torch import nn
 
-from ..io import save_json, save_tensors
+from ..plugins import load_plugins
+from . import hub
 from .dense import DenseRCModel
+from .serialization import GATE_WEIGHTS, SETTINGS, load_state_dict_checked, load_weights, read_model_folder
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(BUNDLED_CONFIGS)
-
-DENSERC_CONFIG = "denserc_config.json"
-OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's `local-dir:` format
-CLIP_WEIGHTS = "open_clip_model.safetensors"
-GATE_WEIGHTS = "denserc_gate.safetensors"
-FORMAT_VERSION = 1
 
 
 def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *,
@@ -36,16 +28,17 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
                  cache_dir: str | None = None) -> DenseRCModel:
     """Build a DenseRC model from any open_clip ViT.
 
-    ``pretrained`` is None (random weights), an open_clip pretrained tag (e.g. "openai") or the path
-    of an open_clip checkpoint file (.bin/.pt/.pth/.safetensors). ``num_layers`` defaults to 3 for
-    ``multi-v`` and must be 1 for ``v``/``x+v``. A saved DenseRC folder loads with ``denserc.load``.
+    ``pretrained`` is None (random weights), an open_clip pretrained tag (e.g. "openai", or a tag added
+    with ``register_pretrained``) or the path of an open_clip checkpoint file
+    (.bin/.pt/.pth/.safetensors). ``num_layers`` defaults to 3 for ``multi-v`` and must be 1 for
+    ``v``/``x+v``. A saved DenseRC folder loads with ``denserc.load``.
     """
-    model_cfg = open_clip.get_model_config(model_name)
+    model_cfg = model_config(model_name)
     if model_cfg is None:
         raise ValueError(f"unknown open_clip model '{model_name}'; known ViTs include "
                          f"{[m for m in open_clip.list_models() if m.startswith('ViT-')][:12]} "
                          "(see open_clip.list_models()); register a custom config with "
-                         "open_clip.add_model_config(path)")
+                         "open_clip.add_model_config(path) or denserc.models.register_pretrained")
     force_quick_gelu = False
     weights_file = None
     if pretrained is not None:
@@ -56,7 +49,7 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
         if os.path.isfile(pretrained):
             weights_file = pretrained
         else:
-            tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+            tag_cfg = _pretrained_tag(model_name, pretrained)
             if not tag_cfg:
                 raise ValueError(
                     f"pretrained={pretrained!r} is neither a file nor a pretrained tag of {model_name}; "
@@ -86,7 +79,7 @@ def from_spec(spec: str | os.PathLike, **settings) -> DenseRCModel:
     if Path(spec).is_dir():
         return load(spec, **{k: v for k, v in settings.items() if v is not None})
     name, _, pretrained = spec.partition(":")
-    if open_clip.get_model_config(name) is None:
+    if model_config(name) is None:
         raise ValueError(f"model spec {spec!r} is neither a folder written by DenseRCModel.save() nor "
                          "NAME[:TAG|:FILE] with an open_clip model NAME (e.g. ViT-B-16:openai)")
     construction = {k: v for k, v in settings.items() if v is not None}
@@ -97,20 +90,43 @@ def get_tokenizer(model_name: str | os.PathLike):
     """open_clip's tokenizer for a model name, or for a folder written by ``DenseRCModel.save``."""
     if Path(model_name).is_dir():
         return open_clip.get_tokenizer(f"local-dir:{model_name}")
+    model_config(str(model_name))  # a plug-in's model: its config picks the tokenizer's context length
     return open_clip.get_tokenizer(str(model_name))
 
 
-def save_model(model: DenseRCModel, directory: str | os.PathLike) -> Path:
-    """Write ``model`` as an open_clip ``local-dir:`` folder plus DenseRC's settings and gate."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(model.clip.state_dict(), directory / CLIP_WEIGHTS)
-    save_json({"model_cfg": model.model_cfg, "preprocess_cfg": model.preprocess_cfg},
-              directory / OPEN_CLIP_CONFIG)
-    if model.gate is not None:
-        save_tensors(model.gate.state_dict(), directory / GATE_WEIGHTS)
-    save_json({"format_version": FORMAT_VERSION, **model.config}, directory / DENSERC_CONFIG)
-    return directory
+def model_config(model_name: str) -> dict | None:
+    """open_clip's config of ``model_name`` (a copy), looking in the plug-ins if open_clip does not know it."""
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        load_plugins()
+        config = open_clip.get_model_config(model_name)
+    return config
+
+
+def register_pretrained(model_name: str, tag: str, weights: str | os.PathLike, *,
+                        config: str | os.PathLike | None = None, **tag_settings) -> None:
+    """Extension point: make ``pretrained=tag`` of ``model_name`` load a local weights file.
+
+    ``config`` is an open_clip model config JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``) to
+    register under ``model_name`` (its file name without ``.json``) first, for a model open_clip does
+    not ship. ``tag_settings`` go into the tag's entry as open_clip's own tags have them (e.g.
+    ``quick_gelu=True``, ``mean``/``std``). Afterwards ``denserc.create_model(model_name, tag)``,
+    ``model.pretrained: TAG`` in a training config, ``NAME:TAG`` on the command line and open_clip's own
+    ``create_model(model_name, pretrained=tag)`` load the file; nothing is downloaded.
+    """
+    if config is not None:
+        config = Path(config)
+        if not config.is_file() or config.stem != model_name:
+            raise ValueError(f"register_pretrained: config {config} must be an existing open_clip model config "
+                             f"file named {model_name}.json")
+        open_clip.add_model_config(config)
+    if open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"register_pretrained: unknown open_clip model '{model_name}'; pass its config file "
+                         "with config=PATH")
+    if tag in open_clip.list_pretrained_tags_by_model(model_name):
+        raise ValueError(f"register_pretrained: {model_name} already has a pretrained tag '{tag}'")
+    # open_clip has no public call that adds a pretrained tag: this is the one place that writes its table.
+    open_clip.pretrained._PRETRAINED.setdefault(model_name, {})[tag] = {"file": str(weights), **tag_settings}
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -120,53 +136,27 @@ def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
     ``overrides`` (construction, gating, num_layers) rebuild the saved weights under another
     construction; a gate that the new gating does not use is dropped, a missing one starts at init.
     """
-    directory = Path(directory)
-    expected = f"{DENSERC_CONFIG}, {OPEN_CLIP_CONFIG} and {CLIP_WEIGHTS} written by DenseRCModel.save()"
-    for name in (DENSERC_CONFIG, OPEN_CLIP_CONFIG, CLIP_WEIGHTS):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a DenseRC model folder: missing {name} "
-                                    f"(expected {expected})")
-    config = _read_json(directory / DENSERC_CONFIG)
-    open_clip_config = _read_json(directory / OPEN_CLIP_CONFIG)
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / DENSERC_CONFIG}: format_version {config.get('format_version')!r} "
-                         f"is not supported (expected {FORMAT_VERSION})")
-    unknown = set(overrides) - {"construction", "gating", "num_layers"}
+    folder = read_model_folder(directory)
+    unknown = set(overrides) - set(SETTINGS)
     if unknown:
         raise TypeError(f"load() got unknown overrides {sorted(unknown)}")
-    settings = {k: config[k] for k in ("construction", "gating", "num_layers")}
+    settings = {k: folder.config[k] for k in SETTINGS}
     settings.update(overrides)
     if "construction" in overrides and "num_layers" not in overrides:
         settings["num_layers"] = None
     with _quiet_random_init():
-        clip = open_clip.create_model(f"local-dir:{directory}", load_weights=False, pretrained_text=False)
-    load_state_dict_checked(clip, load_file(directory / CLIP_WEIGHTS), directory / CLIP_WEIGHTS)
-    model = DenseRCModel(clip, model_name=config["model_name"], model_cfg=open_clip_config["model_cfg"],
-                         preprocess_cfg=open_clip_config.get("preprocess_cfg", get_model_preprocess_cfg(clip)),
+        clip = open_clip.create_model(f"local-dir:{folder.directory}", load_weights=False, pretrained_text=False)
+    load_weights(clip, folder.clip_weights)
+    model = DenseRCModel(clip, model_name=folder.config["model_name"],
+                         model_cfg=folder.open_clip_config["model_cfg"],
+                         preprocess_cfg=folder.open_clip_config.get("preprocess_cfg",
+                                                                    get_model_preprocess_cfg(clip)),
                          **settings)
-    gate_file = directory / GATE_WEIGHTS
-    if model.gate is not None and gate_file.is_file():
-        load_state_dict_checked(model.gate, load_file(gate_file), gate_file)
-    elif model.gate is not None and config["gating"] == "hsg":
-        raise FileNotFoundError(f"{directory} was saved with gating='hsg' but {GATE_WEIGHTS} is missing")
+    if model.gate is not None and folder.gate_weights is not None:
+        load_weights(model.gate, folder.gate_weights)
+    elif model.gate is not None and folder.config["gating"] == "hsg":
+        raise FileNotFoundError(f"{folder.directory} was saved with gating='hsg' but {GATE_WEIGHTS} is missing")
     return _to(model, device, precision)
-
-
-def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], source) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the first offending key."""
-    expected = module.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise ValueError(f"{source}: missing key '{key}' (the model expects shape "
-                             f"{tuple(tensor.shape)}); is it a checkpoint of a different model?")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: key '{key}' has shape {tuple(state[key].shape)} but the model "
-                             f"expects {tuple(tensor.shape)}; is it a checkpoint of a different model?")
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{source}: unexpected key '{unexpected[0]}' ({len(unexpected)} in all) that "
-                         "the model does not have; is it a checkpoint of a different model?")
-    module.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------------------------- internals
@@ -183,19 +173,18 @@ def _quiet_random_init():
         root.removeFilter(keep)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
-
 def _to(model: DenseRCModel, device, precision: str) -> DenseRCModel:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
         raise ValueError(f"precision must be one of {list(dtypes)}, got {precision!r}")
     return model.to(device=device, dtype=dtypes[precision])
+
+
+def _pretrained_tag(model_name: str, tag: str) -> dict:
+    """open_clip's entry for the tag, looking in the plug-ins if open_clip does not know it."""
+    if not open_clip.get_pretrained_cfg(model_name, tag):
+        load_plugins()
+    return open_clip.get_pretrained_cfg(model_name, tag)
 
 
 def _load_open_clip_checkpoint(clip: nn.Module, path: str, model_name: str) -> None:
@@ -209,40 +198,14 @@ def _load_open_clip_checkpoint(clip: nn.Module, path: str, model_name: str) -> N
         raise error
 
 
-def _hub_host(tag_cfg: dict) -> str:
-    if tag_cfg.get("hf_hub"):
-        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    return urlparse(tag_cfg.get("url", "")).hostname or ""
-
-
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> str:
-    """Resolve a pretrained tag to a local file, failing in seconds (not minutes) when offline.
-
-    With no route to the weights' host the hub is put in offline mode, so already-cached weights
-    still load and missing ones fail at once instead of after the hub client's retries.
-    """
+    """Resolve a pretrained tag to a local file; offline, fail in seconds with a way out (``hub.download``)."""
     if tag_cfg.get("file"):
         return tag_cfg["file"]  # a tag registered for a local file: nothing to download
-    host = _hub_host(tag_cfg)
-    offline = not _reachable(host)
-    patch = (mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True) if offline
-             else contextlib.nullcontext())
-    try:
-        with patch:
-            return open_clip.download_pretrained(copy.deepcopy(tag_cfg), cache_dir=cache_dir)
-    except Exception as error:  # noqa: BLE001 - any download failure gets the same actionable message
-        reason = f"{host} is unreachable (offline)" if offline else f"download failed: {error}"
-        quick = "-quickgelu" if tag_cfg.get("quick_gelu") and not model_name.endswith("-quickgelu") else ""
-        raise RuntimeError(
-            f"cannot get pretrained weights '{tag}' for {model_name}: {reason}. Download the weights "
-            f"file on a machine with access (open_clip tag '{tag}') and pass its path: "
-            f"denserc.create_model('{model_name}{quick}', pretrained='/path/to/open_clip_model.safetensors')"
-        ) from error
+    host = hub.hub_host() if tag_cfg.get("hf_hub") else urlparse(tag_cfg.get("url", "")).hostname or ""
+    quick = "-quickgelu" if tag_cfg.get("quick_gelu") and not model_name.endswith("-quickgelu") else ""
+    return hub.download(
+        lambda: open_clip.download_pretrained(copy.deepcopy(tag_cfg), cache_dir=cache_dir), host=host,
+        what=f"'{tag}' for {model_name}",
+        remedy=f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
+               f"denserc.create_model('{model_name}{quick}', pretrained='/path/to/open_clip_model.safetensors')")

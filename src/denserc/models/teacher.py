@@ -25,11 +25,16 @@ from .dense import DenseRCModel
 CROP_SAMPLING_RATIO = -1
 
 
-def crop_and_resize(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """(sum Ki, C, *size) crops of per-image input-pixel boxes (x1, y1, x2, y2), in the boxes' order."""
+def crop_and_resize(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: tuple[int, int],
+                    sampling_ratio: int = CROP_SAMPLING_RATIO) -> torch.Tensor:
+    """(sum Ki, C, *size) crops of per-image input-pixel boxes (x1, y1, x2, y2), in the boxes' order.
+
+    ``sampling_ratio``: bilinear samples per output pixel and axis; -1 (the teacher's) adapts it to the
+    box size, as described above.
+    """
     boxes = [b.to(device=images.device, dtype=images.dtype).reshape(-1, 4) for b in boxes]
     return roi_align(images, boxes, output_size=tuple(size), spatial_scale=1.0,
-                     sampling_ratio=CROP_SAMPLING_RATIO, aligned=True)
+                     sampling_ratio=sampling_ratio, aligned=True)
 
 
 class Teacher(nn.Module):

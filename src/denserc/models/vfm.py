@@ -7,11 +7,8 @@ registers, ``num_prefix_tokens``) are dropped.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from unittest import mock
-from urllib.parse import urlparse
 
 import timm
 import torch
@@ -19,7 +16,8 @@ import torch.nn.functional as F
 from timm.models import is_model, split_model_name_tag
 from torch import nn
 
-from .factory import _reachable
+from ..plugins import load_plugins
+from . import hub
 
 DEFAULT_VFM = "vit_base_patch14_reg4_dinov2"
 
@@ -31,7 +29,7 @@ class VFM(nn.Module):
                  model_kwargs: dict | None = None):
         super().__init__()
         kwargs = {"dynamic_img_size": True, "num_classes": 0, **(model_kwargs or {})}
-        if not is_model(split_model_name_tag(name)[0]):
+        if not is_vfm(name):
             raise ValueError(f"vfm.name: unknown timm model {name!r}; DINOv2 models include "
                              f"{timm.list_models('*dinov2*')}")
         if weights is not None:
@@ -78,16 +76,16 @@ class VFM(nn.Module):
         return tokens[:, self.model.num_prefix_tokens:]
 
 
+def is_vfm(name: str) -> bool:
+    """Whether timm knows the model ``name`` (tag allowed), looking in the plug-ins if it does not at first."""
+    if not is_model(split_model_name_tag(name)[0]):
+        load_plugins()
+    return is_model(split_model_name_tag(name)[0])
+
+
 def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
     """timm's pretrained download, failing in seconds with a clear message when the hub is unreachable."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    offline = not _reachable(host)
-    patch = mock.patch("huggingface_hub.constants.HF_HUB_OFFLINE", True) if offline else contextlib.nullcontext()
-    try:
-        with patch:
-            return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as error:  # noqa: BLE001 - every download failure gets the same actionable message
-        reason = f"{host} is unreachable (offline)" if offline else f"{type(error).__name__}: {error}"
-        raise RuntimeError(f"cannot get pretrained weights for VFM {name}: {reason}. Download them on a machine "
-                           f"with access (timm model {name}) and pass the file with vfm.weights=/path/to/file, "
-                           "or train with vfm.pretrained=false (random VFM, for tests only)") from error
+    return hub.download(
+        lambda: timm.create_model(name, pretrained=True, **kwargs), host=hub.hub_host(), what=f"for VFM {name}",
+        remedy=f"Download them on a machine with access (timm model {name}) and pass the file with "
+               "vfm.weights=/path/to/file, or train with vfm.pretrained=false (random VFM, for tests only)")
