@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from denserc.cli import main
-from denserc.eval.cli import VARIANTS
+from denserc.models import TABLE5_VARIANTS
 from test_eval_fixtures import TINY, grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
     write_segmentation_dataset, write_templates
 
@@ -61,7 +61,7 @@ def test_region_variants_give_one_row_per_table5_variant(tmp_path, capsys):
                  "--limit", "1", *_common(tmp_path, out)])
     assert code == 0
     results = json.loads(out.read_text())["results"]
-    assert [(r["config"]["construction"], r["config"]["gating"]) for r in results] == list(VARIANTS)
+    assert [(r["config"]["construction"], r["config"]["gating"]) for r in results] == list(TABLE5_VARIANTS.values())
     assert [r["config"]["num_layers"] for r in results] == [1, 1, 3, 3, 3, 3]
     for result in results:
         assert result["num_images"] == 1 and result["image_size"] == 96 and result["templates"].endswith(".txt")
@@ -70,7 +70,7 @@ def test_region_variants_give_one_row_per_table5_variant(tmp_path, capsys):
     assert table[0] == ["model", "construction", "gating", "L", "images", "boxes top-1", "boxes top-5",
                         "thing masks top-1", "thing masks top-5", "stuff masks top-1", "stuff masks top-5"]
     assert [row[1:4] for row in table[2:]] == [[c, g, str(r["config"]["num_layers"])]
-                                               for (c, g), r in zip(VARIANTS, results)]
+                                               for (c, g), r in zip(TABLE5_VARIANTS.values(), results)]
     assert table[2][5:] == [f"{results[0][key][stat]:.2f}" for key in ("boxes_thing", "masks_thing", "masks_stuff")
                             for stat in ("mean_top1", "mean_top5")]
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import denserc
 from denserc.eval import build_text_classifier, load_class_names
-from denserc.eval.distributed import Shard
+from denserc.distributed import DistributedEnv
 
 TINY = "ViT-Tiny-16"
 PATCH = 16
@@ -187,13 +187,13 @@ def make_oracle(model, tokenizer, class_names, templates, levels: dict[int, int]
 
 
 def run_as_two_ranks(monkeypatch, module, evaluate):
-    """Run ``evaluate(shard)`` as rank 1 then rank 0 of 2, with ``module.all_reduce_sum`` summing the
+    """Run ``evaluate(shard)`` as rank 1 then rank 0 of 2, with ``module.all_reduce`` summing the
     ranks' count tensors in call order (what all_reduce(SUM) does across torchrun processes)."""
     from_rank_1 = []
-    monkeypatch.setattr(module, "all_reduce_sum", lambda tensor: from_rank_1.append(tensor.clone()) or tensor)
-    evaluate(Shard(1, 2))
+    monkeypatch.setattr(module, "all_reduce", lambda tensor, op: from_rank_1.append(tensor.clone()) or tensor)
+    evaluate(DistributedEnv(1, 2))
     pending = iter(from_rank_1)
-    monkeypatch.setattr(module, "all_reduce_sum", lambda tensor: tensor.add_(next(pending)))
-    result = evaluate(Shard(0, 2))
+    monkeypatch.setattr(module, "all_reduce", lambda tensor, op: tensor.add_(next(pending)))
+    result = evaluate(DistributedEnv(0, 2))
     assert next(pending, None) is None, "rank 0 reduced fewer tensors than rank 1"
     return result

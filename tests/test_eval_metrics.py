@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from denserc.eval.distributed import Shard
+from denserc.distributed import DistributedEnv
 from denserc.eval.metrics import (add_region_predictions, confusion_matrix, region_counts, region_metrics,
                                   segmentation_metrics)
 
@@ -73,9 +73,9 @@ def test_region_metrics_top1_top5_over_segments_and_per_class():
 
 
 def test_shards_partition_the_images():
-    shards = [Shard(rank, 3) for rank in range(3)]
+    shards = [DistributedEnv(rank, 3) for rank in range(3)]
     parts = [shard.indices(8) for shard in shards]
     assert parts == [[0, 3, 6], [1, 4, 7], [2, 5]]
     assert sorted(sum(parts, [])) == list(range(8))
     with pytest.raises(ValueError, match="rank must be in 0..1"):
-        Shard(2, 2)
+        DistributedEnv(2, 2)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import denserc
+from denserc import distributed
 from denserc.eval import (PROTOCOLS, SegmentationProtocol, TextClassifier, evaluate_segmentation, predict_labels,
-                          protocol_for)
-from denserc.eval import distributed, segmentation
+                          protocol_for, segmentation)
 from denserc.eval.text import load_class_names, load_templates
 from test_eval_fixtures import (TINY, grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
                                 tiny_model, write_segmentation_dataset, write_templates)
@@ -110,7 +110,7 @@ def test_sharded_segmentation_counts_sum_to_the_one_process_result(tmp_path, mon
                     cache_dir=tmp_path / "cache", progress=False)
     single = evaluate_segmentation(model, tokenizer, root, "ade20k", **settings)
     assert 0 < single["mIoU"] < 100 and 0 < single["aAcc"] < 100
-    halves = [evaluate_segmentation(model, tokenizer, root, "ade20k", shard=distributed.Shard(rank, 2), **settings)
+    halves = [evaluate_segmentation(model, tokenizer, root, "ade20k", shard=distributed.DistributedEnv(rank, 2), **settings)
               for rank in range(2)]
     assert [half["num_images"] for half in halves] == [1, 1]
     assert halves[0]["per_class"] != single["per_class"]  # one shard alone is not the answer
@@ -121,4 +121,4 @@ def test_sharded_segmentation_counts_sum_to_the_one_process_result(tmp_path, mon
 
 def test_all_reduce_is_the_identity_outside_a_process_group():
     tensor = torch.tensor([1, 2])
-    assert distributed.all_reduce_sum(tensor) is tensor and tensor.tolist() == [1, 2]
+    assert distributed.all_reduce(tensor, op="sum") is tensor and tensor.tolist() == [1, 2]

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..distributed import cleanup_distributed, setup_distributed
 from ..io import save_json
-from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer
-from . import distributed
+from ..models import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS, from_spec, get_tokenizer
 from .datasets import SEGMENTATION_DATASETS, detect_segmentation_dataset
 from .region import DEFAULT_TEMPLATES as REGION_TEMPLATES
 from .region import evaluate_regions
@@ -28,9 +28,6 @@ from .segmentation import DEFAULT_TEMPLATES as SEGMENTATION_TEMPLATES
 from .segmentation import evaluate_segmentation, protocol_for
 from .text import default_cache_dir
 
-# The paper's Table 5 (training-free rows): what to extract, then how to weight the heads of multi-v.
-VARIANTS = (("x+v", "none"), ("v", "none"), ("multi-v", "none"), ("multi-v", "qk"), ("multi-v", "qq"),
-            ("multi-v", "hsg"))
 REGION_COLUMNS = (("boxes_thing", "boxes"), ("masks_thing", "thing masks"), ("masks_stuff", "stuff masks"))
 SEGMENTATION_COLUMNS = ("mIoU", "mAcc", "aAcc")
 
@@ -124,11 +121,12 @@ def model_settings(args: argparse.Namespace) -> list[dict]:
         raise SystemExit("denserc eval: --variants sets construction and gating itself; drop --construction/--gating")
     return [{"construction": construction, "gating": gating,
              "num_layers": args.num_layers if construction == "multi-v" else None}
-            for construction, gating in VARIANTS]
+            for construction, gating in TABLE5_VARIANTS.values()]
 
 
 def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
-    shard, device = distributed.setup(args.device)
+    shard = setup_distributed(args.device)
+    device = shard.device
     try:
         rows = []
         for spec in args.model:
@@ -148,7 +146,7 @@ def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
             print(markdown_table(task, rows))
             print(f"\nwrote {out}")
     finally:
-        distributed.teardown()
+        cleanup_distributed()
     return 0
 
 

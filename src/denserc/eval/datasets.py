@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..plugins import load_plugins
 from .metrics import IGNORE_INDEX
 
 Pairs = list[tuple[Path, Path]]
@@ -135,13 +136,31 @@ SEGMENTATION_DATASETS = {layout.name: layout for layout in (
 )}
 
 
+def segmentation_layout(name: str) -> SegmentationLayout:
+    """The registered segmentation dataset ``name`` (a name no one registered is looked for in the plug-ins)."""
+    if name not in SEGMENTATION_DATASETS:
+        load_plugins()
+    if name not in SEGMENTATION_DATASETS:
+        raise ValueError(f"unknown segmentation dataset {name!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
+    return SEGMENTATION_DATASETS[name]
+
+
 def detect_segmentation_dataset(root: str | os.PathLike) -> str:
-    """The dataset whose layout ``root`` has; an error if none or several (VOC-20/21, Context-59/60) fit."""
+    """The dataset whose layout ``root`` has; an error if none or several (VOC-20/21, Context-59/60) fit.
+
+    The plug-ins' datasets are looked at too if no registered layout fits.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"dataset folder {root} does not exist")
-    matches = [name for name, layout in SEGMENTATION_DATASETS.items()
-               if all((root / marker).exists() for marker in layout.markers)]
+
+    def matching() -> list[str]:
+        return [name for name, layout in SEGMENTATION_DATASETS.items()
+                if all((root / marker).exists() for marker in layout.markers)]
+    matches = matching()
+    if not matches:
+        load_plugins()
+        matches = matching()
     if len(matches) == 1:
         return matches[0]
     if matches:
@@ -156,9 +175,7 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, name: str, root: str | os.PathLike, short_side: int | None = None,
                  max_long_side: int = 2048):
-        if name not in SEGMENTATION_DATASETS:
-            raise ValueError(f"unknown segmentation dataset {name!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
-        self.layout = SEGMENTATION_DATASETS[name]
+        self.layout = segmentation_layout(name)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(_layout_message(self.layout, self.root, f"{self.root} does not exist"))
@@ -224,14 +241,25 @@ PANOPTIC_LAYOUT = """COCO/
                                             (the PNG folder may also sit at COCO/panoptic_{split}/)"""
 
 
+def panoptic_ids_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
+    """(H, W) segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B (the COCO-panoptic PNG encoding)."""
+    return np.stack([(segment_ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
+
+
+def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    """Inverse of ``panoptic_ids_to_rgb``: (H, W, 3) -> (H, W) int64 segment ids."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
 def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """(H, W) int64 segment ids of a COCO-panoptic PNG: id = R + 256 G + 256^2 B."""
     with Image.open(path) as png:
         if png.mode != "RGB":
             raise ValueError(f"{path}: panoptic PNG has mode {png.mode}, expected RGB with segment id = "
                              "R + 256 G + 256^2 B")
-        rgb = np.array(png, dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+        rgb = np.array(png)
+    return panoptic_rgb_to_ids(rgb)
 
 
 class PanopticRegions(Dataset):

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..models import pool_boxes, pool_masks
+from ..distributed import DistributedEnv, all_reduce
+from ..models import normalize_images, pool_boxes, pool_masks
 from .datasets import PanopticRegions
-from .distributed import Shard, all_reduce_sum
 from .metrics import add_region_predictions, region_counts, region_metrics
 from .text import build_text_classifier, load_class_names, load_templates
 
@@ -42,7 +42,7 @@ def default_image_size(model) -> int:
 def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = "val2017",
                      class_names: str = DEFAULT_CLASS_NAMES, templates: str = DEFAULT_TEMPLATES,
                      image_size: int | None = None, batch_size: int = 4, workers: int = 4, limit: int | None = None,
-                     shard: Shard = Shard(), cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                     shard: DistributedEnv = DistributedEnv(), cache_dir: str | os.PathLike | None = None, progress: bool = True,
                      description: str | None = None) -> dict:
     """Box/mask classification accuracies of ``model`` on a COCO-panoptic split (this rank's shard, summed).
 
@@ -64,12 +64,11 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
     count = len(data) if limit is None else min(limit, len(data))
     loader = DataLoader(Subset(data, shard.indices(count)), batch_size=batch_size, num_workers=workers,
                         collate_fn=list)
-    mean, std = (torch.tensor(model.preprocess_cfg[k], device=device).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
     counts = region_counts(classifier.num_classes, device)
     totals = torch.zeros(2, dtype=torch.long, device=device)  # images, skipped segments
     for batch in tqdm(loader, desc=description or "COCO panoptic regions", disable=not (progress and shard.is_main)):
-        images = torch.stack([sample["image"] for sample in batch]).to(device).float()
-        dense = F.normalize(model.encode_dense(((images - mean) / std).to(dtype)).float(), dim=1)
+        images = normalize_images(torch.stack([sample["image"] for sample in batch]).to(device), model.preprocess_cfg)
+        dense = F.normalize(model.encode_dense(images.to(dtype)).float(), dim=1)
         labels = torch.cat([sample["labels"] for sample in batch]).to(device)
         features = {"boxes": pool_boxes(dense, [sample["boxes"] for sample in batch], model.patch_size),
                     "masks": pool_masks(dense, [sample["coverage"].to(device) for sample in batch])}
@@ -77,8 +76,8 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
             scores = classifier.class_scores(pooled @ classifier.embeddings.T)
             add_region_predictions(counts, pooling, scores, labels)
         totals += torch.tensor([len(batch), sum(sample["skipped"] for sample in batch)], device=device)
-    all_reduce_sum(counts)
-    all_reduce_sum(totals)
+    all_reduce(counts, op="sum")
+    all_reduce(totals, op="sum")
     return {"dataset": "coco-panoptic", "split": split, "num_images": int(totals[0]),
             "segments_skipped": int(totals[1]), "image_size": image_size, "templates": templates,
             "class_names": class_names,

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .datasets import SEGMENTATION_DATASETS, SegmentationDataset
-from .distributed import Shard, all_reduce_sum
+from ..distributed import DistributedEnv, all_reduce
+from ..models import normalize_images
+from .datasets import SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout, segmentation_layout
 from .metrics import confusion_matrix, segmentation_metrics
 from .sliding import sliding_window_logits
 from .text import TextClassifier, build_text_classifier, load_class_names, load_templates
@@ -70,8 +71,22 @@ PROTOCOLS = {
 }
 
 
+def register_segmentation_dataset(layout: SegmentationLayout,
+                                  protocol: SegmentationProtocol = SegmentationProtocol()) -> None:
+    """Extension point: evaluate a dataset by name (``denserc eval seg --dataset NAME``, ``SegmentationDataset``).
+
+    ``layout`` says where its images and labels are (``layout.list_pairs(layout, root)`` lists the
+    (image, label PNG) pairs) and how labels are encoded; ``protocol`` is its default inference setting.
+    """
+    if layout.name in SEGMENTATION_DATASETS:
+        raise ValueError(f"segmentation dataset {layout.name!r} is already registered")
+    SEGMENTATION_DATASETS[layout.name] = layout
+    PROTOCOLS[layout.name] = protocol
+
+
 def protocol_for(dataset: str, **overrides) -> SegmentationProtocol:
     """The dataset's default protocol with ``overrides`` (None values keep the default)."""
+    segmentation_layout(dataset)
     return replace(PROTOCOLS[dataset], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -96,16 +111,14 @@ def predict_labels(query_logits: torch.Tensor, classifier: TextClassifier,
 def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: str, *,
                           protocol: SegmentationProtocol | None = None, class_names: str | None = None,
                           templates: str = DEFAULT_TEMPLATES, batch_size: int = 16, workers: int = 4,
-                          limit: int | None = None, shard: Shard = Shard(),
+                          limit: int | None = None, shard: DistributedEnv = DistributedEnv(),
                           cache_dir: str | os.PathLike | None = None, progress: bool = True,
                           description: str | None = None) -> dict:
     """mIoU / mAcc / aAcc and per-class IoU of ``model`` on one dataset (this rank's shard, then summed).
 
     ``class_names`` defaults to the dataset's bundled list; ``batch_size`` is windows per forward pass.
     """
-    if dataset not in SEGMENTATION_DATASETS:
-        raise ValueError(f"unknown segmentation dataset {dataset!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
-    layout = SEGMENTATION_DATASETS[dataset]
+    layout = segmentation_layout(dataset)
     protocol = protocol or PROTOCOLS[dataset]
     if not layout.has_background and (protocol.prob_threshold > 0 or protocol.area_threshold > 0):
         raise ValueError(f"{layout.title} has no background class: prob_threshold and area_threshold must be 0 "
@@ -121,19 +134,18 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
     classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir)
     count = len(data) if limit is None else min(limit, len(data))
     loader = DataLoader(Subset(data, shard.indices(count)), batch_size=None, num_workers=workers)
-    mean, std = (torch.tensor(model.preprocess_cfg[k], device=device).view(3, 1, 1) * 255 for k in ("mean", "std"))
     confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
     images = torch.zeros((), dtype=torch.long, device=device)
     for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
-        image = ((sample["image"].to(device).float() - mean) / std).to(dtype)[None]
+        image = normalize_images(sample["image"].to(device), model.preprocess_cfg).to(dtype)[None]
         label = sample["label"].to(device)
         logits = sliding_window_logits(model, image, classifier.embeddings, window=protocol.window,
                                        stride=protocol.stride, batch_size=batch_size)
         logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)[0]
         confusion += confusion_matrix(predict_labels(logits, classifier, protocol), label, layout.num_classes)
         images += 1
-    all_reduce_sum(confusion)
-    all_reduce_sum(images)
+    all_reduce(confusion, op="sum")
+    all_reduce(images, op="sum")
     return {"dataset": dataset, "num_images": int(images), "protocol": asdict(protocol), "templates": templates,
             "class_names": class_names or layout.class_names,
             **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names])}

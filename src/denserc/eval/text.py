@@ -6,13 +6,14 @@ name is its own *query*; a class scores the maximum over its queries, which is h
 successors use their synonym lists (e.g. VOC-21's background is "sky, wall, tree, ...": the
 average of those embeddings would describe nothing, the best-matching one describes the pixel).
 
-A query's embedding is CLIP's prompt ensemble: the text embedding of every template filled with the
-name, each L2-normalised, averaged, and normalised again. Embeddings are cached on disk (safetensors)
+A query's embedding is CLIP's prompt ensemble (open_clip's ``build_zero_shot_classifier``): the text
+embedding of every template filled with the name, each L2-normalised, averaged, and normalised again. Embeddings are cached on disk (safetensors)
 under a key that hashes the text tower's weights, the names and the templates, so a cached file can
 only be reused by the same text tower with the same prompts.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -139,7 +140,8 @@ def build_text_classifier(model, tokenizer, class_names: Sequence[Sequence[str]]
                           cache_dir: str | os.PathLike | None = None, batch_size: int = 256) -> TextClassifier:
     """Embed every (class name, template) prompt and ensemble per name; reuse the disk cache if present.
 
-    ``cache_dir=None`` disables the cache. Embeddings come back float32 on the model's device.
+    ``cache_dir=None`` disables the cache. Embeddings come back float32 on the model's device;
+    ``batch_size`` bounds the prompts per text-encoder call (whole names at a time).
     """
     class_names = [list(names) for names in class_names]
     templates = list(templates)
@@ -154,13 +156,10 @@ def build_text_classifier(model, tokenizer, class_names: Sequence[Sequence[str]]
         cached = _read_cache(cache_file, len(queries))
         if cached is not None:
             return TextClassifier(class_names, cached.to(device), query_class.to(device))
-    prompts = [render(template, name) for name in queries for template in templates]
-    embedded = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
-        embedded.append(model.encode_text(tokens, normalize=True).float())
-    per_prompt = torch.cat(embedded).view(len(queries), len(templates), -1)
-    embeddings = F.normalize(per_prompt.mean(dim=1), dim=-1)
+    fillers = [functools.partial(render, template) for template in templates]
+    embeddings = build_zero_shot_classifier(model, tokenizer, queries, fillers, device=device,
+                                            num_classes_per_batch=max(1, batch_size // len(templates)))
+    embeddings = embeddings.T.float().contiguous()
     if cache_file is not None:
         save_tensors({"embeddings": embeddings}, cache_file)
     return TextClassifier(class_names, embeddings, query_class.to(device))

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..models import normalize_images
+
 # Transparent pixels are shown on white, as image viewers and browsers do.
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -88,7 +90,4 @@ def to_model_input(image: Image.Image, preprocess_cfg: dict, short_side: int) ->
     """RGB PIL image -> (1, 3, h, w) float tensor: bicubic resize and the model's mean/std, as
     open_clip's own preprocessing does."""
     resized = image.convert("RGB").resize(resized_size(image.size, short_side), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    mean = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    return normalize_images(torch.from_numpy(np.array(resized)).permute(2, 0, 1)[None], preprocess_cfg)
