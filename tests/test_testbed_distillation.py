@@ -2,7 +2,7 @@
 raises zero-shot box classification on held-out scenes by the margin measured when it was written."""
 import pytest
 
-from denserc.testbed.run import format_table, run
+from denserc_testbed.run import format_table, run
 
 # A tiny schedule: 12 steps of 4 scenes at a high learning rate, held-out split of 40 scenes (177
 # segments). The short schedule proper takes ~2 minutes; this one ~12 s.

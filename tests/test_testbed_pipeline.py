@@ -10,10 +10,10 @@ import denserc
 from denserc.data import build_source
 from denserc.eval.datasets import SegmentationDataset
 from denserc.models.vfm import VFM
-from denserc.testbed.appearance_vfm import VFM_NAME, AppearanceFeatures
-from denserc.testbed.crops import ScenePool
-from denserc.testbed.evaluation import DATASET, SPLIT, evaluate, prepare_split
-from denserc.testbed.scenes import render_scene, scene_rng
+from denserc_testbed.appearance_vfm import VFM_NAME, AppearanceFeatures
+from denserc_testbed.crops import ScenePool
+from denserc_testbed.evaluation import DATASET, SPLIT, evaluate, prepare_split
+from denserc_testbed.scenes import render_scene, scene_rng
 from denserc.train.config import DataConfig
 
 from conftest import TINY

@@ -6,11 +6,11 @@ import torch
 
 import denserc
 from denserc.cli import main
-from denserc.testbed.crops import ScenePool
-from denserc.testbed.evaluation import SPLIT, evaluate
-from denserc.testbed.probe import attribute_accuracy, linear_probe, load_testbed_model, probe, thing_attributes
-from denserc.testbed.run import EVAL_SEED
-from denserc.testbed.tiny_clip import pretrained_path
+from denserc_testbed.crops import ScenePool
+from denserc_testbed.evaluation import SPLIT, evaluate
+from denserc_testbed.probe import attribute_accuracy, linear_probe, load_testbed_model, probe, thing_attributes
+from denserc_testbed.run import EVAL_SEED
+from denserc_testbed.tiny_clip import pretrained_path
 
 from conftest import TINY
 

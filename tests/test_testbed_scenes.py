@@ -8,9 +8,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from denserc.testbed.coco import crop_caption, ids_to_rgb, rgb_to_ids, write_split
-from denserc.testbed.scenes import SceneConfig, Segment, render_scene, scene_caption, scene_rng
-from denserc.testbed.vocabulary import CATEGORIES, CATEGORY_BY_ID, COLOURS, STUFF_ID, THING_ID
+from denserc.eval.datasets import panoptic_ids_to_rgb, panoptic_rgb_to_ids
+from denserc_testbed.coco import crop_caption, write_split
+from denserc_testbed.scenes import SceneConfig, Segment, render_scene, scene_caption, scene_rng
+from denserc_testbed.vocabulary import CATEGORIES, CATEGORY_BY_ID, COLOURS, STUFF_ID, THING_ID
 
 SEEDS = [(0, i) for i in range(12)]
 
@@ -90,11 +91,11 @@ def test_scene_caption_lists_distinct_things_then_stuff_largest_first():
 
 def test_panoptic_id_colour_encoding():
     ids = np.array([[0, 1, 256], [65536, 0x030201, 2 ** 24 - 1]])
-    rgb = ids_to_rgb(ids)
+    rgb = panoptic_ids_to_rgb(ids)
     assert rgb[1, 1].tolist() == [1, 2, 3]
     assert rgb[0, 2].tolist() == [0, 1, 0]
     assert rgb[1, 0].tolist() == [0, 0, 1]
-    assert np.array_equal(rgb_to_ids(rgb), ids)
+    assert np.array_equal(panoptic_rgb_to_ids(rgb), ids)
 
 
 def test_invalid_config_names_the_problem():

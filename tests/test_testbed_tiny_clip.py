@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 import denserc
-from denserc.testbed.crops import ScenePool, crop, square_boxes
-from denserc.testbed.pretrain import BatchSampler, PretrainConfig, learning_rate, pretrain, check_set_pool
-from denserc.testbed.tiny_clip import MODEL_NAME, WEIGHTS_FILE, pretrain_record, pretrained_path
-from denserc.testbed.vocabulary import CATEGORIES, STUFF_ID, TEMPLATES, THING_ID, phrase
-from denserc.testbed.zero_shot import crop_accuracy
+from denserc_testbed.crops import ScenePool, crop, square_boxes
+from denserc_testbed.pretrain import BatchSampler, PretrainConfig, learning_rate, pretrain, check_set_pool
+from denserc_testbed.tiny_clip import MODEL_NAME, WEIGHTS_FILE, pretrain_record, pretrained_path
+from denserc_testbed.vocabulary import CATEGORIES, STUFF_ID, TEMPLATES, THING_ID, phrase
+from denserc_testbed.zero_shot import crop_accuracy
 
 ACCURACY_TOLERANCE = 0.02  # float differences between machines may flip a borderline crop or two
 

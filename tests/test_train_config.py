@@ -101,7 +101,7 @@ def test_cli_prints_the_resolved_config_with_overrides_and_no_config_name(capsys
 
 
 def test_no_config_runs_the_testbed_before_after_with_the_overrides(monkeypatch):
-    import denserc.testbed.run as testbed_run
+    import denserc_testbed.run as testbed_run
     calls = []
     monkeypatch.setattr(testbed_run, "run_and_print", lambda **kwargs: calls.append(kwargs) or 0)
     assert main(["train"]) == 0

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import denserc
 from denserc.cli import main
 from denserc.viz import draw
-from denserc.viz.cli import DEFAULT_MODEL
+from denserc_testbed.plugin import DEFAULT_MODEL
 
 from conftest import TINY
 

@@ -3,6 +3,5 @@ __version__ = "0.1.0"
 
 from .models import DenseRCModel, create_model, get_tokenizer, load  # noqa: E402
 from .viz import segment  # noqa: E402
-from . import testbed  # noqa: E402,F401  (registers the testbed CLIP "ViT-Testbed-P8" and its tag "testbed")
 
 __all__ = ["DenseRCModel", "__version__", "create_model", "get_tokenizer", "load", "segment"]

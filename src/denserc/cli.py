@@ -1,22 +1,38 @@
 """`denserc` command line: one subcommand per job, each registered by the module that owns it.
 
 Each module in ``SUBCOMMAND_MODULES`` exposes ``register(subparsers)``, which adds its parser(s)
-and sets ``func`` (called with the parsed arguments) as the parser default.
+and sets ``func`` (called with the parsed arguments) as the parser default. Plug-ins add theirs with
+``register_commands`` (docs/architecture.md); they are loaded before the parser is built, so the core
+commands also offer what the plug-ins registered (e.g. their datasets in ``denserc eval seg``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 from . import __version__
+from .plugins import load_plugins
 
 SUBCOMMAND_MODULES = (
     "denserc.train.cli",
-    "denserc.testbed.cli",  # before eval: registers the segmentation dataset "testbed" it offers
     "denserc.eval.cli",
     "denserc.viz.cli",
 )
+
+_PLUGIN_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def register_commands(add: Callable[[argparse._SubParsersAction], None]) -> None:
+    """Extension point: ``add(subparsers)`` is called whenever the `denserc` parser is built.
+
+    It runs after the core subcommands are registered, so besides adding its own subcommands it may
+    set the documented defaults of core ones with ``subparsers.choices[NAME].set_defaults(...)``:
+    ``train``'s ``default_config`` and ``default_run`` (what `denserc train` does without a CONFIG) and
+    ``segment``/``heatmap``'s ``model`` (their default ``--model``).
+    """
+    _PLUGIN_COMMANDS.append(add)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"denserc {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    load_plugins()
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for add in _PLUGIN_COMMANDS:
+        add(subparsers)
     return parser
 
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..plugins import load_plugins
 from .transforms import SquareResize
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _SOURCES: dict[str, SourceBuilder] = {}
 
 
 def register_source(name: str) -> Callable[[SourceBuilder], SourceBuilder]:
-    """Decorator: make ``builder(data_config) -> ImageSource`` available as ``data.type: name``."""
+    """Extension point (decorator): make ``builder(data_config) -> ImageSource`` available as ``data.type: name``."""
     def decorate(builder: SourceBuilder) -> SourceBuilder:
         if name in _SOURCES:
             raise ValueError(f"data type {name!r} is already registered")
@@ -56,7 +57,9 @@ def source_types() -> tuple[str, ...]:
 
 
 def build_source(data_config) -> ImageSource:
-    """The image source named by ``data_config.type``."""
+    """The image source named by ``data_config.type`` (a type no one registered is looked for in the plug-ins)."""
+    if data_config.type not in _SOURCES:
+        load_plugins()
     if data_config.type not in _SOURCES:
         raise ValueError(f"data.type: unknown dataset type {data_config.type!r}; "
                          f"registered types: {list(source_types())}")

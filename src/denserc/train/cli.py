@@ -8,15 +8,14 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..data import UnreadableImageError
+from ..distributed import cleanup_distributed, setup_distributed
 from .config import ConfigError, available_configs, dump_config, load_config
-from .distributed import cleanup_distributed, setup_distributed
-from .trainer import Trainer, resume_checkpoint
+from .trainer import train
 
-# With no CONFIG, `denserc train` is the built-in default: the testbed's before/after run (the shipped
-# tiny CLIP distilled on generated scenes, CPU, a few minutes; docs/testbed.md). DEFAULT_CONFIG is
-# the training config that run uses, and what --print-config and --resume read when no CONFIG is given.
-DEFAULT_CONFIG = "testbed"
+# With no CONFIG, `denserc train` runs the built-in default that a plug-in sets (denserc.cli.register_commands):
+# ``default_run(overrides) -> exit code``, e.g. the testbed's before/after run (the shipped tiny CLIP distilled
+# on generated scenes, CPU, a few minutes; docs/testbed.md), and ``default_config``, the training config that
+# run uses and what --print-config and --resume read when no CONFIG is given.
 
 EXAMPLES = """examples:
   denserc train                     built-in default: distil the shipped tiny CLIP on generated scenes
@@ -35,24 +34,26 @@ def register(subparsers) -> None:
                     f"({', '.join(available_configs())}) or a YAML file; overrides are section.key=value.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None,
-                        help="config name or YAML path (default: the testbed before/after run, "
-                             f"config {DEFAULT_CONFIG})")
+                        help="config name or YAML path (default: the built-in default run a plug-in sets, "
+                             "the testbed's before/after run with config testbed)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=1 optim.lr=2e-5")
     parser.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
                         help="'auto': continue from the newest complete checkpoint in the output folder "
                              "(start fresh if there is none); or a checkpoint folder")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, default_run=None, default_config=None)
 
 
 def run(args: argparse.Namespace) -> int:
     name, overrides = args.config, list(args.overrides)
     if name is not None and "=" in name:  # `denserc train key=value ...`: overrides of the default
         name, overrides = None, [name, *overrides]
-    if name is None and args.resume is None and not args.print_config:
-        from ..testbed.run import run_and_print
-        return run_and_print(overrides=overrides)
-    name = name or DEFAULT_CONFIG
+    if name is None and args.resume is None and not args.print_config and args.default_run is not None:
+        return args.default_run(overrides)
+    name = name or args.default_config
+    if name is None:
+        return _report(ConfigError("no CONFIG given and no plug-in sets a built-in default; give a shipped config "
+                                   f"({', '.join(available_configs())}) or a YAML file"))
     try:
         config = load_config(name, overrides)
     except ConfigError as error:
@@ -69,16 +70,11 @@ def run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
     try:
-        try:
-            checkpoint = resume_checkpoint(output_dir, args.resume, env)
-            trainer = Trainer(config, env, output_dir)
-        except (ValueError, RuntimeError, FileNotFoundError) as error:  # bad config, data or weights
-            return _report(error)
-        try:
-            with logging_redirect_tqdm():
-                final = trainer.fit(checkpoint)
-        except UnreadableImageError as error:  # data.strict=true: the file is named, no traceback needed
-            return _report(error)
+        with logging_redirect_tqdm():
+            final = train(config, env, output_dir, args.resume)
+    # bad config, data or weights, an unreadable image under data.strict=true: the message names the problem
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        return _report(error)
     finally:
         cleanup_distributed()
     if env.is_main:

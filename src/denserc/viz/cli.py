@@ -15,11 +15,12 @@ from .draw import draw_heatmap, draw_segmentation, save_png
 from .image import load_image
 from .predict import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE, segment, similarity_map
 
-# The model used when --model is not given: the testbed's tiny CLIP shipped in the package (pretrained
-# on generated scenes, docs/testbed.md), so the commands run anywhere without a download. It knows only
-# the testbed's shapes, colours and textures; pass a real model (e.g. ViT-B-16:openai or a DenseRC
-# folder) for photos.
-DEFAULT_MODEL = "ViT-Testbed-P8:testbed"
+# The model used when --model is not given is set by a plug-in (``denserc.cli.register_commands``): the
+# testbed's tiny CLIP (pretrained on generated scenes, docs/testbed.md), so the commands run anywhere without
+# a download. It knows only the testbed's shapes, colours and textures; pass a real model (e.g.
+# ViT-B-16:openai or a DenseRC folder) for photos.
+NO_MODEL = ("no --model given and no installed plug-in sets a default model; pass --model with a DenseRC folder "
+            "or an open_clip NAME:TAG|NAME:FILE (e.g. ViT-B-16:openai)")
 # Exit codes: bad arguments (argparse's own code) and a failure while running (unreadable image, ...).
 USAGE_ERROR = 2
 RUN_ERROR = 1
@@ -63,6 +64,8 @@ def register(subparsers) -> None:
 
 
 def run_segment(args) -> int:
+    if args.model is None:
+        return _fail("segment", NO_MODEL)
     classes = [name.strip() for name in args.classes.split(",")]
     if any(not name for name in classes):
         return _fail("segment", f"--classes {args.classes!r} has an empty class name")
@@ -100,6 +103,8 @@ def run_segment(args) -> int:
 
 
 def run_heatmap(args) -> int:
+    if args.model is None:
+        return _fail("heatmap", NO_MODEL)
     if not args.query.strip():
         return _fail("heatmap", "--query is empty")
     if not 0.0 <= args.alpha <= 1.0:
@@ -135,9 +140,10 @@ def run_heatmap(args) -> int:
 
 # ---------------------------------------------------------------------------------- internals
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
+    parser.add_argument("--model", default=None, metavar="SPEC",
                         help="a folder written by DenseRCModel.save, or an open_clip NAME[:TAG|:FILE] "
-                             f"(e.g. ViT-B-16:openai); default {DEFAULT_MODEL}, the testbed's tiny CLIP")
+                             "(e.g. ViT-B-16:openai); default: %(default)s (set by a plug-in: the testbed's tiny "
+                             "CLIP)")
     parser.add_argument("--construction", choices=CONSTRUCTIONS, help="dense construction variant "
                         "(default: the saved one for a folder, multi-v otherwise)")
     parser.add_argument("--gating", choices=GATINGS, help="gating variant (default: saved one / hsg)")

@@ -21,9 +21,10 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from ..io import atomic_write, save_json, save_tensors
-from ..models import create_model, get_tokenizer
-from .crops import ScenePool, crop, normalize, square_boxes
+from denserc.io import atomic_write, save_json, save_tensors
+from denserc.models import create_model, get_tokenizer, normalize_images
+
+from .crops import ScenePool, crop, square_boxes
 from .tiny_clip import MODEL_NAME, RECORD_FILE, WEIGHTS_FILE, pretrained_path
 from .vocabulary import CATEGORIES, TEMPLATES, phrase
 from .zero_shot import crop_accuracy
@@ -144,7 +145,7 @@ def pretrain(config: PretrainConfig, output: Path, command: str, progress: bool 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         images, tokens, _ = sampler()
-        image_features = model.encode_image(normalize(images, model.preprocess_cfg), normalize=True)
+        image_features = model.encode_image(normalize_images(images, model.preprocess_cfg), normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
         loss = loss_fn(image_features, text_features, model.clip.logit_scale.exp())
         optimizer.zero_grad(set_to_none=True)
@@ -199,7 +200,7 @@ def register(subparsers) -> None:
     defaults = PretrainConfig()
     parser.add_argument("--output", type=Path, default=Path("runs/pretrain-testbed"),
                         help="folder for the weights, the record and the log (default: %(default)s); the "
-                             "shipped weights were made with --output src/denserc/testbed/weights")
+                             "shipped weights were made with --output src/denserc_testbed/weights")
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                             help=f"default: {value}")

@@ -1,22 +1,19 @@
-"""The testbed's tiny CLIP: an open_clip config registered at import, and its shipped weights.
+"""The testbed's tiny CLIP: its open_clip config and its shipped weights.
 
-``ViT-Testbed-P8`` is a 6-block ViT (width 96, 6 heads, patch 8, native 64 px) with a 3-block
+``ViT-Testbed-P8`` is a 6-block ViT (width 96, 6 heads, patch 8, native 48 px) with a 3-block
 text tower (width 64), pretrained contrastively on testbed scenes by ``denserc pretrain-testbed``.
 The weights ship in fp16 (``weights/ViT-Testbed-P8.safetensors``); the run that made them (command,
 seed, wall time, zero-shot accuracy) is recorded beside them in ``ViT-Testbed-P8.pretrain.json``.
 
-Importing this module registers the config and the pretrained tag ``testbed`` (a local file, so
-nothing is downloaded): ``denserc.create_model("ViT-Testbed-P8", pretrained="testbed")``, or
-``model.pretrained: testbed`` in a training config. open_clip has no public call to add a
-pretrained tag, so the entry is added to its tag table directly.
+The plug-in (``denserc_testbed.plugin``) registers the config and the pretrained tag ``testbed`` (a
+local file, so nothing is downloaded) with ``denserc.models.register_pretrained``:
+``denserc.create_model("ViT-Testbed-P8", pretrained="testbed")``, or ``model.pretrained: testbed``
+in a training config.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import open_clip
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 MODEL_NAME = "ViT-Testbed-P8"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -24,10 +21,6 @@ CONFIG_FILE = WEIGHTS_DIR / f"{MODEL_NAME}.json"
 WEIGHTS_FILE = f"{MODEL_NAME}.safetensors"
 RECORD_FILE = f"{MODEL_NAME}.pretrain.json"
 PRETRAINED_TAG = "testbed"
-
-open_clip.add_model_config(CONFIG_FILE)
-open_clip.pretrained._PRETRAINED.setdefault(MODEL_NAME, {})[PRETRAINED_TAG] = {
-    "file": str(WEIGHTS_DIR / WEIGHTS_FILE), "mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD}
 
 
 def pretrained_path(directory: str | Path = WEIGHTS_DIR) -> Path:

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..eval.datasets import PanopticRegions
-from ..eval.text import build_text_classifier, load_class_names, load_templates
-from ..models import create_model, get_tokenizer, load, pool_boxes, pool_masks
+from denserc.eval.datasets import PanopticRegions
+from denserc.eval.text import build_text_classifier, load_class_names, load_templates
+from denserc.models import create_model, get_tokenizer, load, normalize_images, pool_boxes, pool_masks
+
 from .crops import ScenePool
 from .evaluation import CLASS_NAMES_FILE, SPLIT, TEMPLATES_FILE, prepare_split
 from .run import EVAL_IMAGES, EVAL_SEED
@@ -86,7 +87,6 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
     """Per thing segment of the split: labels, mask-averaged tokens per layer, and (with a classifier)
     the zero-shot class of its box and mask."""
     data = PanopticRegions(root, SPLIT, image_size=SceneConfig().image_size, patch_size=model.patch_size)
-    mean, std = (torch.tensor(model.preprocess_cfg[k]).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
     blocks = model.visual.transformer.resblocks
     layers = [f"block {i} input" for i in range(len(blocks))] + ["tower output", "dense features"]
     collected = {"labels": [], "boxes": [], "masks": [], **{layer: [] for layer in layers}}
@@ -95,7 +95,7 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
         things = data.is_thing[sample["labels"]]
         if not things.any():
             continue
-        images = (sample["image"][None].float() - mean) / std  # as evaluate_regions normalises
+        images = normalize_images(sample["image"][None], model.preprocess_cfg)  # as evaluate_regions does
         tokens = []
         hooks = [block.register_forward_hook(lambda module, inputs, output: tokens.append(inputs[0]))
                  for block in blocks]

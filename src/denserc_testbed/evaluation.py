@@ -1,8 +1,8 @@
 """The testbed's held-out split on disk and its evaluation through the ordinary evaluation suite.
 
 The split is written in the COCO-panoptic layout that ``denserc.eval`` reads for region
-classification, and registered as the segmentation dataset ``testbed`` (labels from
-``annotations/semantic_{split}``), so both protocols run unchanged on generated scenes. Class
+classification, and the plug-in registers ``LAYOUT`` as the segmentation dataset ``testbed`` (labels
+from ``annotations/semantic_{split}``), so both protocols run unchanged on generated scenes. Class
 queries are the phrases the tiny CLIP was pretrained with ("a red star", "an orange ring",
 "grass") and the prompt templates are the pretraining templates; both are written beside the split.
 """
@@ -13,9 +13,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ..eval.datasets import SEGMENTATION_DATASETS, SegmentationLayout
-from ..eval.region import evaluate_regions
-from ..eval.segmentation import PROTOCOLS, SegmentationProtocol, evaluate_segmentation
+from denserc.eval.datasets import SegmentationLayout
+from denserc.eval.region import evaluate_regions
+from denserc.eval.segmentation import SegmentationProtocol, evaluate_segmentation
+
 from .coco import write_split
 from .crops import ScenePool
 from .scenes import SceneConfig
@@ -38,9 +39,9 @@ def _list_pairs(layout: SegmentationLayout, root: Path) -> list[tuple[Path, Path
     return [(root / SPLIT / name, root / "annotations" / f"semantic_{SPLIT}" / name) for name in names]
 
 
-SEGMENTATION_DATASETS[DATASET] = SegmentationLayout(
+LAYOUT = SegmentationLayout(
     DATASET, "DenseRC testbed", DATASET, len(CATEGORIES), False, False,
-    f"""testbed/                                   (written by denserc.testbed.write_split)
+    f"""testbed/                                   (written by denserc_testbed.write_split)
   {SPLIT}/<id>.png
   annotations/panoptic_{SPLIT}.json
   annotations/semantic_{SPLIT}/<id>.png        0..{len(CATEGORIES) - 1} = classes, 255 = void""",
@@ -50,9 +51,6 @@ SEGMENTATION_DATASETS[DATASET] = SegmentationLayout(
 def protocol(image_size: int) -> SegmentationProtocol:
     """Scenes resized to ``image_size``, one window covering all of it (the model takes any size)."""
     return SegmentationProtocol(short_side=image_size, window=image_size, stride=image_size // 2)
-
-
-PROTOCOLS[DATASET] = protocol(SceneConfig().image_size)
 
 
 def prepare_split(root: str | os.PathLike, num_images: int, seed: int, progress: bool = True) -> Path:

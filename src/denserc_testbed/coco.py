@@ -18,20 +18,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from ..io import atomic_write, save_json
+from denserc.eval.datasets import panoptic_ids_to_rgb
+from denserc.io import atomic_write, save_json
+
 from .scenes import Scene, SceneConfig, render_scene, scene_rng
 from .vocabulary import CATEGORIES, TEMPLATES, THING_CATEGORIES, coco_category, phrase
-
-
-def ids_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
-    """(H, W) ints -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B (the COCO-panoptic encoding)."""
-    return np.stack([(segment_ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
-
-
-def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of ``ids_to_rgb``."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -64,7 +55,7 @@ def write_split(root: str | os.PathLike, split: str, num_images: int, seed: int,
     }
     for folder in ("images", "panoptic_masks", "semantic"):
         paths[folder].mkdir(parents=True, exist_ok=True)
-    info = {"description": "DenseRC testbed: procedurally generated scenes (denserc.testbed)",
+    info = {"description": "DenseRC testbed: procedurally generated scenes (denserc_testbed)",
             "seed": seed, "split": split, "scene_config": asdict(config)}
     images, instances, panoptic, captions = [], [], [], []
     for index in tqdm(range(num_images), desc=f"writing {split}", disable=not progress):
@@ -72,7 +63,7 @@ def write_split(root: str | os.PathLike, split: str, num_images: int, seed: int,
         image_id = index + 1
         stem = f"{image_id:012d}"
         _write_png(scene.image, paths["images"] / f"{stem}.png")
-        _write_png(ids_to_rgb(scene.segment_ids), paths["panoptic_masks"] / f"{stem}.png")
+        _write_png(panoptic_ids_to_rgb(scene.segment_ids), paths["panoptic_masks"] / f"{stem}.png")
         _write_png(scene.label_map, paths["semantic"] / f"{stem}.png")
         height, width = scene.image.shape[:2]
         images.append({"id": image_id, "file_name": f"{stem}.png", "height": height, "width": width})

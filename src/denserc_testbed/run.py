@@ -17,25 +17,15 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..io import atomic_write, save_json
-from ..models import create_model, get_tokenizer, load
-from ..train.config import load_config
-from ..train.distributed import cleanup_distributed, setup_distributed
-from ..train.trainer import Trainer
+from denserc.distributed import cleanup_distributed, setup_distributed
+from denserc.io import atomic_write, save_json
+from denserc.models import TABLE5_VARIANTS, create_model, get_tokenizer, load
+from denserc.train import load_config, train
+
 from .crops import ScenePool
 from .evaluation import evaluate, prepare_split
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 
-# Table 5 of the paper: what to extract (x+v, v, multi-v; no gating) and how to construct (gating on multi-v).
-# "multi-v" and "none" are the same model, so it is one variant here.
-VARIANTS = {
-    "x+v": ("x+v", "none"),
-    "v": ("v", "none"),
-    "multi-v": ("multi-v", "none"),
-    "qk": ("multi-v", "qk"),
-    "qq": ("multi-v", "qq"),
-    "hsg": ("multi-v", "hsg"),
-}
 SCHEDULES = {"short": "testbed", "full": "testbed_full"}
 EVAL_SEED = 2_000_000  # held-out scenes; CLIP pretraining uses seeds 0 and 1_000_000, distillation 0..
 EVAL_IMAGES = 200
@@ -50,10 +40,10 @@ def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Pa
     ``threads`` sets torch's CPU threads: on a 2-core machine shared with other jobs, one thread runs
     a step several (up to ~25) times faster than two, which stall each other.
     """
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in TABLE5_VARIANTS]
     if unknown or schedule not in SCHEDULES:
-        raise ValueError(f"unknown variant(s) {unknown} or schedule {schedule!r}; variants: {list(VARIANTS)}, "
-                         f"schedules: {list(SCHEDULES)}")
+        raise ValueError(f"unknown variant(s) {unknown} or schedule {schedule!r}; variants: "
+                         f"{list(TABLE5_VARIANTS)}, schedules: {list(SCHEDULES)}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -68,7 +58,7 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
     tokenizer = get_tokenizer(MODEL_NAME)
     records = []
     for variant in variants:
-        construction, gating = VARIANTS[variant]
+        construction, gating = TABLE5_VARIANTS[variant]
         settings = [f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null"]
         image_size = load_config(SCHEDULES[schedule], [*settings, *overrides]).data.image_size
         before = evaluate(create_model(MODEL_NAME, PRETRAINED_TAG, construction=construction, gating=gating),
@@ -83,7 +73,7 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
             env = setup_distributed(config.train.device)
             try:
                 with logging_redirect_tqdm():
-                    final = Trainer(config, env, run_dir).fit()
+                    final = train(config, env, run_dir)
             finally:
                 cleanup_distributed()
             train_seconds = time.time() - started
@@ -131,7 +121,7 @@ def register(subparsers) -> None:
     parser.add_argument("--schedule", choices=list(SCHEDULES), default="short",
                         help="short: ~2-5 min per variant on 2 CPU cores; full: the docs' results (default: short)")
     parser.add_argument("--variants", default="hsg",
-                        help=f"comma-separated subset of {','.join(VARIANTS)}, or 'all' (default: hsg)")
+                        help=f"comma-separated subset of {','.join(TABLE5_VARIANTS)}, or 'all' (default: hsg)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds (default: 0)")
     parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
                         help="folder for the held-out split, the runs and the results; its runs are "
@@ -155,6 +145,6 @@ def run_and_print(schedule: str = "short", variants=("hsg",), seeds=(0,), output
 
 
 def _main(args) -> int:
-    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    variants = list(TABLE5_VARIANTS) if args.variants == "all" else args.variants.split(",")
     return run_and_print(args.schedule, variants, args.seeds, args.output, args.eval_images, args.overrides,
                          args.threads)

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .crops import ScenePool, crop, normalize, square_boxes
+from denserc.eval.text import build_text_classifier
+from denserc.models import normalize_images
+
+from .crops import ScenePool, crop, square_boxes
 from .vocabulary import CATEGORIES, TEMPLATES, phrase
 
 EVAL_CROP_SCALE = 1.3  # held-out object crops: a square 1.3x the object's longer side, centred
 
 
-@torch.no_grad()
 def class_embeddings(model, tokenizer, category_ids: list[int]) -> torch.Tensor:
-    """(C, E) normalised text classifiers: each class's prompt-template embeddings averaged."""
-    prompts = [template.format(phrase(c)) for c in category_ids for template in TEMPLATES]
-    text = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
-    return F.normalize(text.view(len(category_ids), len(TEMPLATES), -1).mean(dim=1), dim=-1)
+    """(C, E) normalised text classifiers: each class phrase's prompt ensemble over the pretraining templates."""
+    return build_text_classifier(model, tokenizer, [[phrase(c)] for c in category_ids], TEMPLATES).embeddings
 
 
 def eval_crops(pool: ScenePool, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +36,7 @@ def crop_predictions(model, tokenizer, pool: ScenePool, isthing: int, batch_size
     crops, labels = eval_crops(pool, model.native_size[0])
     ids = [c["id"] for c in CATEGORIES if c["isthing"] == isthing]
     rows = torch.isin(labels, torch.tensor(ids))
-    features = torch.cat([model.encode_image(normalize(chunk, model.preprocess_cfg), normalize=True)
+    features = torch.cat([model.encode_image(normalize_images(chunk, model.preprocess_cfg), normalize=True)
                           for chunk in crops[rows].split(batch_size)])
     predicted = torch.tensor(ids)[(features @ class_embeddings(model, tokenizer, ids).T).argmax(dim=1)]
     model.train(was_training)

@@ -9,7 +9,6 @@ from dataclasses import fields
 
 from PIL import Image
 
-from ..data import register_source
 from .scenes import SceneConfig, render_scene, scene_rng
 
 
@@ -33,8 +32,8 @@ class TestbedScenes:
         return Image.fromarray(render_scene(scene_rng(self.seed, index), self.config).image)
 
 
-@register_source("testbed")
 def build_testbed_source(data_config) -> TestbedScenes:
+    """The builder the plug-in registers as ``data.type: testbed``."""
     known = {f.name for f in fields(SceneConfig)}
     unknown = sorted(set(data_config.options) - known)
     if unknown:

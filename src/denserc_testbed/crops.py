@@ -4,8 +4,8 @@ A ``ScenePool`` renders scenes once and indexes one crop region per class occurr
 box, and for every stuff segment a window that is mostly (>= ``STUFF_PURITY``) that stuff. It also
 keeps each scene's segment map, so that any box can be captioned by what it shows
 (``region_caption``): DenseRC's teacher embeds arbitrary grid cells, and a CLIP that has only
-seen object-centred crops misreads them. Crops are cut and resized with RoIAlign on the image
-tensor, the way DenseRC's teacher crops grid cells.
+seen object-centred crops misreads them. Crops are cut and resized with the teacher's RoIAlign
+cropping (``denserc.models.teacher.crop_and_resize``), the way DenseRC's teacher crops grid cells.
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 from tqdm import tqdm
+
+from denserc.models.teacher import crop_and_resize
 
 from .scenes import SceneConfig, caption_of, render_scene, scene_rng
 from .vocabulary import CATEGORIES
@@ -100,17 +101,8 @@ def square_boxes(boxes: torch.Tensor, scale: torch.Tensor | float, image_size: i
 
 
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Cut box i from image i and resize it to size x size (RoIAlign, bilinear, 2x2 samples a bin)."""
-    indexed = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], dim=1)
-    return roi_align(images.float(), indexed, output_size=size, spatial_scale=1.0, sampling_ratio=2,
-                     aligned=True)
-
-
-def normalize(images: torch.Tensor, preprocess_cfg: dict) -> torch.Tensor:
-    """uint8-range (B, 3, H, W) images -> the model's input normalisation."""
-    mean = torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    """Cut box i from image i and resize it to size x size (bilinear, 2 x 2 samples a bin: the pretraining's)."""
+    return crop_and_resize(images.float(), list(boxes[:, None]), (size, size), sampling_ratio=2)
 
 
 def _pure_window(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int] | None:

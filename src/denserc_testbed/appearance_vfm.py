@@ -11,8 +11,9 @@ DINOv2 groups real ones, without knowing any class:
              gradient magnitude, scaled by ``texture_weight``
 
 Both are per-pixel maps averaged over each patch, so the features have no learnt weights at all.
-The model is registered with timm as ``testbed_appearance`` so that the trainer's unmodified VFM
-wrapper loads it from a config (``vfm.name: testbed_appearance``, ``vfm.pretrained: false``).
+The plug-in registers ``testbed_appearance`` with timm (timm's ``register_model``, the core's way to add
+a VFM), so that the trainer's unmodified VFM wrapper loads it from a config
+(``vfm.name: testbed_appearance``, ``vfm.pretrained: false``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from torch import nn
 
 VFM_NAME = "testbed_appearance"
@@ -75,7 +75,6 @@ class AppearanceFeatures(nn.Module):
         return self.forward_features(images)
 
 
-@register_model
 def testbed_appearance(pretrained: bool = False, num_classes: int = 0, dynamic_img_size: bool = True,
                        pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
                        **settings) -> AppearanceFeatures:

@@ -1,0 +1,52 @@
+"""The testbed as a ``denserc`` plug-in: everything it adds to the core, through the core's public extension
+points (the same a user's own plug-in would use; docs/architecture.md).
+
+``register`` is the ``denserc.plugins`` entry point (pyproject.toml); the core calls it once, the first
+time it looks up a name it does not know or builds the ``denserc`` command line.
+"""
+from __future__ import annotations
+
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from timm.models import register_model
+
+from denserc.cli import register_commands
+from denserc.data import register_source
+from denserc.eval import register_segmentation_dataset
+from denserc.models import register_pretrained
+
+from .appearance_vfm import testbed_appearance
+from .evaluation import LAYOUT, protocol
+from .scenes import SceneConfig
+from .source import build_testbed_source
+from .tiny_clip import CONFIG_FILE, MODEL_NAME, PRETRAINED_TAG, WEIGHTS_DIR, WEIGHTS_FILE
+
+# `denserc segment` / `heatmap` without --model: the shipped tiny CLIP, un-distilled.
+DEFAULT_MODEL = f"{MODEL_NAME}:{PRETRAINED_TAG}"
+# `denserc train` without a CONFIG runs the testbed's before/after run; its training config (what
+# --print-config and --resume read then) is the core's shipped config `testbed`.
+DEFAULT_CONFIG = "testbed"
+
+
+def register() -> None:
+    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the dataset and the commands."""
+    register_pretrained(MODEL_NAME, PRETRAINED_TAG, WEIGHTS_DIR / WEIGHTS_FILE, config=CONFIG_FILE,
+                        mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    register_model(testbed_appearance)
+    register_source("testbed")(build_testbed_source)
+    register_segmentation_dataset(LAYOUT, protocol(SceneConfig().image_size))
+    register_commands(add_commands)
+
+
+def add_commands(subparsers) -> None:
+    """`denserc testbed`, `pretrain-testbed` and `testbed-probe`, and the testbed defaults of core commands."""
+    from . import cli
+    cli.register(subparsers)
+    subparsers.choices["train"].set_defaults(default_run=default_train_run, default_config=DEFAULT_CONFIG)
+    for command in ("segment", "heatmap"):
+        subparsers.choices[command].set_defaults(model=DEFAULT_MODEL)
+
+
+def default_train_run(overrides: list[str]) -> int:
+    """`denserc train [KEY=VALUE ...]` with no CONFIG: the testbed's before/after run with those overrides."""
+    from . import run
+    return run.run_and_print(overrides=overrides)
