@@ -18,13 +18,11 @@ import statistics
 import torch
 
 from denserc import create_model
-from denserc.models import DenseRCModel
+from denserc.models import TABLE5_VARIANTS, DenseRCModel
 
 from .common import (PRECISIONS, add_common_arguments, autocast, cpu_peak_mib, cuda_peak_mib, environment,
                      interleaved_timings, markdown_table, paired_ratios, quartiles, setup)
 
-VARIANTS = (("x+v", "none"), ("v", "none"), ("multi-v", "none"), ("multi-v", "qk"), ("multi-v", "qq"),
-            ("multi-v", "hsg"))
 TARGET_RATIO = 1.05
 OPEN_CLIP_IMAGE = "open_clip encode_image"
 DENSERC_IMAGE = "DenseRC encode_image"
@@ -37,7 +35,7 @@ def variant_label(construction: str, gating: str) -> str:
 def build_variants(base: DenseRCModel) -> dict[tuple[str, str], DenseRCModel]:
     """One DenseRCModel per variant, all wrapping ``base.clip`` (the very same weights)."""
     models = {}
-    for construction, gating in VARIANTS:
+    for construction, gating in TABLE5_VARIANTS.values():
         model = DenseRCModel(base.clip, model_name=base.model_name, model_cfg=base.model_cfg,
                              preprocess_cfg=base.preprocess_cfg, construction=construction, gating=gating)
         models[(construction, gating)] = model.to(base.visual.conv1.weight.device).eval()

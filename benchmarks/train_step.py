@@ -104,7 +104,7 @@ def build_trainer(*, model: str, size: int, batch: int, vfm: str, vfm_kwargs: di
                   batches: int, output_dir: str):
     """A real Trainer on random weights and ``batches * batch`` generated images."""
     from denserc.train.config import from_dict
-    from denserc.train.distributed import DistributedEnv
+    from denserc.distributed import DistributedEnv
     from denserc.train.trainer import Trainer
     config = from_dict({
         "model": {"name": model, "pretrained": None, "construction": construction, "gating": gating,
