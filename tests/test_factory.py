@@ -105,6 +105,33 @@ def test_offline_pretrained_tag_fails_fast_with_a_way_out(monkeypatch):
     assert time.monotonic() - start < 10
 
 
+def test_hub_offline_mode_set_by_the_user_fails_fast_without_probing(monkeypatch):
+    from huggingface_hub import constants
+
+    def no_probe(host, timeout=3.0):
+        raise AssertionError("the network was probed although HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(hub, "reachable", no_probe)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-denserc-test-cache")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"in offline mode \(HF_HUB_OFFLINE\).*pretrained='/path/to/"):
+        denserc.create_model("ViT-B-16", pretrained="openai")
+    assert time.monotonic() - start < 10
+
+
+def test_unreachable_hub_switches_the_hub_offline_for_the_download_only(monkeypatch):
+    from huggingface_hub import constants
+    kept = dict(host="example.org", what="x", remedy="y")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: False)
+    assert hub.download(constants.is_offline_mode, **kept) is True
+    assert constants.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: True)
+    assert hub.download(constants.is_offline_mode, **kept) is False
+    with pytest.raises(RuntimeError, match=r"cannot get pretrained weights x: download failed: OSError: boom. y"):
+        hub.download(lambda: (_ for _ in ()).throw(OSError("boom")), **kept)
+
+
 @pytest.mark.parametrize("vision_cfg,kind", [
     ({"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}, "ModifiedResNet"),
     ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_model_pretrained": False,
@@ -148,11 +175,14 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
-def test_import_denserc_alone_knows_the_shipped_testbed_clip():
+@pytest.mark.slow
+def test_the_testbed_clip_is_found_through_its_plugin_only_when_asked_for():
+    """`import denserc` loads no plug-in; asking for the testbed's model name loads the testbed plug-in."""
     import subprocess
     import sys
-    code = ("import denserc; m = denserc.create_model('ViT-Testbed-P8', pretrained='testbed'); "
-            "print(m.model_name, m.embed_dim)")
+    code = ("import sys, denserc; before = any(m.startswith('denserc_testbed') for m in sys.modules); "
+            "m = denserc.create_model('ViT-Testbed-P8', pretrained='testbed'); "
+            "print(before, 'denserc_testbed.plugin' in sys.modules, m.model_name, m.embed_dim)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[0] == "ViT-Testbed-P8"
+    assert result.stdout.split() == ["False", "True", "ViT-Testbed-P8", "64"]

@@ -123,10 +123,12 @@ def register_pretrained(model_name: str, tag: str, weights: str | os.PathLike, *
     if open_clip.get_model_config(model_name) is None:
         raise ValueError(f"register_pretrained: unknown open_clip model '{model_name}'; pass its config file "
                          "with config=PATH")
-    if tag in open_clip.list_pretrained_tags_by_model(model_name):
+    if open_clip.get_pretrained_cfg(model_name, tag):
         raise ValueError(f"register_pretrained: {model_name} already has a pretrained tag '{tag}'")
-    # open_clip has no public call that adds a pretrained tag: this is the one place that writes its table.
-    open_clip.pretrained._PRETRAINED.setdefault(model_name, {})[tag] = {"file": str(weights), **tag_settings}
+    # open_clip has no public call that adds a pretrained tag: this is the one place that writes its table,
+    # under the key its lookups use (lower case, '-' as '_').
+    table = open_clip.pretrained._PRETRAINED.setdefault(model_name, {})
+    table[open_clip.pretrained._clean_tag(tag)] = {"file": str(weights), **tag_settings}
 
 
 def load(directory: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -1,0 +1,77 @@
+"""The import rules of docs/architecture.md: the core never imports a plug-in, and each core package imports
+only the packages below it."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import denserc
+
+CORE = Path(denserc.__file__).parent
+# What each part of the core may import of the core (docs/architecture.md, "What may import what").
+ALLOWED = {
+    "io": set(), "plugins": set(), "distributed": set(),
+    "models": {"io", "plugins"},
+    "losses": {"models"},
+    "data": {"plugins"},
+    "eval": {"models", "io", "plugins", "distributed", "__version__"},
+    "viz": {"models", "eval", "io"},
+    "train": {"models", "losses", "data", "io", "distributed", "plugins"},
+    "cli": {"plugins", "__version__"},
+    "__main__": {"cli"},
+    "__init__": {"models", "viz"},
+}
+
+
+def core_imports(path: Path) -> set[str]:
+    """The top-level parts of ``denserc`` (or other packages named denserc*) a core module imports."""
+    package = list(path.relative_to(CORE).parent.parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1]
+            target = base + (node.module.split(".") if node.module else [])
+            found |= {target[0]} if target else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("denserc"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("denserc")}
+    return found
+
+
+def test_each_core_package_imports_only_what_the_architecture_allows():
+    checked = 0
+    for path in sorted(CORE.rglob("*.py")):
+        relative = path.relative_to(CORE)
+        part = relative.parts[0] if len(relative.parts) > 1 else relative.stem
+        assert part in ALLOWED, f"{relative}: {part!r} has no import rule; add it to docs/architecture.md and ALLOWED"
+        imported = core_imports(path) - {part}
+        assert imported <= ALLOWED[part], f"{relative} imports {sorted(imported - ALLOWED[part])}"
+        checked += 1
+    assert checked > 40  # every module of the core was read
+
+
+def test_the_rule_checker_reads_relative_imports_at_every_depth():
+    assert core_imports(CORE / "eval" / "cli.py") == {"__version__", "distributed", "eval", "io", "models"}
+    assert core_imports(CORE / "models" / "factory.py") == {"models", "plugins"}
+    assert core_imports(CORE / "cli.py") == {"__version__", "plugins"}
+
+
+@pytest.mark.slow
+def test_import_denserc_and_every_core_module_import_no_plugin():
+    """A fresh interpreter: `import denserc`, then every module of the core, and no plug-in module is loaded."""
+    code = "\n".join([
+        "import importlib, pkgutil, sys",
+        "import denserc",
+        "assert not any(m.startswith('denserc_testbed') for m in sys.modules), 'import denserc loaded the testbed'",
+        "core = [m.name for m in pkgutil.walk_packages(denserc.__path__, 'denserc.') if m.name != 'denserc.__main__']",
+        "for name in core:",
+        "    importlib.import_module(name)",
+        "assert 'denserc.viz.cli' in sys.modules and 'denserc.train.trainer' in sys.modules",
+        "print(sorted(m for m in sys.modules if m.startswith('denserc_testbed')))",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
