@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from PIL import Image
 
 import denserc
@@ -166,7 +167,9 @@ def test_legend_lists_classes_with_no_pixels_and_warns_when_the_image_is_too_sma
 def test_palette_colours_are_distinct_for_many_classes():
     colours = draw.palette(150)
     assert len(set(colours)) == 150
-    assert colours[:3] == list(draw.KELLY_COLOURS[:3])
+    tab20 = colormaps["tab20"].colors  # up to 20 classes: matplotlib's strong tab20 tones, then the light ones
+    assert draw.palette(12)[:3] == [tuple(round(255 * c) for c in tab20[i]) for i in (0, 2, 4)]
+    assert draw.palette(12)[10] == tuple(round(255 * c) for c in tab20[1])
 
 
 def test_heatmap_picture_colour_bar_and_blend():
@@ -177,8 +180,12 @@ def test_heatmap_picture_colour_bar_and_blend():
     assert (bar.vmin, bar.vmax) == pytest.approx((-0.2, 0.3))
     rgb = np.asarray(picture)
     x0, y0, x1, y1 = bar.bar
-    assert (rgb[y0, x0:x1 + 1] == draw.heat_colours(np.array(1.0))).all()     # top of the bar = vmax
-    assert (rgb[y1, x0:x1 + 1] == draw.heat_colours(np.array(0.0))).all()     # bottom = vmin
+    colour_map = draw.heat_colours(np.linspace(0.0, 1.0, 256)).astype(int)  # the map's 256 colours, low to high
+    rows = rgb[y0:y1 + 1, x0:x1 + 1].astype(int)
+    assert (rows == rows[:, :1]).all()  # each row of the gradient is one colour
+    positions = [int(np.abs(colour_map - row[0]).sum(axis=1).argmin()) for row in rows]
+    assert positions == sorted(positions, reverse=True)  # vmax at the top, falling to vmin at the bottom
+    assert positions[0] >= 250 and positions[-1] <= 5
     middle = 150  # similarity 0.05 = the middle of the range, left of the colour bar, below the caption
     expected = np.round(0.5 * 100 + 0.5 * draw.heat_colours(np.array((similarity[120, middle] + 0.2) / 0.5)))
     assert (rgb[120, middle] == expected).all()

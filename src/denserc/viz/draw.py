@@ -1,11 +1,13 @@
-"""Pictures of dense predictions, drawn with PIL at the input image's own size.
+"""Pictures of dense predictions at the input image's own size: matplotlib draws the legend and the colour bar.
 
-The legend and the colour bar are drawn inside the image (on translucent panels), so the output
-pixel grid is the input's and the two can be compared or flipped between directly.
+The overlay (the image blended with class colours or the heat colours) is computed in numpy and placed
+pixel for pixel on a matplotlib figure of exactly the image's size (``figimage``, 1 point = 1 pixel);
+matplotlib's legend, colour bar and text are drawn inside it on translucent panels, so the output pixel
+grid is the input's and the two can be compared or flipped between directly. Class colours come from
+matplotlib's qualitative ``tab20`` map, heat colours from its ``turbo`` map.
 """
 from __future__ import annotations
 
-import colorsys
 import json
 import os
 import warnings
@@ -14,27 +16,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.transforms import Bbox, IdentityTransform
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..io import atomic_write
 
-# Kelly's colours of maximum contrast (white and black left out: they vanish on light/dark photos),
-# ordered so that the first few classes get the most different hues.
-KELLY_COLOURS = (
-    (190, 0, 50), (0, 103, 165), (0, 136, 86), (243, 195, 0), (135, 86, 146), (243, 132, 0),
-    (161, 202, 241), (230, 143, 172), (141, 182, 0), (132, 132, 130), (194, 178, 128), (96, 78, 151),
-    (249, 147, 121), (246, 166, 0), (179, 68, 108), (220, 211, 0), (136, 45, 23), (101, 69, 34),
-    (226, 88, 34), (43, 61, 38),
-)
-GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+QUALITATIVE_MAP = "tab20"  # up to 20 classes: its ten strong tones, then their light partners
+MANY_CLASSES_MAP = "turbo"  # more classes: evenly spaced colours of this map (256 distinct at most)
+HEAT_MAP = "turbo"  # low similarity dark blue -> cyan -> green -> yellow -> red high
+POINTS_PER_INCH = 72  # the figure's dpi: one point is one pixel
 
-# Heat colour map: anchors at even steps from low to high similarity (dark blue -> cyan -> green ->
-# yellow -> red), linearly interpolated.
-HEAT_ANCHORS = ((35, 23, 90), (30, 110, 220), (30, 200, 200), (110, 220, 70), (250, 200, 30), (215, 30, 20))
-
-PANEL_FILL = (0, 0, 0, 165)
-TEXT_FILL = (255, 255, 255, 255)
+PANEL_COLOUR = "black"
+PANEL_ALPHA = 165 / 255
+TEXT_COLOUR = "white"
 BOUNDARY_FILL = (255, 255, 255)
 # Font height relative to the image's short side, and the range it is kept in (pixels).
 FONT_FRACTION = 1 / 22
@@ -42,7 +44,10 @@ MIN_FONT_SIZE = 7
 MAX_FONT_SIZE = 40
 BOUNDARY_FRACTION = 1 / 400
 COLORBAR_HEIGHT_FRACTION = 0.6
-COLORBAR_TICKS = 5
+# Legend geometry in font sizes: square swatches, and spacing tighter than matplotlib's defaults, so
+# that a legend fits small pictures.
+LEGEND_SPACING = {"handlelength": 1.0, "handleheight": 1.0, "handletextpad": 0.4, "borderpad": 0.35,
+                  "labelspacing": 0.35, "columnspacing": 1.0}
 METADATA_KEY = "denserc"
 
 
@@ -51,34 +56,30 @@ class LegendEntry:
     name: str
     colour: tuple[int, int, int]
     fraction: float  # share of the image's pixels with this label
-    swatch: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the drawn colour square, inclusive
+    swatch: tuple[int, int, int, int]  # (x0, y0, x1, y1): pixels inside the drawn colour square, inclusive
 
 
 @dataclass
 class ColourBar:
     vmin: float
     vmax: float
-    bar: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the gradient, inclusive; vmax at the top
+    bar: tuple[int, int, int, int]  # (x0, y0, x1, y1): pixels inside the gradient, inclusive; vmax at the top
 
 
 def palette(count: int) -> list[tuple[int, int, int]]:
-    """``count`` distinct RGB colours: Kelly's list, then hues stepped by the golden ratio."""
-    colours = list(KELLY_COLOURS[:count])
-    hue = 0.0
-    while len(colours) < count:
-        hue = (hue + GOLDEN_RATIO_CONJUGATE) % 1.0
-        saturation, value = (0.85, 0.9) if len(colours) % 2 else (0.6, 0.7)
-        colours.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, saturation, value)))
-    return colours
+    """``count`` RGB colours: matplotlib's tab20 (strong tones first) up to 20 classes, else turbo resampled."""
+    if count <= 20:
+        tones = colormaps[QUALITATIVE_MAP].colors
+        colours = [tones[i] for i in (*range(0, 20, 2), *range(1, 20, 2))][:count]
+    else:
+        colours = colormaps[MANY_CLASSES_MAP].resampled(count)(np.arange(count))[:, :3]
+    return [tuple(int(round(255 * c)) for c in colour[:3]) for colour in colours]
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (clipped) -> uint8 RGB of the heat colour map, shape values.shape + (3,)."""
-    anchors = np.asarray(HEAT_ANCHORS, dtype=np.float64)
-    positions = np.linspace(0.0, 1.0, len(anchors))
-    values = np.clip(values, 0.0, 1.0)
-    channels = [np.interp(values, positions, anchors[:, c]) for c in range(3)]
-    return np.round(np.stack(channels, axis=-1)).astype(np.uint8)
+    rgba = np.asarray(colormaps[HEAT_MAP](np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)))
+    return np.round(rgba[..., :3] * 255).astype(np.uint8)
 
 
 def draw_segmentation(image: Image.Image, labels: np.ndarray, class_names: list[str], *,
@@ -92,18 +93,19 @@ def draw_segmentation(image: Image.Image, labels: np.ndarray, class_names: list[
     if labels.shape != (image.height, image.width):
         raise ValueError(f"label map has shape {labels.shape}, expected the image's {(image.height, image.width)}")
     _check_alpha(alpha)
-    colours = np.asarray(palette(len(class_names)), dtype=np.float32)
+    colours = palette(len(class_names))
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    blended = base * (1 - alpha) + colours[labels] * alpha
+    blended = base * (1 - alpha) + np.asarray(colours, dtype=np.float32)[labels] * alpha
     blended[_boundaries(labels, max(1, round(min(labels.shape) * BOUNDARY_FRACTION)))] = BOUNDARY_FILL
-    canvas = Image.fromarray(np.round(blended).astype(np.uint8))
-    counts = np.bincount(labels.ravel(), minlength=len(class_names))
-    fractions = counts / labels.size
+    figure = _figure(np.round(blended).astype(np.uint8))
+    fractions = np.bincount(labels.ravel(), minlength=len(class_names)) / labels.size
     lines = [f"{name}  {100 * share:.1f}%" for name, share in zip(class_names, fractions)]
-    swatches = _draw_legend(canvas, lines, [tuple(int(c) for c in colour) for colour in colours])
-    entries = [LegendEntry(name, tuple(int(c) for c in colour), float(share), swatch)
+    legend = _draw_legend(figure, lines, colours)
+    picture = _render(figure)
+    swatches = [_inside(patch.get_window_extent(), picture.height) for patch in legend.get_patches()]
+    entries = [LegendEntry(name, colour, float(share), swatch)
                for name, colour, share, swatch in zip(class_names, colours, fractions, swatches)]
-    return canvas, entries
+    return picture, entries
 
 
 def draw_heatmap(image: Image.Image, similarity: np.ndarray, *, caption: str, alpha: float = 0.5,
@@ -123,11 +125,13 @@ def draw_heatmap(image: Image.Image, similarity: np.ndarray, *, caption: str, al
         raise ValueError(f"vmax must not be below vmin, got vmin={vmin}, vmax={vmax}")
     heat = heat_colours(_unit_scale(similarity, vmin, vmax)).astype(np.float32)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    canvas = Image.fromarray(np.round(base * (1 - alpha) + heat * alpha).astype(np.uint8))
-    font = _font(_preferred_font_size(canvas))
-    _draw_caption(canvas, caption, font)
-    bar = _draw_colour_bar(canvas, vmin, vmax, font)
-    return canvas, ColourBar(vmin, vmax, bar)
+    figure = _figure(np.round(base * (1 - alpha) + heat * alpha).astype(np.uint8))
+    font_size = _preferred_font_size(image.size)
+    pad = max(2, font_size // 3)
+    figure.text(2 * pad, image.height - 2 * pad, caption, transform=IdentityTransform(), fontsize=font_size,
+                color=TEXT_COLOUR, va="top", ha="left", bbox=_panel())
+    bar = _draw_colour_bar(figure, vmin, vmax, font_size)
+    return _render(figure), ColourBar(vmin, vmax, bar)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict) -> None:
@@ -171,89 +175,97 @@ def _boundaries(labels: np.ndarray, thickness: int) -> np.ndarray:
     return edges
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+def _preferred_font_size(size: tuple[int, int]) -> int:
+    return int(np.clip(round(min(size) * FONT_FRACTION), MIN_FONT_SIZE, MAX_FONT_SIZE))
 
 
-def _preferred_font_size(image: Image.Image) -> int:
-    return int(np.clip(round(min(image.size) * FONT_FRACTION), MIN_FONT_SIZE, MAX_FONT_SIZE))
+def _panel() -> dict:
+    """Text-box style of the translucent panels."""
+    return {"boxstyle": "square,pad=0.3", "facecolor": PANEL_COLOUR, "alpha": PANEL_ALPHA, "edgecolor": "none"}
 
 
-def _legend_layout(lines: list[str], size: int, image_size: tuple[int, int]):
-    """Font, geometry and column split of the legend at font ``size``; None if it cannot fit."""
-    font = _font(size)
-    pad = max(2, size // 3)
-    row = round(size * 1.35)
-    text_width = max(font.getbbox(line)[2] for line in lines)
-    column_width = size + pad + text_width + pad
-    width, height = image_size
-    rows_per_column = max(1, (height - 2 * pad - 2 * pad) // row)
-    columns = -(-len(lines) // rows_per_column)
-    rows = min(len(lines), rows_per_column)
-    panel = (columns * column_width + pad, rows * row + pad)
-    fits = panel[0] + 2 * pad <= width and panel[1] + 2 * pad <= height
-    return font, pad, row, column_width, rows, panel, fits
+def _figure(pixels: np.ndarray) -> Figure:
+    """A figure of exactly the picture's size in pixels with ``pixels`` (H, W, 3) as its background."""
+    height, width = pixels.shape[:2]
+    # half a pixel more, so that rounding of width / dpi * dpi can never lose a pixel of the canvas
+    figure = Figure(figsize=((width + 0.5) / POINTS_PER_INCH, (height + 0.5) / POINTS_PER_INCH),
+                    dpi=POINTS_PER_INCH)
+    FigureCanvasAgg(figure)
+    figure.figimage(pixels, xo=0, yo=0, origin="upper", resize=False)
+    return figure
 
 
-def _draw_legend(canvas: Image.Image, lines: list[str], colours: list[tuple[int, int, int]]):
-    """Draw a legend panel in the top-left corner; returns each line's swatch box."""
-    for size in range(_preferred_font_size(canvas), MIN_FONT_SIZE - 1, -1):
-        font, pad, row, column_width, rows, panel, fits = _legend_layout(lines, size, canvas.size)
+def _render(figure: Figure) -> Image.Image:
+    figure.canvas.draw()
+    rgba = np.asarray(figure.canvas.buffer_rgba())
+    return Image.fromarray(np.ascontiguousarray(rgba[..., :3]))
+
+
+def _inside(box, height: int) -> tuple[int, int, int, int]:
+    """The pixels (x0, y0, x1, y1), top-left origin, inclusive, that lie wholly inside a display-space box."""
+    return (int(np.ceil(box.x0)), int(np.ceil(height - box.y1)), int(np.floor(box.x1)) - 1,
+            int(np.floor(height - box.y0)) - 1)
+
+
+def _draw_legend(figure: Figure, lines: list[str], colours: list[tuple[int, int, int]]) -> Legend:
+    """matplotlib's legend in the top-left corner, at the largest font (<= the preferred one) that fits the
+    picture, in as many columns as that font needs."""
+    renderer = figure.canvas.get_renderer()
+    width, height = renderer.get_canvas_width_height()
+    handles = [Patch(facecolor=np.asarray(colour) / 255, edgecolor="none", antialiased=False) for colour in colours]
+
+    def place(size: int, columns: int) -> tuple[Legend, bool]:
+        pad = max(2, size // 3)
+        legend = figure.legend(handles, lines, loc="upper left", bbox_to_anchor=(pad, height - pad),
+                               bbox_transform=IdentityTransform(), ncols=columns, fontsize=size,
+                               labelcolor=TEXT_COLOUR, frameon=True, fancybox=False, framealpha=PANEL_ALPHA,
+                               facecolor=PANEL_COLOUR, edgecolor="none", borderaxespad=0.0, **LEGEND_SPACING)
+        box = legend.get_window_extent(renderer)
+        return legend, box.width + 2 * pad <= width and box.height + 2 * pad <= height
+
+    # One column at the preferred font, measured once, gives the row pitch and column width at every font
+    # size (matplotlib's legend scales with its font), hence the columns each size needs and whether it fits.
+    preferred = _preferred_font_size((width, height))
+    legend, fits = place(preferred, 1)
+    if fits:
+        return legend
+    box = legend.get_window_extent(renderer)
+    legend.remove()
+    for size in range(preferred, MIN_FONT_SIZE - 1, -1):
+        scale, margin = size / preferred, 2 * max(2, size // 3)
+        rows = max(1, int((height - margin) / (scale * box.height / len(lines))))
+        columns = -(-len(lines) // rows)
+        if columns * scale * box.width + margin > width:
+            continue
+        legend, fits = place(size, columns)
         if fits:
-            break
-    else:
-        warnings.warn(f"the image ({canvas.width}x{canvas.height}) is too small for a readable legend of "
-                      f"{len(lines)} classes; the legend is cut off (the PNG's metadata lists every class)",
-                      stacklevel=3)
-    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    draw.rectangle((pad, pad, pad + panel[0] - 1, pad + panel[1] - 1), fill=PANEL_FILL)
-    swatches = []
-    for index, (line, colour) in enumerate(zip(lines, colours)):
-        column, position = divmod(index, rows)
-        x = 2 * pad + column * column_width
-        y = 2 * pad + position * row
-        swatch = (x, y, x + size - 1, y + size - 1)
-        draw.rectangle(swatch, fill=colour + (255,))
-        draw.text((x + size + pad, y + size / 2), line, font=font, fill=TEXT_FILL, anchor="lm")
-        swatches.append(swatch)
-    canvas.paste(Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB"))
-    return swatches
+            return legend
+        legend.remove()
+    warnings.warn(f"the image ({width}x{height}) is too small for a readable legend of {len(lines)} classes; "
+                  "the legend is cut off (the PNG's metadata lists every class)", stacklevel=3)
+    return place(MIN_FONT_SIZE, 1)[0]
 
 
-def _draw_caption(canvas: Image.Image, caption: str, font: ImageFont.FreeTypeFont) -> None:
-    """The query in a panel at the top-left corner."""
-    pad = max(2, font.size // 3)
-    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    left, top, right, bottom = draw.textbbox((2 * pad, 2 * pad), caption, font=font)
-    draw.rectangle((pad, pad, right + pad, bottom + pad), fill=PANEL_FILL)
-    draw.text((2 * pad, 2 * pad), caption, font=font, fill=TEXT_FILL)
-    canvas.paste(Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB"))
-
-
-def _draw_colour_bar(canvas: Image.Image, vmin: float, vmax: float,
-                     font: ImageFont.FreeTypeFont) -> tuple[int, int, int, int]:
-    """A vertical gradient with cosine-similarity ticks at the right edge; returns the gradient's box."""
-    pad = max(2, font.size // 3)
-    ticks = np.linspace(vmax, vmin, COLORBAR_TICKS)
-    labels = [f"{tick:.3f}" for tick in ticks]
-    label_width = max(font.getbbox(label)[2] for label in labels)
-    bar_width = max(4, font.size)
-    bar_height = max(COLORBAR_TICKS, round(canvas.height * COLORBAR_HEIGHT_FRACTION))
-    x1 = canvas.width - 2 * pad - 1
-    x0 = x1 - bar_width + 1
-    y0 = (canvas.height - bar_height) // 2
-    y1 = y0 + bar_height - 1
-    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(overlay)
-    draw.rectangle((x0 - 2 * pad - label_width - pad, y0 - font.size, x1 + pad, y1 + font.size), fill=PANEL_FILL)
-    for tick, label in zip(ticks, labels):
-        y = y1 - round(_unit_scale(tick, vmin, vmax) * (bar_height - 1))
-        draw.line((x0 - pad, y, x0 - 1, y), fill=TEXT_FILL)
-        draw.text((x0 - 2 * pad, y), label, font=font, fill=TEXT_FILL, anchor="rm")
-    canvas.paste(Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB"))
-    gradient = heat_colours(np.linspace(1.0, 0.0, bar_height))
-    strip = np.repeat(gradient[:, None, :], bar_width, axis=1)
-    canvas.paste(Image.fromarray(strip), (x0, y0))
-    return (x0, y0, x1, y1)
+def _draw_colour_bar(figure: Figure, vmin: float, vmax: float, font_size: int) -> tuple[int, int, int, int]:
+    """matplotlib's colour bar at the right edge, labelled in cosine similarity; returns the gradient's pixels."""
+    renderer = figure.canvas.get_renderer()
+    width, height = renderer.get_canvas_width_height()
+    pad = max(2, font_size // 3)
+    bar_width, bar_height = max(4, font_size), max(5, round(height * COLORBAR_HEIGHT_FRACTION))
+    left, bottom = width - 2 * pad - bar_width, (height - bar_height) // 2
+    axes = figure.add_axes(figure.transFigure.inverted().transform_bbox(
+        Bbox.from_bounds(left, bottom, bar_width, bar_height)).bounds, zorder=1)
+    # matplotlib needs a range: a constant map (vmin == vmax, all pixels the lowest colour) gets one of 1e-6
+    norm = Normalize(vmin, vmax if vmax > vmin else vmin + 1e-6)
+    colour_bar = figure.colorbar(ScalarMappable(norm=norm, cmap=colormaps[HEAT_MAP]), cax=axes,
+                                 format="%.3f", ticklocation="left")
+    colour_bar.outline.set_edgecolor(TEXT_COLOUR)
+    axes.tick_params(labelsize=font_size, colors=TEXT_COLOUR, labelcolor=TEXT_COLOUR)
+    figure.canvas.draw()  # lays out the tick labels, so the panel can be sized to them
+    panel = axes.get_tightbbox(renderer)
+    figure.add_artist(Rectangle((panel.x0 - pad, panel.y0 - pad), panel.width + 2 * pad, panel.height + 2 * pad,
+                                transform=IdentityTransform(), facecolor=PANEL_COLOUR, alpha=PANEL_ALPHA,
+                                edgecolor="none", zorder=0.5))  # above the picture, below the bar
+    x0, y0, x1, y1 = _inside(axes.get_window_extent(renderer), height)
+    line = int(np.ceil(colour_bar.outline.get_linewidth()))  # the outline covers the gradient's edge pixels
+    return (x0 + line, y0 + line, x1 - line, y1 - line)
