@@ -110,8 +110,8 @@ def test_sharded_segmentation_counts_sum_to_the_one_process_result(tmp_path, mon
                     cache_dir=tmp_path / "cache", progress=False)
     single = evaluate_segmentation(model, tokenizer, root, "ade20k", **settings)
     assert 0 < single["mIoU"] < 100 and 0 < single["aAcc"] < 100
-    halves = [evaluate_segmentation(model, tokenizer, root, "ade20k", shard=distributed.DistributedEnv(rank, 2), **settings)
-              for rank in range(2)]
+    halves = [evaluate_segmentation(model, tokenizer, root, "ade20k", shard=distributed.DistributedEnv(rank, 2),
+                                    **settings) for rank in range(2)]
     assert [half["num_images"] for half in halves] == [1, 1]
     assert halves[0]["per_class"] != single["per_class"]  # one shard alone is not the answer
     sharded = run_as_two_ranks(monkeypatch, segmentation, lambda shard: evaluate_segmentation(

@@ -42,8 +42,8 @@ def default_image_size(model) -> int:
 def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = "val2017",
                      class_names: str = DEFAULT_CLASS_NAMES, templates: str = DEFAULT_TEMPLATES,
                      image_size: int | None = None, batch_size: int = 4, workers: int = 4, limit: int | None = None,
-                     shard: DistributedEnv = DistributedEnv(), cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                     description: str | None = None) -> dict:
+                     shard: DistributedEnv = DistributedEnv(), cache_dir: str | os.PathLike | None = None,
+                     progress: bool = True, description: str | None = None) -> dict:
     """Box/mask classification accuracies of ``model`` on a COCO-panoptic split (this rank's shard, summed).
 
     ``class_names``: a bundled list or file in the categories' id order, or "dataset" for the names
