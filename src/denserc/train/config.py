@@ -151,8 +151,21 @@ def from_dict(raw: dict) -> Config:
     return config
 
 
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def dump_config(config) -> str:
+    """A config dataclass as YAML, sections in schema order."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as 'key: old -> new'."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += changed_keys(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changed.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changed
 
 
 # ---------------------------------------------------------------------------------- internals
