@@ -81,7 +81,7 @@ from ..io import save_tensors
 from ..models import load_state_dict_checked
 from .checkpoint import (WEIGHTS, load_checkpoint, remove_stale_staging, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import ConfigError, changed_keys, dump_config
+from .config import ConfigError, accumulation_steps, changed_keys, dump_config
 from .distributed import DistributedEnv, all_reduce, barrier, gather_objects
 from .metrics import MetricsLogger, MetricsWindow
 from .optim import parameter_groups, warmup_cosine
@@ -138,13 +138,7 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         train, optim = config.train, config.optim
-        if train.precision == "fp16" and env.device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-        per_step = train.batch_size * env.world_size
-        if train.global_batch_size % per_step:
-            raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-                              f"train.batch_size={train.batch_size} x {env.world_size} processes = {per_step}")
-        self.accumulation = train.global_batch_size // per_step
+        self.accumulation = accumulation_steps(train, env.world_size, env.device.type)
         if env.device.type == "cpu" and train.cpu_threads is not None:
             torch.set_num_threads(train.cpu_threads)  # for this whole process
 
@@ -320,7 +314,7 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.samples_done = state["step"], state["epoch"], state["samples_done"]
         self.counts = dict(state["counts"])
-        changed = changed_keys(state["config"], dataclasses.asdict(self.config))
+        changed = changed_keys(state["config"], self.config)
         if changed and self.env.is_main:
             logger.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
         if len(state["rng"]) == self.env.world_size:
