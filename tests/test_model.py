@@ -225,6 +225,7 @@ def test_position_embedding_cache_follows_weight_updates(tiny_model):
     assert tiny_model.visual.positional_embedding.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_autocast_bf16_and_compile(tiny_model, images):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model.encode_dense(images)
