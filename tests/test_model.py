@@ -26,7 +26,7 @@ def block_inputs(model: DenseRCModel, images: torch.Tensor) -> list[torch.Tensor
 
 
 def per_head_outputs(block, x: torch.Tensor) -> torch.Tensor:
-    """o_h = v_h @ W_o[:, h]^T for every head, from in_proj rows [2D:3D] (DESIGN 1.1): (B, N, H, D)."""
+    """o_h = v_h @ W_o[:, h]^T for every head, from in_proj rows [2D:3D] (docs/method.md#extraction): (B, N, H, D)."""
     width = x.shape[-1]
     heads = block.attn.num_heads
     d = width // heads
