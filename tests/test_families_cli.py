@@ -2,7 +2,9 @@
 import json
 
 import numpy as np
+import open_clip
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -91,3 +93,18 @@ def test_eval_region_and_seg_take_eva_and_siglip_students(tmp_path, capsys):
                  "--window", "112", "--stride", "56", *common, "--out", str(seg)]) == 0
     results = json.loads(seg.read_text())["results"]
     assert [(r["model"], r["num_images"], len(r["per_class"])) for r in results] == [(EVA, 1, 150), (SIGLIP, 1, 150)]
+
+
+def test_eva_and_vfm_configs_carry_the_peers_recipes():
+    """CLIPSelf's/DeCLIP's EVA settings (docs/models.md), with tags and VFM names that really exist."""
+    b16, l14 = load_config("eva02_b16_coco"), load_config("eva02_l14_coco")
+    assert (b16.model.name, b16.model.unlocked_blocks, b16.data.image_size, b16.optim.lr, b16.optim.weight_decay,
+            b16.train.epochs, b16.train.global_batch_size, b16.export.alpha) == ("EVA02-B-16", 12, 1024, 1e-5, 0.1,
+                                                                                 6, 16, 0.7)
+    assert (l14.model.name, l14.model.unlocked_blocks, l14.data.image_size, l14.train.global_batch_size,
+            l14.export.alpha) == ("EVA02-L-14-336", 24, 896, 16, 0.95)
+    for config in (b16, l14):
+        assert open_clip.get_pretrained_cfg(config.model.name, config.model.pretrained)
+    vfms = {name: load_config(name).vfm.name for name in ("vfm_dinov3_b16", "vfm_dinov2_b14")}
+    assert vfms == {"vfm_dinov3_b16": "vit_base_patch16_dinov3", "vfm_dinov2_b14": "vit_base_patch14_dinov2"}
+    assert all(timm.is_model(name) for name in vfms.values())
