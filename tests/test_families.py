@@ -1,5 +1,7 @@
 """EVA-02-CLIP and SigLIP students: the dense construction checked against timm's own modules and against
 formulas written out from the weights in the test (the bundled tiny EVA02-Tiny-16 / ViT-Tiny-16-MAP)."""
+import copy
+
 import open_clip
 import pytest
 import timm
@@ -204,6 +206,7 @@ def test_gradients_reach_the_gate_and_the_blocks(model, images):
     for index, block in enumerate(model.visual.trunk.blocks[:-1]):
         assert block.norm1.weight.grad.abs().sum() > 0, f"no gradient in block {index}"
     model.zero_grad()
+    model.eval()  # the module-wide fixture shares its CLIP with the trained variant
 
 
 @pytest.mark.slow
@@ -403,3 +406,17 @@ def test_eva02_e_with_post_norm_blocks_is_refused_with_the_reason():
     with pytest.raises(UnsupportedModelError, match="'EVA02-E-14' has an image tower DenseRC cannot decompose "
                                                     r"\(block 0 is EvaBlockPostNorm"):
         tower_for(clip, "EVA02-E-14")
+
+
+def test_grad_checkpointing_and_deepcopy_keep_the_tower_in_step(model, images):
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        model.encode_dense(images[:1]).square().mean().backward()
+        grads.append(model.visual.trunk.patch_embed.proj.weight.grad.clone())
+    model.set_grad_checkpointing(False)
+    model.zero_grad()
+    torch.testing.assert_close(grads[0], grads[1])
+    copied = copy.deepcopy(model)  # the trainer's export copies the student
+    assert copied.tower.visual is copied.visual and copied.visual is not model.visual
