@@ -35,7 +35,7 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
                  construction: str = "multi-v", gating: str = "hsg", num_layers: int | None = None,
                  device: str | torch.device = "cpu", precision: str = "fp32",
                  cache_dir: str | None = None) -> DenseRCModel:
-    """Build a DenseRC model from any open_clip ViT.
+    """Build a DenseRC model from an open_clip CLIP of a supported family (docs/models.md).
 
     ``pretrained`` is None (random weights), an open_clip pretrained tag (e.g. "openai") or the path
     of an open_clip checkpoint file (.bin/.pt/.pth/.safetensors). ``num_layers`` defaults to 3 for
