@@ -122,8 +122,11 @@ class DistillationTask(Task):
         vfm = VFM(vfm_config.name, pretrained=vfm_config.pretrained, weights=vfm_config.weights,
                   model_kwargs=vfm_config.model_kwargs)
         student.requires_grad_(False)
-        for parameter in student.image_tower_parameters():
-            parameter.requires_grad_(True)
+        try:
+            for parameter in student.image_tower_parameters(model.unlocked_blocks):
+                parameter.requires_grad_(True)
+        except ValueError as error:
+            raise ConfigError(f"model.unlocked_blocks: {error}") from error
         return student.to(device), teacher.to(device), vfm.to(device)
 
     def images_and_grids(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
