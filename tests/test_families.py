@@ -15,7 +15,7 @@ import denserc
 from denserc.models import DenseRCModel, UnsupportedModelError
 from denserc.models.towers import attention_pool_one_token, tower_for
 
-from conftest import randomize_
+from conftest import randomize_, variant
 
 EVA, SIGLIP = "EVA02-Tiny-16", "ViT-Tiny-16-MAP"
 FAMILIES = [EVA, SIGLIP]
@@ -31,14 +31,6 @@ def random_model(name: str, seed: int = 0, layer_scale: bool = False) -> DenseRC
             block.gamma_2 = nn.Parameter(torch.ones(model.width))
     return randomize_(model, seed=seed).eval()
 
-
-def variant(model: DenseRCModel, **settings) -> DenseRCModel:
-    """Same weights, another construction/gating (a gate, if any, random so that it is not uniform)."""
-    other = DenseRCModel(model.clip, model_name=model.model_name, model_cfg=model.model_cfg,
-                         preprocess_cfg=model.preprocess_cfg, **settings).eval()
-    if other.gate is not None:
-        randomize_(other.gate, seed=3)
-    return other
 
 
 def dynamic_trunk(model: DenseRCModel) -> nn.Module:
