@@ -166,22 +166,48 @@ class DenseRCModel(nn.Module):
 
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Dense features (B, E, H/p, W/p) in the joint image-text space, not normalised."""
-        x, (h, w) = self._embed(images)
+        return self.encode_dense_with_taps(images, ())[0]
+
+    def encode_dense_with_taps(self, images: torch.Tensor,
+                               taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode_dense`` plus the patch tokens after the image blocks ``taps`` (0-based), one pass.
+
+        Returns the dense features and, in the order of ``taps``, one (B, D, H/p, W/p) map per tapped
+        block output (its full residual stream, cls token dropped): the intermediate features a
+        detector's pyramid is built from (F-ViT taps blocks 3, 5, 7, 11 of a ViT-B).
+        """
         blocks = self.visual.transformer.resblocks
-        first = len(blocks) - self.num_layers
-        for block in blocks[:first]:
-            x = self._checkpointed(self._block, block, x)
+        depth = len(blocks)
+        bad = [t for t in taps if not 0 <= t < depth]
+        if bad:
+            raise ValueError(f"taps must be block indices in 0..{depth - 1} for {self.model_name} "
+                             f"({depth} blocks), got {list(taps)}")
+        x, (h, w) = self._embed(images)
+        tapped: dict[int, torch.Tensor] = {}
+
+        def advance(index: int, tokens: torch.Tensor) -> torch.Tensor:
+            tokens = self._checkpointed(self._block, blocks[index], tokens)
+            if index in taps:
+                tapped[index] = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+            return tokens
+
+        first = depth - self.num_layers
+        for index in range(first):
+            x = advance(index, x)
         if self.construction == "x+v":
             block = blocks[-1]
             y = x[:, 1:] + self._value_branch(block, x)
             y = y + block.ls_2(block.mlp(block.ln_2(y)))
         else:
             y = self._value_branch(blocks[first], x)
-            for prev, block in zip(blocks[first:-1], blocks[first + 1:]):
-                x = self._checkpointed(self._block, prev, x)
-                y = y + self._value_branch(block, x)
+            for index in range(first, depth - 1):
+                x = advance(index, x)
+                y = y + self._value_branch(blocks[index + 1], x)
+        if depth - 1 in taps:
+            advance(depth - 1, x)
         y = self.visual.ln_post(y) @ self.visual.proj
-        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+        dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+        return dense, [tapped[t] for t in taps]
 
     def encode_regions(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised region embeddings (K, E): RoIAlign 1x1 (aligned) on normalised dense features.
