@@ -38,8 +38,9 @@ def read_json(path: str | os.PathLike, what: str):
 
 
 def evaluate_detections(annotations: str | os.PathLike, detections: list[dict] | str | os.PathLike,
-                        protocol: str | Protocol) -> dict:
-    """The protocol's report for ``detections`` against the ground truth file ``annotations``."""
+                        protocol: str | Protocol, image_ids: list[int] | None = None) -> dict:
+    """The protocol's report for ``detections`` against the ground truth file ``annotations``
+    (on the images ``image_ids`` only, if given; default every image of the file)."""
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
     ground_truth = read_json(annotations, "annotation")
     if not isinstance(ground_truth, dict) or "categories" not in ground_truth or "images" not in ground_truth:
@@ -54,10 +55,11 @@ def evaluate_detections(annotations: str | os.PathLike, detections: list[dict] |
     _check_detections(detections, ground_truth)
     kept = [d for d in detections if d["category_id"] in set(split.category_ids)]
     if protocol.evaluator == "coco":
-        report = _coco_report(ground_truth, kept, split)
+        report = _coco_report(ground_truth, kept, split, image_ids)
     else:
-        report = _lvis_report(Path(annotations), kept, split)
-    return {"protocol": protocol.name, "num_images": len(ground_truth["images"]),
+        report = _lvis_report(Path(annotations), kept, split, image_ids)
+    num_images = len(ground_truth["images"]) if image_ids is None else len(image_ids)
+    return {"protocol": protocol.name, "num_images": num_images,
             "num_detections": len(kept), "ignored_detections": len(detections) - len(kept), **report}
 
 
@@ -86,7 +88,7 @@ def _check_detections(detections: list[dict], ground_truth: dict) -> None:
         raise ValueError(f"{len(unknown)} detected image ids are not in the annotation file (e.g. {unknown[:5]})")
 
 
-def _coco_report(ground_truth: dict, detections: list[dict], split: Split) -> dict:
+def _coco_report(ground_truth: dict, detections: list[dict], split: Split, image_ids: list[int] | None) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -100,13 +102,16 @@ def _coco_report(ground_truth: dict, detections: list[dict], split: Split) -> di
             dt = gt.loadRes([dict(d) for d in detections])
             evaluator = COCOeval(gt, dt, "bbox")
             evaluator.params.catIds = list(split.category_ids)
+            if image_ids is not None:
+                evaluator.params.imgIds = sorted(image_ids)
             evaluator.evaluate()
             evaluator.accumulate()
             precision = evaluator.eval["precision"]  # (iou thresholds, recall, class, area, max dets)
             for k, category_id in enumerate(evaluator.params.catIds):
                 per_class_ap50[category_id] = _mean_valid(precision[0, :, k, 0, -1])
                 per_class_ap[category_id] = _mean_valid(precision[:, :, k, 0, -1])
-    with_gt = {a["category_id"] for a in ground_truth["annotations"]}
+    with_gt = {a["category_id"] for a in ground_truth["annotations"]
+               if image_ids is None or a["image_id"] in set(image_ids)}
     if not detections:  # nothing detected: every class with ground truth scores 0
         for category_id in with_gt & set(split.category_ids):
             per_class_ap50[category_id] = per_class_ap[category_id] = 0.0
@@ -131,7 +136,7 @@ def _mean_valid(precision: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else math.nan
 
 
-def _lvis_report(annotations: Path, detections: list[dict], split: Split) -> dict:
+def _lvis_report(annotations: Path, detections: list[dict], split: Split, image_ids: list[int] | None) -> dict:
     from lvis import LVIS, LVISEval, LVISResults
 
     logging.getLogger("lvis").setLevel(logging.WARNING)
@@ -144,6 +149,8 @@ def _lvis_report(annotations: Path, detections: list[dict], split: Split) -> dic
         with contextlib.redirect_stdout(io.StringIO()):
             dt = LVISResults(gt, [dict(d) for d in detections], max_dets=LVIS_MAX_DETECTIONS)
             evaluator = LVISEval(gt, dt, iou_type)
+            if image_ids is not None:
+                evaluator.params.img_ids = sorted(image_ids)
             evaluator.run()
         numbers = evaluator.get_results()
         results["box" if iou_type == "bbox" else "mask"] = {

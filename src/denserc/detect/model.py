@@ -109,40 +109,6 @@ class SimplePyramid(nn.Module):
         return [level(x) for level, x in zip(self.levels, maps)]
 
 
-class FViTBackbone(nn.Module):
-    """Frozen tower -> tapped maps -> simple pyramid -> FPN (5 levels); also the dense features."""
-
-    def __init__(self, tower: DenseRCModel, taps: list[int], fpn_channels: int):
-        super().__init__()
-        if len(taps) != NUM_PYRAMID_INPUTS:
-            raise ValueError(f"model.taps must name {NUM_PYRAMID_INPUTS} blocks, got {list(taps)}")
-        depth = len(tower.visual.transformer.resblocks)
-        if not all(0 <= t < depth for t in taps):
-            raise ValueError(f"model.taps {list(taps)} must be block indices in 0..{depth - 1} "
-                             f"for {tower.model_name} ({depth} blocks)")
-        self.tower = tower
-        self.tower.requires_grad_(False)
-        self.tower.eval()
-        self.taps = list(taps)
-        self.pyramid = SimplePyramid(tower.width)
-        self.fpn = FeaturePyramidNetwork([tower.width] * NUM_PYRAMID_INPUTS, fpn_channels,
-                                         extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
-        patch = tower.patch_size
-        self.strides = [patch / 4, patch / 2, patch, patch * 2, patch * 4]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.tower.eval()  # frozen: dropout and the like stay off
-        return self
-
-    def forward(self, images: torch.Tensor) -> tuple[OrderedDict, torch.Tensor]:
-        """(FPN maps '0'..'3', 'pool'; dense features (B, E, H/p, W/p), not normalised)."""
-        with torch.no_grad():
-            dense, maps = self.tower.encode_dense_with_taps(images, self.taps)
-        levels = self.pyramid([m.detach() for m in maps])
-        return self.fpn(OrderedDict((str(k), x) for k, x in enumerate(levels))), dense
-
-
 class StridedAnchorGenerator(AnchorGenerator):
     """torchvision's anchors at exact (possibly fractional) level strides.
 
@@ -339,23 +305,34 @@ class FViTRoIHeads(RoIHeads):
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-class FViT(nn.Module):
-    """The detector. ``forward(images, image_sizes, targets)``: a loss dict in training, else one dict per
-    image with ``boxes`` (x1, y1, x2, y2 in input pixels), ``scores``, ``labels`` (0-based vocabulary
-    indices) and, with masks, ``mask_probs`` (D, 1, 28, 28).
+def check_taps(tower: DenseRCModel, taps: list[int]) -> None:
+    depth = len(tower.visual.transformer.resblocks)
+    if len(taps) != NUM_PYRAMID_INPUTS or not all(0 <= t < depth for t in taps):
+        raise ValueError(f"model.taps must name {NUM_PYRAMID_INPUTS} block indices in 0..{depth - 1} for "
+                         f"{tower.model_name} ({depth} blocks), got {list(taps)}")
 
-    images: (B, 3, S, S) normalised, padded at the bottom/right; image_sizes: the valid (h, w) per image;
-    targets: per image ``boxes`` (K, 4), ``labels`` (K,) 0-based vocabulary indices of base classes, and
-    ``masks`` (K, S, S) when the mask head is on.
+
+class FViTHeads(nn.Module):
+    """Everything of F-ViT that trains: pyramid, FPN, RPN and RoI heads, fed the frozen tower's outputs.
+
+    ``forward(maps, image_sizes, targets=None, dense=None)``: ``maps`` are the 4 tapped (B, D, h, w)
+    block outputs, ``image_sizes`` the valid (h, w) of each padded input. In training ``targets`` (per
+    image ``boxes`` (K, 4) in input pixels, ``labels`` (K,) 0-based vocabulary indices of base classes,
+    ``masks`` (K, H, W) with the mask head) give a loss dict with ``loss`` their sum; in eval mode one
+    dict per image (``boxes``, ``scores``, ``labels`` 0-based, ``mask_probs`` (D, 1, 28, 28) with
+    masks), ensembled with the CLIP region score when ``dense`` (B, E, h, w) is given.
     """
 
-    def __init__(self, tower: DenseRCModel, config: DetectorConfig, class_embeddings: torch.Tensor,
+    def __init__(self, config: DetectorConfig, width: int, patch_size: int, class_embeddings: torch.Tensor,
                  background: torch.Tensor, novel: torch.Tensor):
         super().__init__()
         self.config = config
-        self.backbone = FViTBackbone(tower, config.taps, config.fpn_channels)
-        strides = self.backbone.strides
-        anchors = StridedAnchorGenerator(strides, config.anchor_scale, config.anchor_ratios)
+        self.patch_size = patch_size
+        self.strides = [patch_size / 4, patch_size / 2, patch_size, patch_size * 2, patch_size * 4]
+        self.pyramid = SimplePyramid(width)
+        self.fpn = FeaturePyramidNetwork([width] * NUM_PYRAMID_INPUTS, config.fpn_channels,
+                                         extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+        anchors = StridedAnchorGenerator(self.strides, config.anchor_scale, config.anchor_ratios)
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(config.fpn_channels, len(config.anchor_ratios), conv_depth=config.rpn_convs),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
@@ -363,29 +340,56 @@ class FViT(nn.Module):
             post_nms_top_n={"training": config.rpn_post_nms, "testing": config.rpn_post_nms},
             nms_thresh=config.rpn_nms)
         classifier = CosineClassifier(class_embeddings, background, novel, config.temperature)
-        self.roi_heads = FViTRoIHeads(config, strides, tower.embed_dim, classifier)
+        self.roi_heads = FViTRoIHeads(config, self.strides, class_embeddings.shape[1], classifier)
 
     @property
     def classifier(self) -> CosineClassifier:
         return self.roi_heads.box_predictor
 
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Everything but the frozen tower."""
-        return [(name, p) for name, p in self.named_parameters() if not name.startswith("backbone.tower.")]
+    def features(self, maps: list[torch.Tensor]) -> OrderedDict:
+        """The 5 FPN levels ('0'..'3', 'pool') at strides p/4 .. 4p."""
+        levels = self.pyramid(maps)
+        return self.fpn(OrderedDict((str(k), x) for k, x in enumerate(levels)))
 
-    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None):
+    def forward(self, maps: list[torch.Tensor], image_sizes, targets: list[dict] | None = None,
+                dense: torch.Tensor | None = None):
         if self.training and targets is None:
-            raise ValueError("FViT in training mode needs targets")
-        features, dense = self.backbone(images)
-        image_list = ImageList(images, [tuple(int(v) for v in s) for s in image_sizes])
+            raise ValueError("FViTHeads in training mode needs targets")
+        features = self.features(maps)
+        images = ImageList(maps[0], [tuple(int(v) for v in s) for s in image_sizes])
         if self.training:
             targets = [{**t, "labels": t["labels"] + 1} for t in targets]  # 0 is the background
-        proposals, rpn_losses = self.rpn(image_list, features, targets)
-        out = self.roi_heads(features, proposals, image_list.image_sizes, targets,
-                             dense=None if self.training else dense, patch_size=self.backbone.tower.patch_size)
-        if self.training:
-            return {**rpn_losses, **out}
-        return out
+        proposals, rpn_losses = self.rpn(images, features, targets)
+        out = self.roi_heads(features, proposals, images.image_sizes, targets, dense=dense,
+                             patch_size=self.patch_size)
+        if not self.training:
+            return out
+        losses = {**rpn_losses, **out}
+        return {"loss": sum(losses.values()), **losses}
+
+
+class FViT(nn.Module):
+    """Frozen tower + ``FViTHeads``: ``forward(images, image_sizes)`` detects in (B, 3, S, S) normalised
+    inputs padded at the bottom/right (see ``FViTHeads`` for the outputs)."""
+
+    def __init__(self, tower: DenseRCModel, heads: FViTHeads):
+        super().__init__()
+        check_taps(tower, heads.config.taps)
+        self.tower = tower.requires_grad_(False).eval()
+        self.heads = heads
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tower.eval()  # frozen
+        return self
+
+    def tower_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            return self.tower.encode_dense_with_taps(images, self.heads.config.taps)
+
+    def forward(self, images: torch.Tensor, image_sizes, targets: list[dict] | None = None):
+        dense, maps = self.tower_outputs(images)
+        return self.heads(maps, image_sizes, targets, dense=None if self.training else dense)
 
 
 def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -395,4 +399,4 @@ def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, 
     return paste_masks_in_image(mask_probs, boxes, size)[:, 0] >= 0.5
 
 
-__all__ = ["DetectorConfig", "FViT", "classification_loss", "ensemble_scores", "paste_masks"]
+__all__ = ["DetectorConfig", "FViT", "FViTHeads", "classification_loss", "ensemble_scores", "paste_masks"]

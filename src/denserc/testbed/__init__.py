@@ -6,7 +6,7 @@ open_clip config ``ViT-Testbed-P8`` and its pretrained tag ``testbed``, the timm
 ``testbed_appearance`` (the VFM), the training data type ``testbed`` and the segmentation dataset
 ``testbed``.
 """
-from . import appearance_vfm, evaluation, source  # noqa: F401  (registrations)
+from . import appearance_vfm, detection, evaluation, source  # noqa: F401  (registrations)
 from .coco import write_split
 from .scenes import Scene, SceneConfig, Segment, render_scene, scene_rng
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG, pretrain_record, pretrained_path
