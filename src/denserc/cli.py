@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "denserc.testbed.cli",  # before eval: registers the segmentation dataset "testbed" it offers
     "denserc.eval.cli",
     "denserc.viz.cli",
+    "denserc.detect.cli",
 )
 
 
