@@ -136,6 +136,20 @@ def _mean_valid(precision: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else math.nan
 
 
+@contextlib.contextmanager
+def _numpy_float_alias():
+    """``lvis`` 0.5.3 (its latest release) calls ``np.float``, which NumPy 1.24 removed: alias it to
+    ``float`` while the evaluation runs, and remove the alias afterwards."""
+    added = not hasattr(np, "float")
+    if added:
+        np.float = float
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
+
+
 def _lvis_report(annotations: Path, detections: list[dict], split: Split, image_ids: list[int] | None) -> dict:
     from lvis import LVIS, LVISEval, LVISResults
 
@@ -146,7 +160,7 @@ def _lvis_report(annotations: Path, detections: list[dict], split: Split, image_
     results = {}
     iou_types = ["bbox"] + (["segm"] if all("segmentation" in d for d in detections) else [])
     for iou_type in iou_types:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _numpy_float_alias():
             dt = LVISResults(gt, [dict(d) for d in detections], max_dets=LVIS_MAX_DETECTIONS)
             evaluator = LVISEval(gt, dt, iou_type)
             if image_ids is not None:
