@@ -35,7 +35,7 @@ def is_novel(category: dict) -> bool:
     return (SHAPES.index(category["shape"]) + COLOUR_NAMES.index(category["colour"])) % 4 == 0
 
 
-def testbed_split(categories: Sequence[dict]) -> Split:
+def ov_testbed_split(categories: Sequence[dict]) -> Split:
     """The testbed's thing categories (an ``instances_*.json`` of ``write_split``) with the novel rule."""
     by_name = {f"{colour} {shape}": (shape, colour) for shape in SHAPES for colour in COLOUR_NAMES}
     unknown = [c["name"] for c in categories if c["name"] not in by_name]
@@ -49,7 +49,7 @@ def testbed_split(categories: Sequence[dict]) -> Split:
     return Split(tuple(c["id"] for c in ordered), tuple(c["name"] for c in ordered), tuple(flags))
 
 
-register_protocol(Protocol(PROTOCOL, "coco", testbed_split))
+register_protocol(Protocol(PROTOCOL, "coco", ov_testbed_split))
 
 
 def write_detection_data(root: str | Path, num_train: int, num_val: int, progress: bool = True) -> dict[str, Path]:
