@@ -70,13 +70,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..train.config import ConfigError
     from ..train.distributed import cleanup_distributed, setup_distributed
-    from .config import dump_detect_config, load_detect_config
+    from ..train.config import dump_config
+    from .config import load_detect_config
     try:
         config = load_detect_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as error:
         return _fail("train", str(error))
     if args.print_config:
-        print(dump_detect_config(config), end="")
+        print(dump_config(config), end="")
         return 0
     output_dir = Path(config.train.output_dir or Path("runs") / Path(args.config).name.removesuffix(".yaml"))
     try:

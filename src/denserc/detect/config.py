@@ -1,4 +1,4 @@
-"""Detection configs: dataclasses as the schema, OmegaConf for YAML (``base:`` inheritance) and overrides.
+"""Detection configs: dataclasses as the schema, read like every config (``train.config.load_structured``).
 
 ``train`` and ``optim`` are the training engine's own sections (``denserc.train.config``); the rest is
 the detector (``model``), its frozen image tower (``backbone``), the class prompts (``text``) and the
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from ..train import config as train_config
 from ..train.config import ConfigError, OptimConfig, TrainConfig
 from .model import DetectorConfig
 
@@ -70,48 +70,15 @@ class DetectConfig:
 
 
 def available_configs() -> list[str]:
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+    return train_config.available_configs(CONFIG_DIR)
 
 
-def resolve_config(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
-    candidates = [Path(name_or_path)] + ([relative_to / name_or_path] if relative_to else [])
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    shipped = CONFIG_DIR / f"{Path(name_or_path).name.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise ConfigError(f"detection config {str(name_or_path)!r} is neither a YAML file nor a shipped config; "
-                      f"shipped: {available_configs()}")
-
-
-def load_detect_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DetectConfig:
-    """Schema <- ``base:`` chain <- file <- ``section.key=value`` overrides; unknown keys and bad types fail."""
-    schema = OmegaConf.structured(DetectConfig)
-    try:
-        merged = OmegaConf.merge(schema, *_chain(resolve_config(name_or_path), ()),
-                                 OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"detection config {name_or_path}: {error}") from error
-    config: DetectConfig = OmegaConf.to_object(merged)
+def load_detect_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> DetectConfig:
+    """The training engine's ``load_structured`` on this schema (``base:`` chains, typed overrides), then
+    the ranges the types do not express."""
+    config = train_config.load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
     if len(config.model.taps) != 4:
         raise ConfigError(f"model.taps must list 4 block indices, got {config.model.taps}")
     if config.data.image_size <= 0:
         raise ConfigError(f"data.image_size must be positive, got {config.data.image_size}")
     return config
-
-
-def dump_detect_config(config: DetectConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def _chain(path: Path, seen: tuple[Path, ...]) -> list:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as error:  # yaml errors come in several types
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    base = raw.pop("base", None)
-    return ([] if base is None else _chain(resolve_config(base, path.parent), seen + (path,))) + [raw]
