@@ -241,26 +241,25 @@ class FViTRoIHeads(RoIHeads):
     def _losses(self, levels, proposals, targets) -> dict[str, torch.Tensor]:
         proposals, matched, labels, regression_targets = self.select_training_samples(proposals, targets)
         regions, deltas = self.box_head(self.box_roi_pool(levels, proposals))
-        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        all_labels, all_targets = torch.cat(labels), torch.cat(regression_targets)
         logits = self.box_predictor(regions)
         class_weight = self.box_predictor.class_weight(self.config.background_weight)
-        positive = labels > 0
+        positive = all_labels > 0
         losses = {
-            "loss_classifier": classification_loss(logits, labels, class_weight),
-            "loss_box_reg": F.l1_loss(deltas[positive].float(), regression_targets[positive], reduction="sum")
-            / max(labels.numel(), 1),
+            "loss_classifier": classification_loss(logits, all_labels, class_weight),
+            "loss_box_reg": F.l1_loss(deltas[positive].float(), all_targets[positive], reduction="sum")
+            / max(all_labels.numel(), 1),
         }
         if self.has_mask():
-            per_image = [lab.numel() for lab in labels.split([len(p) for p in proposals])]
-            positives = [p[lab > 0] for p, lab in zip(proposals, labels.split(per_image))]
-            matched_pos = [m[lab > 0] for m, lab in zip(matched, labels.split(per_image))]
+            positives = [p[lab > 0] for p, lab in zip(proposals, labels)]
+            matched_positives = [m[lab > 0] for m, lab in zip(matched, labels)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(levels, positives)))
-            gt_masks = [t["masks"] for t in targets]
-            agnostic = [torch.zeros_like(t["labels"]) for t in targets]
             if sum(len(p) for p in positives):
-                losses["loss_mask"] = maskrcnn_loss(mask_logits, positives, gt_masks, agnostic, matched_pos)
+                agnostic = [torch.zeros_like(t["labels"]) for t in targets]  # one mask channel for all classes
+                losses["loss_mask"] = maskrcnn_loss(mask_logits, positives, [t["masks"] for t in targets],
+                                                    agnostic, matched_positives)
             else:
-                losses["loss_mask"] = mask_logits.sum() * 0
+                losses["loss_mask"] = mask_logits.sum() * 0  # keeps every mask parameter in the graph (DDP)
         return losses
 
     def _detect(self, levels, proposals, image_sizes, dense, patch_size) -> list[dict]:
@@ -359,9 +358,13 @@ class FViTHeads(nn.Module):
         images = ImageList(maps[0], [tuple(int(v) for v in s) for s in image_sizes])
         if self.training:
             targets = [{**t, "labels": t["labels"] + 1} for t in targets]  # 0 is the background
-        proposals, rpn_losses = self.rpn(images, features, targets)
-        out = self.roi_heads(features, proposals, images.image_sizes, targets, dense=dense,
-                             patch_size=self.patch_size)
+        # Boxes in float32: torchvision decodes anchors/proposals in the deltas' dtype, and bfloat16 puts a
+        # 1000-px coordinate 4 px off.
+        with torch.autocast(maps[0].device.type, enabled=False):
+            features = OrderedDict((k, v.float()) for k, v in features.items())
+            proposals, rpn_losses = self.rpn(images, features, targets)
+            out = self.roi_heads(features, proposals, images.image_sizes, targets, dense=dense,
+                                 patch_size=self.patch_size)
         if not self.training:
             return out
         losses = {**rpn_losses, **out}

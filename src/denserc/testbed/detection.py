@@ -116,7 +116,7 @@ def register(subparsers) -> None:
         description="Write testbed scenes, train F-ViT (config fvit_testbed) on the base classes of the "
                     "ov-testbed split for each backbone and print AP50 novel/base/all (docs/detection.md).")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="detection-config overrides")
-    parser.add_argument("--backbones", nargs="+", default=["ViT-Testbed-P8:testbed", "runs/testbed/final"],
+    parser.add_argument("--backbones", nargs="+", default=["ViT-Testbed-P8:testbed", "runs/testbed/runs/hsg-seed0/final"],
                         help="tower specs: NAME:TAG or a DenseRC folder (default: the shipped tiny CLIP and "
                              "the distilled one `python -m denserc train` writes)")
     parser.add_argument("--output", type=Path, default=Path("runs/testbed_detect"))
