@@ -68,3 +68,23 @@ def test_resuming_detection_training_after_a_crash_equals_the_uninterrupted_run(
     initial = CrashingTask(config, env).module.state_dict()
     assert not torch.equal(initial["roi_heads.box_predictor.background"],
                            expected["roi_heads.box_predictor.background"])  # it did train
+
+
+BASE_AP50_FLOOR = 1.0  # measured 2.08 (the same detector untrained: 0.0)
+
+
+@pytest.mark.slow
+def test_detector_learns_the_testbed_base_classes(tmp_path_factory):
+    """42 steps (2 epochs of the 170 scenes with a base box) of fvit_testbed: base AP50 on 32 held-out
+    scenes measured 2.08 on this project's CPU, 0.0 with the heads untrained; the floor is half of it."""
+    root = tmp_path_factory.mktemp("testbed_learn")
+    write_split(root, "train", 192, seed=7, progress=False)
+    write_split(root, "val", 32, seed=8, progress=False)
+    config = load_detect_config("fvit_testbed", [
+        f"data.train_annotations={root}/annotations/instances_train.json", f"data.train_images={root}/train",
+        "train.epochs=2", "optim.warmup_steps=5", "train.checkpoint_every=1000", "train.log_every=8"])
+    env = setup_distributed("cpu")
+    final = Engine(DetectionTask(config, env), config, env, tmp_path_factory.mktemp("run")).fit()
+    report, _ = evaluate_detector(load(final), root / "annotations" / "instances_val.json", root / "val", PROTOCOL,
+                                  progress=False)
+    assert report["ap50_base"] > BASE_AP50_FLOOR
