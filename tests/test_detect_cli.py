@@ -66,3 +66,16 @@ def test_draw_writes_a_png_with_the_detections_in_its_metadata(exported_detector
     metadata = read_png_metadata(out)
     assert metadata["classes"] == ["cat", "dog"] and len(metadata["detections"]) > 0
     assert Image.open(out).size == (64, 64)
+
+
+def test_eval_runs_a_detector_on_a_protocol_split(exported_detector, tmp_path, capsys):
+    from denserc.testbed import write_split
+    paths = write_split(tmp_path / "scenes", "val", 3, seed=11, progress=False)
+    code = main(["detect", "eval", "--detector", str(exported_detector), "--annotations", str(paths["instances"]),
+                 "--images", str(paths["images"]), "--protocol", "ov-testbed", "--device", "cpu",
+                 "--out", str(tmp_path / "report.json"), "--save-detections", str(tmp_path / "dets.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_images"] == 3 and {"ap50_novel", "ap50_base", "ap50_all"} <= report.keys()
+    detections = json.loads((tmp_path / "dets.json").read_text())
+    assert detections and {d["category_id"] for d in detections} <= set(range(1, 49))

@@ -90,3 +90,19 @@ def test_lvis_ground_truth_as_detections_scores_100_for_rare_common_frequent(tmp
     for key in ("apr", "apc", "apf", "ap"):
         assert report[key] == pytest.approx(100.0)
     assert get_protocol("ov-lvis").split(categories).novel_ids == [3, 6, 9]
+
+
+def test_lvis_masks_are_scored_and_become_the_headline(tmp_path):
+    from pycocotools import mask as mask_utils
+    categories = [{"id": i, "name": f"thing_{i}", "frequency": "rcf"[i % 3]} for i in range(1, 4)]
+    ground_truth = _coco_ground_truth(categories)
+    for image in ground_truth["images"]:
+        image.update(neg_category_ids=[], not_exhaustive_category_ids=[])
+    path = _write(tmp_path, "lvis.json", ground_truth)
+    detections = _as_detections(ground_truth)
+    for detection, annotation in zip(detections, ground_truth["annotations"]):
+        rle = mask_utils.merge(mask_utils.frPyObjects(annotation["segmentation"], 400, 400))
+        detection["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    report = evaluate_detections(path, detections, "ov-lvis")
+    assert report["headline"] == "mask" and report["mask"]["apr"] == pytest.approx(100.0)
+    assert report["apr"] == report["mask"]["apr"] and report["box"]["ap"] == pytest.approx(100.0)
