@@ -29,6 +29,8 @@ PROTOCOL = "ov-testbed"
 TRAIN_SEED = 3_000_000  # scene seeds apart from CLIP pretraining (0, 1_000_000) and evaluation (2_000_000)
 VAL_SEED = 4_000_000
 COLOUR_NAMES = tuple(COLOURS)
+# the shipped tiny CLIP, and its DenseRC-distilled version as `python -m denserc train` exports it
+DEFAULT_BACKBONES = ("ViT-Testbed-P8:testbed", "runs/testbed/runs/hsg-seed0/final")
 
 
 def is_novel(category: dict) -> bool:
@@ -116,7 +118,7 @@ def register(subparsers) -> None:
         description="Write testbed scenes, train F-ViT (config fvit_testbed) on the base classes of the "
                     "ov-testbed split for each backbone and print AP50 novel/base/all (docs/detection.md).")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="detection-config overrides")
-    parser.add_argument("--backbones", nargs="+", default=["ViT-Testbed-P8:testbed", "runs/testbed/runs/hsg-seed0/final"],
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES),
                         help="tower specs: NAME:TAG or a DenseRC folder (default: the shipped tiny CLIP and "
                              "the distilled one `python -m denserc train` writes)")
     parser.add_argument("--output", type=Path, default=Path("runs/testbed_detect"))
