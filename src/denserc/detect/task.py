@@ -59,8 +59,7 @@ class DetectionTask(Task):
         return {"maps": maps, "image_sizes": inputs.image_sizes, "targets": inputs.targets}
 
     def export(self, folder: Path) -> None:
-        heads = self.module
-        save_detector(folder, self.tower, heads, self.config, self.split)
+        save_detector(folder, self.tower, self.module, self.config, self.split)
 
     def describe(self) -> str:
         return (f"F-ViT heads ({sum(p.numel() for p in self.module.parameters()):,} parameters) on frozen "
