@@ -68,6 +68,7 @@ def test_draw_writes_a_png_with_the_detections_in_its_metadata(exported_detector
     assert Image.open(out).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_eval_runs_a_detector_on_a_protocol_split(exported_detector, tmp_path, capsys):
     from denserc.testbed import write_split
     paths = write_split(tmp_path / "scenes", "val", 3, seed=11, progress=False)
