@@ -19,6 +19,7 @@ ALLOWED = {
     "eval": {"models", "io", "plugins", "distributed", "__version__"},
     "viz": {"models", "eval", "io"},
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
+    "detect": {"models", "eval", "viz", "train", "io", "distributed", "plugins"},
     "cli": {"plugins", "__version__"},
     "__main__": {"cli"},
     "__init__": {"models", "viz"},

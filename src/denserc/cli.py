@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "denserc.train.cli",
     "denserc.eval.cli",
     "denserc.viz.cli",
+    "denserc.detect.cli",
 )
 
 _PLUGIN_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []

@@ -11,10 +11,12 @@ from timm.models import register_model
 
 from denserc.cli import register_commands
 from denserc.data import register_source
+from denserc.detect.protocols import register_protocol
 from denserc.eval import register_segmentation_dataset
 from denserc.models import register_pretrained
 
 from .appearance_vfm import testbed_appearance
+from .detection import OV_TESTBED
 from .evaluation import LAYOUT, protocol
 from .scenes import SceneConfig
 from .source import build_testbed_source
@@ -28,12 +30,14 @@ DEFAULT_CONFIG = "testbed"
 
 
 def register() -> None:
-    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the dataset and the commands."""
+    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the datasets, the detection split and
+    the commands."""
     register_pretrained(MODEL_NAME, PRETRAINED_TAG, WEIGHTS_DIR / WEIGHTS_FILE, config=CONFIG_FILE,
                         mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
     register_model(testbed_appearance)
     register_source("testbed")(build_testbed_source)
     register_segmentation_dataset(LAYOUT, protocol(SceneConfig().image_size))
+    register_protocol(OV_TESTBED)
     register_commands(add_commands)
 
 

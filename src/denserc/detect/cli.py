@@ -1,0 +1,184 @@
+"""``denserc detect train|eval|draw``: train F-ViT, score detections on OV-COCO/OV-LVIS, draw detections."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  denserc detect train fvit_b16_ovcoco                              1 GPU (8 images x 8 accumulated)
+  torchrun --standalone --nproc_per_node 8 -m denserc detect train fvit_b16_ovcoco
+  denserc detect train fvit_b16_ovcoco backbone.model=ViT-B-16:openai --resume auto
+  denserc detect eval --detector runs/fvit_b16_ovcoco/final --protocol ov-coco \\
+      --annotations data/coco/annotations/instances_val2017.json --images data/coco/val2017
+  denserc detect eval --annotations GT.json --detections DETS.json --protocol ov-coco --out report.json
+  denserc detect draw photo.jpg --detector runs/fvit_b16_ovcoco/final --classes "person,kite,umbrella"
+see docs/detection.md
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "detect", help="open-vocabulary detection with F-ViT (train, eval, draw)",
+        description="F-ViT open-vocabulary detection on a frozen DenseRC/CLIP tower.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="detect_command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train F-ViT on a protocol's base classes",
+                                description="CONFIG is a shipped detection config (fvit_b16_ovcoco, "
+                                            "fvit_b16_ovlvis, fvit_l14_ovcoco, fvit_l14_ovlvis, fvit_testbed) "
+                                            "or a YAML file; overrides are section.key=value.")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
+                       help="'auto': the newest complete checkpoint in the output folder; or a checkpoint folder")
+    train.add_argument("--evaluate", action="store_true",
+                       help="after training, evaluate on data.val_* and write eval.json beside the export")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(func=run_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="AP50 novel/base/all (OV-COCO) or APr/c/f (OV-LVIS) of a detector or a results JSON",
+        description="Either run --detector on --images, or score --detections (COCO results JSON of any "
+                    "detector); prints a Markdown row and writes the JSON report to --out.")
+    evaluate.add_argument("--annotations", required=True, help="ground-truth COCO/LVIS annotation JSON")
+    evaluate.add_argument("--protocol", required=True, help="ov-coco, ov-lvis or a registered protocol")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detector", help="detector folder written by `denserc detect train`")
+    source.add_argument("--detections", help="COCO results JSON to score")
+    evaluate.add_argument("--images", help="image folder (with --detector)")
+    evaluate.add_argument("--out", help="write the JSON report here")
+    evaluate.add_argument("--save-detections", metavar="JSON", help="with --detector: also write its COCO results")
+    evaluate.add_argument("--max-images", type=int, help="with --detector: the first N images only")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evaluate.set_defaults(func=run_eval)
+
+    draw = commands.add_parser("draw", help="detect the given classes in an image and draw them (PNG)")
+    draw.add_argument("image")
+    draw.add_argument("--detector", required=True, help="detector folder written by `denserc detect train`")
+    draw.add_argument("--classes", required=True, metavar="NAMES", help='comma-separated, e.g. "dog,kite"')
+    draw.add_argument("--min-score", type=float, default=0.3, help="draw detections scoring at least this")
+    draw.add_argument("-o", "--output", metavar="PNG", help="default: IMAGE_STEM_detect.png here")
+    draw.add_argument("--device", default="auto")
+    draw.set_defaults(func=run_draw)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..train.config import ConfigError
+    from ..distributed import cleanup_distributed, setup_distributed
+    from ..train.config import dump_config
+    from .config import load_detect_config
+    try:
+        config = load_detect_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        return _fail("train", str(error))
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    output_dir = Path(config.train.output_dir or Path("runs") / Path(args.config).name.removesuffix(".yaml"))
+    try:
+        env = setup_distributed(config.train.device)
+    except RuntimeError as error:
+        return _fail("train", str(error))
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
+    from .task import train_detector
+    try:
+        with logging_redirect_tqdm():
+            final = train_detector(config, env, output_dir, args.resume)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        return _fail("train", str(error))
+    finally:
+        cleanup_distributed()
+    if not env.is_main:
+        return 0
+    print(f"denserc detect train: done; detector in {final} (load with denserc.detect.load('{final}'))")
+    if args.evaluate:
+        from ..io import save_json
+        from .detector import load
+        from .evaluation import markdown_row
+        from .run import evaluate_detector
+        report, _ = evaluate_detector(load(final, env.device), config.data.val_annotations, config.data.val_images,
+                                      config.data.protocol, max_images=config.data.max_val_images)
+        save_json(report, final.parent / "eval.json")
+        print(markdown_row(report, str(final)))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..io import save_json
+    from .evaluation import evaluate_detections, markdown_row
+    try:
+        if args.detections:
+            if args.images or args.save_detections or args.max_images:
+                return _fail("eval", "--images, --save-detections and --max-images go with --detector, "
+                                     "not with --detections")
+            report = evaluate_detections(args.annotations, args.detections, args.protocol)
+            label = Path(args.detections).name
+        else:
+            if not args.images:
+                return _fail("eval", "--detector needs --images (the folder of the annotated images)")
+            from .detector import load
+            from .run import evaluate_detector
+            detector = load(args.detector, _device(args.device))
+            report, detections = evaluate_detector(detector, args.annotations, args.images, args.protocol,
+                                                   batch_size=args.batch_size, max_images=args.max_images)
+            if args.save_detections:
+                save_json(detections, args.save_detections)
+            label = args.detector
+    except (OSError, ValueError, RuntimeError) as error:
+        return _fail("eval", str(error), 1)
+    print(markdown_row(report, label))
+    if args.out:
+        save_json(report, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_draw(args: argparse.Namespace) -> int:
+    from ..viz.draw import save_png
+    from ..viz.image import load_image
+    from .detector import load
+    from .draw import draw_detections
+    classes = [name.strip() for name in args.classes.split(",")]
+    if any(not name for name in classes) or len(set(classes)) != len(classes):
+        return _fail("draw", f"--classes {args.classes!r} must list distinct, non-empty names")
+    output = Path(args.output or f"{Path(args.image).stem}_detect.png")
+    if output.suffix.lower() != ".png":
+        return _fail("draw", f"-o {output} must end in .png")
+    try:
+        image = load_image(args.image)
+        detector = load(args.detector, _device(args.device))
+        result = detector.predict(image, classes)
+        keep = (result["scores"] >= args.min_score).cpu()
+        picked = {k: result[k].cpu()[keep] for k in ("boxes", "scores", "labels")}
+        masks = result["masks"].cpu()[keep].numpy() if "masks" in result else None
+        canvas = draw_detections(image, picked["boxes"].numpy(), picked["labels"].numpy(),
+                                 picked["scores"].numpy(), classes, masks)
+        save_png(canvas, output, {"detector": args.detector, "image": str(args.image), "classes": classes,
+                                  "detections": [{"box": [round(v, 1) for v in box], "label": classes[label],
+                                                  "score": round(score, 4)}
+                                                 for box, label, score in zip(picked["boxes"].tolist(),
+                                                                              picked["labels"].tolist(),
+                                                                              picked["scores"].tolist())]})
+    except (OSError, ValueError, RuntimeError) as error:
+        return _fail("draw", str(error), 1)
+    print(f"wrote {output}: {int(keep.sum())} detections with score >= {args.min_score}")
+    return 0
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _fail(command: str, message: str, code: int = 2) -> int:
+    print(f"denserc detect {command}: error: {message}", file=sys.stderr)
+    return code

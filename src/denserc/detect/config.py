@@ -1,0 +1,84 @@
+"""Detection configs: dataclasses as the schema, read like every config (``train.config.load_structured``).
+
+``train`` and ``optim`` are the training engine's own sections (``denserc.train.config``); the rest is
+the detector (``model``), its frozen image tower (``backbone``), the class prompts (``text``) and the
+data. Shipped configs live in ``denserc/detect/configs/`` and are named without ``.yaml``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from ..train import config as train_config
+from ..train.config import ConfigError, OptimConfig, TrainConfig
+from .model import DetectorConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen tower: a folder written by DenseRCModel.save / ``denserc train``, or NAME[:TAG|:FILE]."""
+    model: str = "ViT-B-16:openai"
+    construction: Optional[str] = None  # null: the folder's own (or multi-v for an open_clip name)
+    gating: Optional[str] = None
+    num_layers: Optional[int] = None
+
+
+@dataclass
+class TextConfig:
+    templates: Any = "vild"  # a bundled set (vild, openai, simple), a file, or a list of templates
+
+
+@dataclass
+class DetectDataConfig:
+    protocol: str = "ov-coco"  # ov-coco | ov-lvis | a registered protocol (the testbed's: ov-testbed)
+    train_annotations: str = "data/coco/annotations/instances_train2017.json"
+    train_images: str = "data/coco/train2017"
+    val_annotations: str = "data/coco/annotations/instances_val2017.json"
+    val_images: str = "data/coco/val2017"
+    image_size: int = 640  # square canvas
+    scale_range: list = field(default_factory=lambda: [0.1, 2.0])
+    flip: float = 0.5
+    num_workers: int = 8
+    max_val_images: Optional[int] = None  # evaluate on the first N images only (quick checks)
+
+
+def _detect_optim() -> OptimConfig:
+    # CLIPSelf F-ViT: AdamW 1e-4 at batch 64, wd 0.1, clip 1.0, 250 warm-up steps, then no decay
+    return OptimConfig(lr=1e-4, weight_decay=0.1, warmup_steps=250, min_lr=1e-4, clip_grad_norm=1.0)
+
+
+def _detect_train() -> TrainConfig:
+    return TrainConfig(epochs=3, global_batch_size=64, batch_size=8, precision="bf16")
+
+
+@dataclass
+class DetectConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: DetectorConfig = field(default_factory=DetectorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    optim: OptimConfig = field(default_factory=_detect_optim)
+    train: TrainConfig = field(default_factory=_detect_train)
+
+    def to_dict(self) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(self))
+
+
+def available_configs() -> list[str]:
+    return train_config.available_configs(CONFIG_DIR)
+
+
+def load_detect_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> DetectConfig:
+    """The training engine's ``load_structured`` on this schema (``base:`` chains, typed overrides), then
+    the ranges the types do not express."""
+    config = train_config.load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
+    if len(config.model.taps) != 4:
+        raise ConfigError(f"model.taps must list 4 block indices, got {config.model.taps}")
+    if config.data.image_size <= 0:
+        raise ConfigError(f"data.image_size must be positive, got {config.data.image_size}")
+    return config

@@ -1,0 +1,174 @@
+"""Score COCO-format detections under an open-vocabulary protocol.
+
+    coco evaluator (OV-COCO): pycocotools box AP50 (and AP 0.5:0.95) averaged over the novel, the base
+        and all classes of the split; categories outside the split are ignored, as OVR-CNN's
+        protocol does (COCOeval restricted to the split's category ids).
+    lvis evaluator (OV-LVIS): the ``lvis`` package's AP, APr, APc, APf (300 detections per image) for
+        boxes, and for masks when the detections carry ``segmentation``; the top-level numbers are the
+        masks' when present (the paper's OV-LVIS mAP_r is mask AP of the rare classes), else the boxes'.
+
+Detections are COCO results: dicts with ``image_id``, ``category_id``, ``bbox`` ([x, y, w, h]),
+``score`` and optionally ``segmentation`` (RLE), from this library's detector or any other.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .protocols import Protocol, Split, get_protocol
+
+LVIS_MAX_DETECTIONS = 300
+
+
+def read_json(path: str | os.PathLike, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from error
+
+
+def evaluate_detections(annotations: str | os.PathLike, detections: list[dict] | str | os.PathLike,
+                        protocol: str | Protocol, image_ids: list[int] | None = None) -> dict:
+    """The protocol's report for ``detections`` against the ground truth file ``annotations``
+    (on the images ``image_ids`` only, if given; default every image of the file)."""
+    protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    ground_truth = read_json(annotations, "annotation")
+    if not isinstance(ground_truth, dict) or "categories" not in ground_truth or "images" not in ground_truth:
+        raise ValueError(f"annotation file {annotations} is not COCO-style: expected a JSON object with "
+                         "'images', 'annotations' and 'categories'")
+    if not isinstance(detections, list):
+        detections = read_json(detections, "detections")
+        if not isinstance(detections, list):
+            raise ValueError("the detections file must hold a JSON list of COCO results "
+                             "({'image_id', 'category_id', 'bbox', 'score'})")
+    split = protocol.split(ground_truth["categories"])
+    _check_detections(detections, ground_truth)
+    kept = [d for d in detections if d["category_id"] in set(split.category_ids)]
+    if protocol.evaluator == "coco":
+        report = _coco_report(ground_truth, kept, split, image_ids)
+    else:
+        report = _lvis_report(Path(annotations), kept, split, image_ids)
+    num_images = len(ground_truth["images"]) if image_ids is None else len(image_ids)
+    return {"protocol": protocol.name, "num_images": num_images,
+            "num_detections": len(kept), "ignored_detections": len(detections) - len(kept), **report}
+
+
+def markdown_row(report: dict, label: str = "") -> str:
+    """One Markdown table row: the protocol's headline numbers, in percent."""
+    if "ap50_novel" in report:
+        cells = [report["ap50_novel"], report["ap50_base"], report["ap50_all"]]
+        header = "| model | AP50 novel | AP50 base | AP50 all |"
+    else:
+        cells = [report["apr"], report["apc"], report["apf"], report["ap"]]
+        header = "| model | APr | APc | APf | AP |"
+    row = "| " + " | ".join([label or report["protocol"]] + [f"{value:.1f}" for value in cells]) + " |"
+    separator = "|" + "---|" * (len(cells) + 1)
+    return "\n".join([header, separator, row])
+
+
+def _check_detections(detections: list[dict], ground_truth: dict) -> None:
+    required = ("image_id", "category_id", "bbox", "score")
+    for index, detection in enumerate(detections):
+        missing = [key for key in required if key not in detection]
+        if missing:
+            raise ValueError(f"detection {index} lacks {missing}; COCO results need {list(required)}")
+    image_ids = {image["id"] for image in ground_truth["images"]}
+    unknown = sorted({d["image_id"] for d in detections} - image_ids)
+    if unknown:
+        raise ValueError(f"{len(unknown)} detected image ids are not in the annotation file (e.g. {unknown[:5]})")
+
+
+def _coco_report(ground_truth: dict, detections: list[dict], split: Split, image_ids: list[int] | None) -> dict:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        per_class_ap50 = {c: math.nan for c in split.category_ids}
+        per_class_ap = dict(per_class_ap50)
+        if detections:
+            dt = gt.loadRes([dict(d) for d in detections])
+            evaluator = COCOeval(gt, dt, "bbox")
+            evaluator.params.catIds = list(split.category_ids)
+            if image_ids is not None:
+                evaluator.params.imgIds = sorted(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            precision = evaluator.eval["precision"]  # (iou thresholds, recall, class, area, max dets)
+            for k, category_id in enumerate(evaluator.params.catIds):
+                per_class_ap50[category_id] = _mean_valid(precision[0, :, k, 0, -1])
+                per_class_ap[category_id] = _mean_valid(precision[:, :, k, 0, -1])
+    with_gt = {a["category_id"] for a in ground_truth["annotations"]
+               if image_ids is None or a["image_id"] in set(image_ids)}
+    if not detections:  # nothing detected: every class with ground truth scores 0
+        for category_id in with_gt & set(split.category_ids):
+            per_class_ap50[category_id] = per_class_ap[category_id] = 0.0
+
+    def group_mean(values: dict, ids) -> float:
+        scored = [values[c] for c in ids if not math.isnan(values[c])]
+        return 100.0 * float(np.mean(scored)) if scored else math.nan
+
+    name = dict(zip(split.category_ids, split.names))
+    return {"ap50_novel": group_mean(per_class_ap50, split.novel_ids),
+            "ap50_base": group_mean(per_class_ap50, split.base_ids),
+            "ap50_all": group_mean(per_class_ap50, split.category_ids),
+            "ap_novel": group_mean(per_class_ap, split.novel_ids),
+            "ap_base": group_mean(per_class_ap, split.base_ids),
+            "ap_all": group_mean(per_class_ap, split.category_ids),
+            "per_class_ap50": {name[c]: 100.0 * v for c, v in per_class_ap50.items() if not math.isnan(v)}}
+
+
+def _mean_valid(precision: np.ndarray) -> float:
+    """COCOeval's convention: -1 marks 'no ground truth'; a class without any scores NaN."""
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else math.nan
+
+
+@contextlib.contextmanager
+def _numpy_float_alias():
+    """``lvis`` 0.5.3 (its latest release) calls ``np.float``, which NumPy 1.24 removed: alias it to
+    ``float`` while the evaluation runs, and remove the alias afterwards."""
+    added = not hasattr(np, "float")
+    if added:
+        np.float = float
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
+
+
+def _lvis_report(annotations: Path, detections: list[dict], split: Split, image_ids: list[int] | None) -> dict:
+    from lvis import LVIS, LVISEval, LVISResults
+
+    logging.getLogger("lvis").setLevel(logging.WARNING)
+    if not detections:
+        raise ValueError("no detections of the split's categories to evaluate")
+    gt = LVIS(str(annotations))
+    results = {}
+    iou_types = ["bbox"] + (["segm"] if all("segmentation" in d for d in detections) else [])
+    for iou_type in iou_types:
+        with contextlib.redirect_stdout(io.StringIO()), _numpy_float_alias():
+            dt = LVISResults(gt, [dict(d) for d in detections], max_dets=LVIS_MAX_DETECTIONS)
+            evaluator = LVISEval(gt, dt, iou_type)
+            if image_ids is not None:
+                evaluator.params.img_ids = sorted(image_ids)
+            evaluator.run()
+        numbers = evaluator.get_results()
+        results["box" if iou_type == "bbox" else "mask"] = {
+            key.lower(): 100.0 * float(numbers[key]) for key in ("AP", "AP50", "APr", "APc", "APf")}
+    headline = results.get("mask", results["box"])
+    return {"apr": headline["apr"], "apc": headline["apc"], "apf": headline["apf"], "ap": headline["ap"],
+            "headline": "mask" if "mask" in results else "box", **results}

@@ -1,0 +1,76 @@
+"""Detection training as a task on the library's training engine (``denserc.train.engine``).
+
+The engine owns the run (accumulation to the global batch, autocast, DDP, AdamW + warm-up, clipping,
+atomic checkpoints, exact resume, metrics, progress, export); this task says what trains:
+
+- ``module``: ``FViTHeads`` (pyramid, FPN, RPN, RoI heads); its forward returns the loss dict.
+- ``prepare``: on the device, outside DDP and without gradients, the seeded augmentation
+  (``data.augment``) and the frozen tower's tapped block outputs.
+- ``export``: the detector folder ``denserc.detect.load`` reads (tower, heads, config, split).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..distributed import DistributedEnv
+from ..train.engine import Task
+from .config import DetectConfig
+from .data import DetectionDataset, augment, collate_samples
+from .detector import build_heads, build_tower, save_detector
+from .evaluation import read_json
+from .protocols import get_protocol
+
+
+class DetectionTask(Task):
+    """F-ViT on the base classes of ``config.data.protocol``'s split of the training annotations."""
+
+    progress_fields = {"loss": "loss", "cls": "loss_classifier", "rpn": "loss_objectness"}
+
+    def __init__(self, config: DetectConfig, env: DistributedEnv):
+        torch.manual_seed(config.train.seed)
+        self.config = config
+        self.device = env.device
+        data = config.data
+        protocol = get_protocol(data.protocol)
+        self.split = protocol.split(read_json(data.train_annotations, "training annotation")["categories"])
+        self.dataset = DetectionDataset(data.train_annotations, data.train_images, self.split, base_only=True,
+                                        with_masks=config.model.masks)
+        self.num_workers = data.num_workers
+        self.tower = build_tower(config).to(env.device).requires_grad_(False).eval()
+        heads = build_heads(config, self.tower, self.split)
+        if env.distributed:
+            heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
+        self.module = heads.to(env.device)
+        self.mean = self.tower.preprocess_cfg["mean"]
+        self.std = self.tower.preprocess_cfg["std"]
+
+    def collate(self, samples: list[dict]) -> list[dict]:
+        return collate_samples(samples)
+
+    def prepare(self, batch: list[dict], epoch: int) -> dict:
+        data = self.config.data
+        inputs = augment(batch, data.image_size, self.mean, self.std, self.device, seed=self.config.train.seed,
+                         epoch=epoch, scale_range=tuple(data.scale_range), flip=data.flip)
+        _, maps = self.tower.encode_dense_with_taps(inputs.images, self.config.model.taps)
+        return {"maps": maps, "image_sizes": inputs.image_sizes, "targets": inputs.targets}
+
+    def export(self, folder: Path) -> None:
+        save_detector(folder, self.tower, self.module, self.config, self.split)
+
+    def describe(self) -> str:
+        return (f"F-ViT heads ({sum(p.numel() for p in self.module.parameters()):,} parameters) on frozen "
+                f"{self.tower.model_name}, {self.config.data.protocol}: {len(self.split.base_ids)} base / "
+                f"{len(self.split.novel_ids)} novel classes")
+
+
+def train_detector(config: DetectConfig, env: DistributedEnv, output_dir: str | os.PathLike,
+                   resume: str | None = None) -> Path:
+    """Train on the engine (``resume``: None, "auto" or a checkpoint folder); returns the export folder."""
+    from ..train.checkpoint import resume_checkpoint
+    from ..train.engine import Engine
+    engine = Engine(DetectionTask(config, env), config, env, output_dir)
+    return engine.fit(resume_checkpoint(output_dir, resume, env))
