@@ -166,22 +166,48 @@ class DenseRCModel(nn.Module):
 
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Dense features (B, E, H/p, W/p) in the joint image-text space, not normalised."""
+        return self.encode_dense_with_intermediates(images, ())[0]
+
+    def encode_dense_with_intermediates(self, images: torch.Tensor, blocks: Sequence[int]
+                                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode_dense(images)`` plus the patch tokens output by the image blocks ``blocks`` (0-based).
+
+        One pass through the tower; each intermediate is a (B, D, H/p, W/p) map of the block's output
+        residual stream (cls token dropped, no LayerNorm), as segmentation decoders such as CAT-Seg tap
+        them. The last block's output is never computed by the dense path, so indices must lie in
+        0..depth-2.
+        """
+        resblocks = self.visual.transformer.resblocks
+        blocks = list(blocks)
+        bad = [i for i in blocks if not 0 <= i <= len(resblocks) - 2]
+        if bad:
+            raise ValueError(f"intermediate block indices {bad} are out of range: {self.model_name} has "
+                             f"{len(resblocks)} blocks and the dense path yields outputs of blocks "
+                             f"0..{len(resblocks) - 2}")
         x, (h, w) = self._embed(images)
-        blocks = self.visual.transformer.resblocks
-        first = len(blocks) - self.num_layers
-        for block in blocks[:first]:
-            x = self._checkpointed(self._block, block, x)
+        taps: dict[int, torch.Tensor] = {}
+
+        def run(index: int, x: torch.Tensor) -> torch.Tensor:
+            x = self._checkpointed(self._block, resblocks[index], x)
+            if index in blocks:
+                taps[index] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+            return x
+
+        first = len(resblocks) - self.num_layers
+        for index in range(first):
+            x = run(index, x)
         if self.construction == "x+v":
-            block = blocks[-1]
+            block = resblocks[-1]
             y = x[:, 1:] + self._value_branch(block, x)
             y = y + block.ls_2(block.mlp(block.ln_2(y)))
         else:
-            y = self._value_branch(blocks[first], x)
-            for prev, block in zip(blocks[first:-1], blocks[first + 1:]):
-                x = self._checkpointed(self._block, prev, x)
-                y = y + self._value_branch(block, x)
+            y = self._value_branch(resblocks[first], x)
+            for index in range(first + 1, len(resblocks)):
+                x = run(index - 1, x)
+                y = y + self._value_branch(resblocks[index], x)
         y = self.visual.ln_post(y) @ self.visual.proj
-        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+        dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+        return dense, [taps[i] for i in blocks]
 
     def encode_regions(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised region embeddings (K, E): RoIAlign 1x1 (aligned) on normalised dense features.
