@@ -8,9 +8,9 @@ belongs to that configuration alone. Per configuration:
 2. ``--steps`` steps timed end to end with one synchronize at each end -> images/s, peak memory;
 3. ``--steps`` more steps with a synchronize at every phase boundary -> median ms per phase.
 
-Phases are read off the trainer's own pieces, never re-implemented: ``prepare`` (uint8 batch to
-the device, normalisation, grid boxes), ``embed_crops`` (teacher crops + forward), ``embed_patches``
-(VFM), the student's ``encode_dense``, the loss (rest of the distillation module's forward), the
+Phases are read off the distillation task's own pieces, never re-implemented: ``images_and_grids``
+(uint8 batch to the device, normalisation, grid boxes), ``embed_crops`` (teacher crops + forward),
+``embed_patches`` (VFM), the student's ``encode_dense``, the loss (rest of the distillation module's forward), the
 backward pass (+ gradient norm or clipping, up to the optimizer's step pre-hook), the optimizer step, and
 "other" (zero_grad, scheduler, loss bookkeeping). The step is one micro-batch of ``--batch`` images.
 
@@ -61,10 +61,11 @@ class PhaseClock:
         self.device = device
         self.enabled = False
         self.marks: dict[str, float] = {}
-        trainer.prepare = self._timed(trainer.prepare, "prepare")
-        trainer.embed_crops = self._timed(trainer.embed_crops, "teacher")
-        trainer.embed_patches = self._timed(trainer.embed_patches, "vfm")
-        distillation = trainer.module
+        task = trainer.task
+        task.images_and_grids = self._timed(task.images_and_grids, "prepare")
+        task.embed_crops = self._timed(task.embed_crops, "teacher")
+        task.embed_patches = self._timed(task.embed_patches, "vfm")
+        distillation = task.module
         distillation.encode_dense = self._timed(distillation.encode_dense, "student")
         distillation.register_forward_hook(lambda *_: self.mark("module end"))
         trainer.optimizer.register_step_pre_hook(lambda *_: self.mark("optimizer start"))
@@ -131,11 +132,11 @@ def run_configuration(*, device: str, warmup: int, steps: int, profile_rows: int
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(device=device, batches=steps, output_dir=output_dir, **settings)
         batch_size = settings["batch"]
-        batches = [default_collate([trainer.dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)])
+        batches = [default_collate([trainer.task.dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)])
                    for k in range(steps)]
         if device.type == "cuda":
             batches = [{**b, "image": b["image"].pin_memory()} for b in batches]
-        crops = [sum(len(box) for box in trainer.prepare(b, 0)[2]) for b in batches]
+        crops = [sum(len(box) for box in trainer.task.images_and_grids(b, 0)[2]) for b in batches]
         for k in range(warmup):
             trainer.train_step([batches[k % steps]], 0)
         synchronize(device)

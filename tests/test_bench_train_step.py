@@ -20,7 +20,7 @@ def test_phase_clock_splits_a_real_step_into_phases_that_add_up(tmp_path):
                             vfm_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 3}, construction="multi-v",
                             gating="hsg", precision="fp32", checkpointing=False, compile_model=False, device=cpu,
                             batches=1, output_dir=str(tmp_path))
-    batch = default_collate([trainer.dataset[i] for i in range(2)])
+    batch = default_collate([trainer.task.dataset[i] for i in range(2)])
     clock = PhaseClock(trainer, cpu)
 
     trainer.train_step([batch], 0)  # disabled: the wrappers pass through and record nothing

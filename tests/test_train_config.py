@@ -1,11 +1,15 @@
 """Training configs: paper defaults, shipped YAML files, base inheritance, overrides, clear errors."""
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from omegaconf import MISSING
 
 from denserc.cli import main
-from denserc.train.config import CONFIG_DIR, Config, ConfigError, available_configs, load_config
+from denserc.train.config import (CONFIG_DIR, Config, ConfigError, OptimConfig, TrainConfig, available_configs,
+                                  changed_keys, load_config, load_structured)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,3 +111,48 @@ def test_no_config_runs_the_testbed_before_after_with_the_overrides(monkeypatch)
     assert main(["train"]) == 0
     assert main(["train", "optim.lr=2e-4"]) == 0
     assert calls == [{"overrides": []}, {"overrides": ["optim.lr=2e-4"]}]
+
+
+# ------------------------------------------------------------- any schema (another task's config)
+@dataclass
+class HeadConfig:
+    num_classes: int = MISSING
+    temperature: float = 50.0
+
+
+@dataclass
+class DetectorLikeConfig:
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def test_any_dataclass_schema_loads_by_name_with_bases_overrides_and_interpolation(tmp_path):
+    (tmp_path / "base_det.yaml").write_text("head:\n  num_classes: 48\noptim:\n  lr: 1.0e-4\n")
+    (tmp_path / "det.yaml").write_text("base: base_det\ntrain:\n  epochs: 3\n  seed: ${head.num_classes}\n")
+    config = load_structured(DetectorLikeConfig, "det", ["optim.clip_grad_norm=1", "head.temperature=25"],
+                             config_dir=tmp_path)
+    assert isinstance(config, DetectorLikeConfig) and isinstance(config.head, HeadConfig)
+    assert (config.head.num_classes, config.head.temperature, config.train.epochs) == (48, 25.0, 3)
+    assert (config.optim.lr, config.optim.clip_grad_norm, config.optim.weight_decay) == (1e-4, 1.0, 0.1)
+    assert config.train.seed == 48
+    assert available_configs(tmp_path) == ["base_det", "det"]
+    with pytest.raises(ConfigError, match=r"unknown config key 'head\.classes'; valid keys in head: "
+                                          r"\['num_classes', 'temperature'\] \(override 'head\.classes=3'\)"):
+        load_structured(DetectorLikeConfig, "det", ["head.classes=3"], config_dir=tmp_path)
+    (tmp_path / "no_head.yaml").write_text("train:\n  epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"head\.num_classes: has no value; set it in the config or with "
+                                          r"head\.num_classes=\.\.\."):
+        load_structured(DetectorLikeConfig, "no_head", config_dir=tmp_path)
+    (tmp_path / "bad.yaml").write_text("base: det\nhead:\n  temperature: hot\n")
+    with pytest.raises(ConfigError, match=r"head\.temperature: expected float, got 'hot' \(in .*bad\.yaml\)"):
+        load_structured(DetectorLikeConfig, "bad", config_dir=tmp_path)
+
+
+def test_changed_keys_names_each_differing_leaf_once():
+    old = dataclasses.asdict(load_config("smoke"))
+    new = load_config("smoke", ["train.log_every=3", "vfm.model_kwargs={depth: 1}", "model.pretrained=x.pt"])
+    assert changed_keys(old, new) == ["model.pretrained: None -> 'x.pt'", "train.log_every: 4 -> 3",
+                                      "vfm.model_kwargs.depth: 2 -> 1", "vfm.model_kwargs.embed_dim: 48 -> None",
+                                      "vfm.model_kwargs.num_heads: 3 -> None"]
+    assert changed_keys(old, load_config("smoke")) == []

@@ -1,7 +1,9 @@
-"""Self-distillation training: config, trainer, distributed set-up, checkpoints and metrics."""
+"""Training: the task-agnostic engine, self-distillation on it, configs, distributed set-up, checkpoints, metrics."""
+from .checkpoint import resume_checkpoint
 from .config import Config, ConfigError, available_configs, load_config
 from .distributed import DistributedEnv, setup_distributed
-from .trainer import DistillationModule, Trainer, resume_checkpoint, train
+from .engine import Engine, Task
+from .trainer import DistillationModule, DistillationTask, Trainer, train
 
-__all__ = ["Config", "ConfigError", "DistillationModule", "DistributedEnv", "Trainer", "available_configs",
-           "load_config", "resume_checkpoint", "setup_distributed", "train"]
+__all__ = ["Config", "ConfigError", "DistillationModule", "DistillationTask", "DistributedEnv", "Engine", "Task",
+           "Trainer", "available_configs", "load_config", "resume_checkpoint", "setup_distributed", "train"]

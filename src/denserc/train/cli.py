@@ -11,7 +11,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data import UnreadableImageError
 from .config import ConfigError, available_configs, dump_config, load_config
 from .distributed import cleanup_distributed, setup_distributed
-from .trainer import Trainer, resume_checkpoint
+from .checkpoint import resume_checkpoint
+from .trainer import Trainer
 
 # With no CONFIG, `denserc train` is the built-in default: the testbed's before/after run (the shipped
 # tiny CLIP distilled on generated scenes, CPU, a few minutes; docs/testbed.md). DEFAULT_CONFIG is

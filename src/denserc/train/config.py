@@ -1,20 +1,29 @@
-"""Training configuration: dataclasses holding the paper's defaults, YAML files and key=value overrides.
+"""Training configuration: dataclasses as the schema (holding the paper's defaults), read through OmegaConf.
 
 A YAML file has one mapping per section (``model``, ``vfm``, ``data``, ``loss``, ``optim``,
-``train``, ``export``) and may start from another config with ``base: NAME_OR_PATH``. Command-line
-overrides are dotted ``section.key=value`` pairs whose values are read as YAML (``1e-5``, ``true``,
-``null``, ``[0.9, 0.98]``). Any key that is not a field below is an error naming the valid keys.
+``train``, ``export``) and may start from another config with ``base: NAME_OR_PATH``; its mappings
+merge into the base's (``OmegaConf.merge`` on the structured config). Command-line overrides are
+dotted ``section.key=value`` pairs (``OmegaConf.from_dotlist``: values read as YAML, ``1e-5``,
+``true``, ``null``, ``[0.9, 0.98]``); an override replaces the value, a mapping included. Any key
+that is not a field of the schema is an error naming the valid keys, a value of the wrong type one
+naming the key and the expected type. ``load_structured`` does all this for any dataclass schema
+(another task's config reuses ``TrainConfig`` and ``OptimConfig`` as its ``train`` and ``optim``
+sections); ``load_config`` reads the distillation ``Config`` and checks its ranges and choices.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, \
+    ValidationError
 
 from ..data import ASPECT_MODES, GRID_RULES
 from ..models import CONSTRUCTIONS, GATINGS
@@ -107,20 +116,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key or file."""
 
 
-def available_configs() -> list[str]:
+Schema = TypeVar("Schema")
+
+
+def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     """Names of the configs shipped with the package (usable as ``denserc train NAME``)."""
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+    return sorted(path.stem for path in config_dir.glob("*.yaml"))
 
 
-def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None,
+                        config_dir: Path = CONFIG_DIR) -> Path:
     """A YAML path as given (or relative to the including file), else a shipped config by name."""
     candidates = [Path(name_or_path)]
     if relative_to is not None:
@@ -129,125 +139,62 @@ def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = Non
         if candidate.is_file():
             return candidate
     stem = Path(name_or_path).name.removesuffix(".yaml")
-    shipped = CONFIG_DIR / f"{stem}.yaml"
+    shipped = config_dir / f"{stem}.yaml"
     if shipped.is_file() and not Path(name_or_path).suffix:
         return shipped
     raise ConfigError(f"config {str(name_or_path)!r} is neither a YAML file nor a shipped config; "
-                      f"shipped configs: {available_configs()}")
+                      f"shipped configs: {available_configs(config_dir)}")
 
 
-def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a config (following ``base:``), apply ``key=value`` overrides and validate everything."""
-    raw = _read_with_bases(resolve_config_path(name_or_path), seen=())
+def load_structured(schema: type[Schema], name_or_path: str | Path, overrides: typing.Sequence[str] = (),
+                    config_dir: Path = CONFIG_DIR) -> Schema:
+    """An instance of the dataclass ``schema`` from a YAML file (following ``base:``) and ``key=value`` overrides.
+
+    ``name_or_path`` is a YAML file, or the name of one in ``config_dir``. Unknown keys and values of
+    the wrong type are ``ConfigError``s naming the key (and the file it came from).
+    """
+    config = OmegaConf.structured(schema)
+    for path, layer in _read_with_bases(resolve_config_path(name_or_path, config_dir=config_dir), config_dir, ()):
+        with _explained(schema, f" (in {path})"):
+            config = OmegaConf.merge(config, layer)
     for override in overrides:
-        _apply_override(raw, override)
-    return from_dict(raw)
+        key, value = _parse_override(override)
+        with _explained(schema, f" (override {override!r})"):
+            OmegaConf.update(config, key, value, merge=False)
+    with _explained(schema, ""):
+        return OmegaConf.to_object(config)
 
 
-def from_dict(raw: dict) -> Config:
-    """Validate a nested mapping against the dataclasses (unknown keys and bad values are errors)."""
-    config = _build(Config, raw, prefix="")
-    _check_choices(config)
+def load_config(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """The distillation config: ``load_structured(Config, ...)``, then ranges and choices checked."""
+    config = load_structured(Config, name_or_path, overrides)
+    validate(config)
     return config
 
 
-def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+def from_dict(raw: dict) -> Config:
+    """Validate a nested mapping against the distillation schema (unknown keys and bad values are errors)."""
+    with _explained(Config, ""):
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+    validate(config)
+    return config
 
 
-# ---------------------------------------------------------------------------------- internals
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, seen))})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    merged = _read_with_bases(resolve_config_path(base, relative_to=path.parent), seen + (path,))
-    _deep_update(merged, raw)
-    return merged
+def dump_config(config) -> str:
+    """A config dataclass as YAML, sections in schema order."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def _deep_update(target: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _deep_update(target[key], value)
-        else:
-            target[key] = value
+def changed_keys(old: dict, new) -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between a saved config and ``new``."""
+    old, new = OmegaConf.create(old), OmegaConf.structured(new)
+    keys = sorted(_dotted_keys(old) | _dotted_keys(new))
+    pairs = [(key, OmegaConf.select(old, key), OmegaConf.select(new, key)) for key in keys]
+    return [f"{key}: {before!r} -> {after!r}" for key, before, after in pairs if before != after]
 
 
-def _apply_override(raw: dict, override: str) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form section.key=value (e.g. train.epochs=1)")
-    try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from error
-    *sections, leaf = key.split(".")
-    node = raw
-    for section in sections:
-        node = node.setdefault(section, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {section!r} is not a section")
-    node[leaf] = value
-
-
-def _build(cls, raw: Any, prefix: str):
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, prefix=f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**values)
-
-
-def _coerce(value: Any, hint, key: str):
-    """Check ``value`` against a simple type hint (str, int, float, bool, dict, list, X | None)."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    for option in options:
-        option = typing.get_origin(option) or option
-        if option is bool and isinstance(value, bool):
-            return value
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-5" as a string
-            except ValueError:
-                pass
-        if option is str and isinstance(value, str):
-            return value
-        if option in (dict, list) and isinstance(value, option):
-            return value
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-
-def _check_choices(config: Config) -> None:
+def validate(config: Config) -> None:
+    """Ranges and choices the types alone do not express."""
     choices = [("model.construction", config.model.construction, CONSTRUCTIONS),
                ("model.gating", config.model.gating, GATINGS),
                ("data.aspect", config.data.aspect, ASPECT_MODES),
@@ -266,8 +213,9 @@ def _check_choices(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if config.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {config.optim.lr}")
-    non_negative = [("optim.weight_decay", config.optim.weight_decay), ("optim.warmup_steps", config.optim.warmup_steps),
-                    ("optim.min_lr", config.optim.min_lr), ("loss.coherence_weight", config.loss.coherence_weight),
+    non_negative = [("optim.weight_decay", config.optim.weight_decay),
+                    ("optim.warmup_steps", config.optim.warmup_steps), ("optim.min_lr", config.optim.min_lr),
+                    ("loss.coherence_weight", config.loss.coherence_weight),
                     ("data.num_workers", config.data.num_workers)]
     for key, value in non_negative:
         if value < 0:
@@ -278,3 +226,88 @@ def _check_choices(config: Config) -> None:
         raise ConfigError(f"export.alpha: must be in [0, 1], got {config.export.alpha}")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {config.optim.betas}")
+
+
+def accumulation_steps(train: TrainConfig, world_size: int, device_type: str) -> int:
+    """Micro-batches per optimizer step for this many processes on this device type (or why it cannot work)."""
+    if train.precision == "fp16" and device_type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    per_step = train.batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                          f"train.batch_size={train.batch_size} x {world_size} processes = {per_step}")
+    return train.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------- internals
+def _read_with_bases(path: Path, config_dir: Path, seen: tuple[Path, ...]) -> list[tuple[Path, DictConfig]]:
+    """(path, contents) of the file and its ``base:`` chain, the farthest base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself ({' -> '.join(map(str, seen))})")
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections, got a list")
+    base = layer.pop("base", None)
+    if base is None:
+        return [(path, layer)]
+    base_path = resolve_config_path(base, relative_to=path.parent, config_dir=config_dir)
+    return _read_with_bases(base_path, config_dir, seen + (path,)) + [(path, layer)]
+
+
+def _parse_override(override: str) -> tuple[str, object]:
+    key, sep, _ = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value (e.g. train.epochs=1)")
+    try:
+        return key, OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {error}") from error
+
+
+@contextlib.contextmanager
+def _explained(schema: type, where: str):
+    """Re-raise OmegaConf's errors as ``ConfigError``s that name the key (and list the valid ones)."""
+    try:
+        yield
+    except (ConfigKeyError, ConfigAttributeError) as error:
+        section = error.full_key.rpartition(".")[0]
+        valid = sorted(f.name for f in dataclasses.fields(_hint_at(schema, section)))
+        raise ConfigError(f"unknown config key '{error.full_key}'; valid keys in {section or 'the config'}: "
+                          f"{valid}{where}") from None
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key}: has no value; set it in the config or with {error.full_key}=..."
+                          f"{where}") from None
+    except ValidationError as error:
+        problem = ("must not be null" if error.value is None else
+                   f"expected {_type_name(_hint_at(schema, error.full_key))}, got {error.value!r}")
+        raise ConfigError(f"{error.full_key}: {problem}{where}") from None
+    except OmegaConfBaseException as error:  # e.g. a broken ${interpolation}
+        raise ConfigError(f"{error.full_key}: {str(error).splitlines()[0]}{where}") from None
+
+
+def _hint_at(schema: type, dotted_key: str):
+    """The type annotation of a dotted key in a dataclass schema ('' is the schema itself)."""
+    hint = schema
+    for name in filter(None, dotted_key.split(".")):
+        hint = typing.get_type_hints(hint)[name]
+    return hint
+
+
+def _type_name(hint) -> str:
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join("null" if option is type(None) else getattr(option, "__name__", str(option))
+                       for option in options)
+
+
+def _dotted_keys(node: DictConfig, prefix: str = "") -> set[str]:
+    """Every leaf's dotted key (mappings, empty ones included, are walked into, not leaves)."""
+    keys = set()
+    for key, value in node.items():
+        keys |= _dotted_keys(value, f"{prefix}{key}.") if isinstance(value, DictConfig) else {f"{prefix}{key}"}
+    return keys

@@ -1,16 +1,48 @@
-"""Metrics on the main process: JSON lines (always) and TensorBoard (when installed)."""
+"""Step metrics: averaged over a logging window and over processes, then written on the main process
+as JSON lines (always) and TensorBoard (when installed)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
+import torch
+
 from ..io import atomic_write
+from .distributed import all_reduce
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWindow:
+    """Sums of step metrics since the last log, reduced over processes when logged."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+        self.steps += 1
+
+    def reduce(self, global_batch_size: int) -> dict[str, float]:
+        """Per-step means over the window and all processes, plus throughput; starts a new window.
+
+        A collective: every process calls it at the same step.
+        """
+        names = sorted(self.sums)
+        means = all_reduce(torch.stack([self.sums[n] for n in names]) / self.steps, op="mean").tolist()
+        elapsed = time.perf_counter() - self.started
+        values = dict(zip(names, means))
+        values["images_per_second"] = self.steps * global_batch_size / elapsed
+        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        return values
 
 
 class MetricsLogger:

@@ -1,10 +1,9 @@
-"""AdamW over the trainable student parameters, and the warm-up + cosine learning-rate schedule."""
+"""AdamW over a task's trainable parameters, and the warm-up + cosine learning-rate schedule."""
 from __future__ import annotations
 
 import math
 from typing import Iterable
 
-import torch
 from torch import nn
 
 
@@ -38,8 +37,3 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
 
     return multiplier
 
-
-def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters; ``gate.*`` joins the no-decay group."""
-    groups = parameter_groups(model.named_parameters(), weight_decay, no_decay_prefixes=("gate.",))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
