@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "denserc.train.cli",
     "denserc.testbed.cli",  # before eval: registers the segmentation dataset "testbed" it offers
     "denserc.eval.cli",
+    "denserc.catseg.cli",
     "denserc.viz.cli",
 )
 

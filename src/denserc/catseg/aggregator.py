@@ -223,6 +223,9 @@ class UpsamplingStage(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, guidance_channels: int):
         super().__init__()
+        if guidance_channels >= in_channels:
+            raise ValueError(f"a decoder stage with {in_channels} input channels cannot take {guidance_channels} "
+                             "guidance channels (the upsampled cost keeps in - guidance channels; need guidance < in)")
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, 2, stride=2)
         self.conv = DoubleConv(in_channels, out_channels)
 

@@ -11,17 +11,16 @@ path (``x+v``) for a plain CLIP and the folder's saved construction for a DenseR
 
 The schedule is counted in iterations, as CAT-Seg's is: one pass over ``iterations x global batch``
 draws of the training images (each image recurs with fresh augmentation), so ``train.epochs`` is 1.
-Files are read with OmegaConf; a YAML may start from another with ``base: NAME_OR_PATH``.
+Files are read by ``train.config.load_structured`` (OmegaConf); a YAML may start from another with
+``base: NAME_OR_PATH``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from ..train.config import ConfigError, OptimConfig, TrainConfig
+from ..train.config import ConfigError, OptimConfig, TrainConfig, load_structured
+from ..train.config import available_configs as _available
 from .model import HeadConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -68,48 +67,14 @@ class CATSegConfig:
 
 
 def available_configs() -> list[str]:
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+    return _available(CONFIG_DIR)
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CATSegConfig:
     """A shipped config name or a YAML file (following ``base:``), then ``key=value`` overrides, validated."""
-    merged = OmegaConf.structured(CATSegConfig)
-    try:
-        for layer in _read_with_bases(_resolve(name_or_path), ()):
-            merged = OmegaConf.merge(merged, layer)
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"{name_or_path}: {error}".replace("\n", "; ")) from error
+    config = load_structured(CATSegConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
     _validate(config)
     return config
-
-
-def _resolve(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file() and "/" not in str(name_or_path):
-        return shipped
-    path = Path(name_or_path)
-    if not path.is_absolute() and relative_to is not None:
-        path = relative_to / path
-    if not path.is_file():
-        raise ConfigError(f"CAT-Seg config {str(name_or_path)!r} is neither a shipped one "
-                          f"({', '.join(available_configs())}) nor an existing YAML file")
-    return path
-
-
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> list:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    try:
-        layer = OmegaConf.load(path)
-    except (OmegaConfBaseException, OSError, ValueError) as error:
-        raise ConfigError(f"{path} is not a readable YAML mapping: {error}") from error
-    base = layer.pop("base", None)
-    if base is None:
-        return [layer]
-    return [*_read_with_bases(_resolve(base, path.parent), (*seen, path)), layer]
 
 
 def _validate(config: CATSegConfig) -> None:

@@ -1,10 +1,11 @@
-"""``denserc pretrain-testbed``, ``denserc testbed`` and ``denserc testbed-probe``: the testbed's commands."""
+"""``denserc pretrain-testbed``, ``testbed``, ``testbed-probe`` and ``testbed-catseg``: the testbed's commands."""
 from __future__ import annotations
 
-from . import pretrain, probe, run
+from . import catseg_run, pretrain, probe, run
 
 
 def register(subparsers) -> None:
     pretrain.register(subparsers)
     run.register(subparsers)
     probe.register(subparsers)
+    catseg_run.register(subparsers)
