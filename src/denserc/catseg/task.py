@@ -105,7 +105,7 @@ class CATSegTask(Task):
         self.clip_parameters = dict(fine_tuned_clip_parameters(self.segmenter.clip))
         tokens = class_tokens(tokenizer, self.class_names, config.templates)
         self.module = CATSegTraining(self.segmenter, tokens).to(env.device)
-        self.trained_names = {f"segmenter.{name}" for name in self.clip_parameters}
+        self.trained_names = {f"segmenter.clip.{name}" for name in self.clip_parameters}  # names in module
         preprocess = self.segmenter.clip.preprocess_cfg
         self.mean, self.std = (torch.tensor(preprocess[k], device=env.device).view(1, 3, 1, 1) * 255
                                for k in ("mean", "std"))
