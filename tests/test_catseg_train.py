@@ -113,7 +113,7 @@ def test_cli_trains_and_evaluates_end_to_end(testbed_root, tmp_path, capsys):
     assert "| model | benchmark | images | mIoU | mAcc | aAcc |" in capsys.readouterr().out
 
 
-def test_bad_configs_name_the_key(testbed_root, tmp_path):
+def test_bad_configs_name_the_key(testbed_root, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"unknown config key 'head.widnow'"):
         load_config("catseg_vitb16", ["data.root=/x", "head.widnow=3"])
     with pytest.raises(ConfigError, match="train.epochs must be 1"):
@@ -121,3 +121,6 @@ def test_bad_configs_name_the_key(testbed_root, tmp_path):
     with pytest.raises(ConfigError, match=r"data.held_out has class ids \[99\] outside 0..52"):
         CATSegTask(make_config(testbed_root, tmp_path, "data.held_out=[99]"), setup_distributed("cpu"))
     assert main(["catseg", "train", "no_such_config", "data.root=/x"]) == 2
+    assert main(["catseg", "eval", "--model", str(tmp_path), "--data", str(testbed_root), "--dataset", "testbed",
+                 "--device", "cpu"]) == 2
+    assert "is not a CAT-Seg folder: missing catseg_config.json" in capsys.readouterr().err

@@ -113,11 +113,15 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         rows = []
         for folder in args.model:
-            segmenter, tokenizer, templates = load_catseg(folder, device=device, precision=args.precision)
-            start = time.perf_counter()
-            result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset, protocol=protocol,
-                                     class_names=args.class_names, workers=args.workers, limit=args.limit,
-                                     shard=shard, progress=not args.no_progress, description=folder)
+            try:
+                segmenter, tokenizer, templates = load_catseg(folder, device=device, precision=args.precision)
+                start = time.perf_counter()
+                result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset,
+                                         protocol=protocol, class_names=args.class_names, workers=args.workers,
+                                         limit=args.limit, shard=shard, progress=not args.no_progress,
+                                         description=folder)
+            except (FileNotFoundError, ValueError) as error:  # a wrong folder, dataset or class list
+                return _report("eval", error)
             rows.append({"model": folder, "seconds": round(time.perf_counter() - start, 2), **result})
             del segmenter
         if shard.is_main:

@@ -14,8 +14,8 @@ The pipeline is detectron2's ``mask_former_semantic`` mapper as CAT-Seg configur
 Colour jitter uses torchvision's saturation/hue operators (grey blend, HSV rotation); detectron2's
 version scales OpenCV's HSV channels, which differs at the level of rounding and clipping.
 Labels can be remapped (``label_map``): classes held out of training map to 255 and so are never
-a training target. Every sample's randomness comes from (seed, epoch, index), so a resumed run
-reproduces it; ``set_epoch`` is called before each pass (loader workers are started per pass).
+a training target. Every sample's randomness comes from (seed, index), so a resumed run reproduces it
+(CAT-Seg's schedule is one pass over ``iterations x batch`` draws, so indices do not repeat; ``task.py``).
 """
 from __future__ import annotations
 
@@ -75,17 +75,13 @@ class TrainingCrops(Dataset):
         self.crop_size = crop_size
         self.label_map = label_map
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
-        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 63)
+        generator = torch.Generator().manual_seed(hash((self.seed, index)) % 2 ** 63)
         image, label = sample["image"], sample["label"].long()
         if self.label_map is not None:
             label = self.label_map[label].long()
