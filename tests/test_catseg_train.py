@@ -60,6 +60,10 @@ def test_parameter_groups_follow_cat_seg(testbed_root, tmp_path):
     assert {id(p) for p in no_decay["params"]} == norms
     trainable = {id(p) for p in task.module.parameters() if p.requires_grad}
     assert trainable == {id(p) for group in (decay, no_decay, clip) for p in group["params"]}
+    # DDP runs with find_unused_parameters=False: every trainable tensor must get a gradient each step
+    batch = task.collate([task.dataset[0]])
+    task.module(**task.prepare(batch, epoch=0))["loss"].backward()
+    assert all(p.grad is not None for p in task.module.parameters() if p.requires_grad)
 
 
 @pytest.mark.slow
