@@ -156,7 +156,8 @@ def test_only_query_and_value_projections_of_both_towers_train(tiny_model):
         d = width[name]
         assert torch.equal(p[d:2 * d], before[name][d:2 * d]), f"{name}: key rows changed"
     # the value rows of the image tower's last block and the text tower's query rows moved
-    last, text = "clip.visual.transformer.resblocks.3.attn.in_proj_weight", "clip.transformer.resblocks.0.attn.in_proj_weight"
+    last = "clip.visual.transformer.resblocks.3.attn.in_proj_weight"
+    text = "clip.transformer.resblocks.0.attn.in_proj_weight"
     assert not torch.equal(trained[last][128:], before[last][128:])
     assert not torch.equal(trained[text][:64], before[text][:64])
 
