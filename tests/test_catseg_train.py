@@ -52,7 +52,8 @@ def test_held_out_classes_are_neither_in_the_vocabulary_nor_in_any_training_labe
 def test_parameter_groups_follow_cat_seg(testbed_root, tmp_path):
     task = CATSegTask(make_config(testbed_root, tmp_path), setup_distributed("cpu"))
     decay, no_decay, clip = task.parameter_groups(1e-4)
-    assert clip["lr"] == pytest.approx(2e-6) and clip["weight_decay"] == 0.0 and len(clip["params"]) == 6 + 3
+    assert clip["lr"] == pytest.approx(task.config.optim.lr * 0.01) and clip["weight_decay"] == 0.0
+    assert len(clip["params"]) == 6 + 3  # in_proj_weight of every image and text block
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
     norms = {id(p) for m in task.segmenter.aggregator.modules() if isinstance(m, (torch.nn.LayerNorm,
                                                                                   torch.nn.GroupNorm))
