@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install train test clean
+.PHONY: install train test test-fast clean
 
 $(BIN)/denserc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install  # everything but the tests marked slow: well under a minute, for development
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -61,6 +61,7 @@ def test_autocast_rejects_unknown_precision():
         autocast(torch.device("cpu"), "fp16")
 
 
+@pytest.mark.slow
 def test_cpu_peak_memory_sees_a_known_allocation():
     target = "tests.test_bench_common:touched_buffer"
     measured = cpu_peak_mib(target, mib=BUFFER_MIB)

@@ -16,7 +16,7 @@ from denserc.catseg.export import load_catseg, save_catseg
 from denserc.models import get_tokenizer
 
 from conftest import TINY, randomize_
-from test_eval_fixtures import write_segmentation_dataset
+from eval_fixtures import write_segmentation_dataset
 
 SMALL_HEAD = dict(hidden_dim=32, guidance_proj_dim=16, text_guidance_proj_dim=16, decoder_dims=[32, 16],
                   decoder_guidance_dims=[32, 16], decoder_guidance_proj_dims=[16, 8], window=7, pad_len=8,

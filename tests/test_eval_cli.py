@@ -6,7 +6,7 @@ import pytest
 
 from denserc.cli import main
 from denserc.eval.cli import VARIANTS
-from test_eval_fixtures import TINY, grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
+from eval_fixtures import TINY, grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
     write_segmentation_dataset, write_templates
 
 
@@ -21,6 +21,7 @@ def _common(tmp_path, out):
             "--out", str(out), "--no-progress", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_seg_two_models_write_json_and_print_one_row_each(tmp_path, capsys):
     levels = grey_levels([0, 3])
     labels = [stripes(112, 144, [0, 3, 255], rows=32), stripes(112, 128, [3, 0], rows=32)]
@@ -39,7 +40,12 @@ def test_seg_two_models_write_json_and_print_one_row_each(tmp_path, capsys):
         assert result["num_images"] == 2 and len(result["per_class"]) == 150
         assert result["protocol"]["short_side"] == 112 and result["protocol"]["logit_scale"] == 40.0
         assert result["config"] == {"model_name": TINY, "construction": "multi-v", "gating": "hsg", "num_layers": 3}
-        assert 0 <= result["mIoU"] <= 100 and 0 <= result["aAcc"] <= 100
+        pixels = {c: entry["pixels"] for c, entry in enumerate(result["per_class"]) if entry["pixels"]}
+        assert pixels == {0: 32 * 144 + 16 * 144 + 48 * 128, 3: 32 * 144 + 64 * 128}  # the stripes, 255 ignored
+        ious = [entry["IoU"] for entry in result["per_class"] if entry["IoU"] is not None]
+        assert result["mIoU"] == pytest.approx(sum(ious) / len(ious))
+        hits = sum(result["per_class"][c]["Acc"] * n for c, n in pixels.items())
+        assert result["aAcc"] == pytest.approx(hits / sum(pixels.values()))
     table = _table(capsys.readouterr().out)
     assert table[0] == ["model", "construction", "gating", "L", "images", "mIoU", "mAcc", "aAcc"]
     assert table[1] == ["---"] * 8
@@ -49,6 +55,7 @@ def test_seg_two_models_write_json_and_print_one_row_each(tmp_path, capsys):
     assert len(table) == 4
 
 
+@pytest.mark.slow
 def test_region_variants_give_one_row_per_table5_variant(tmp_path, capsys):
     ids = np.zeros((64, 96), np.int64)
     ids[:, :48], ids[:, 48:] = 1, 2

@@ -6,7 +6,7 @@ from PIL import Image
 
 from denserc.eval.datasets import (DatasetLayoutError, SegmentationDataset,
                                    detect_segmentation_dataset, resize_short_side)
-from test_eval_fixtures import save_png, write_segmentation_dataset
+from eval_fixtures import save_png, write_segmentation_dataset
 
 # The standard benchmarks this module reads (other modules, e.g. the testbed, register more).
 DATASETS = ["ade20k", "cityscapes", "coco-stuff", "context59", "context60", "voc20", "voc21"]

@@ -6,7 +6,7 @@ from PIL import Image
 
 from denserc.eval.datasets import SegmentationDataset, detect_segmentation_dataset
 from denserc.eval.text import load_class_names
-from test_eval_fixtures import save_png
+from eval_fixtures import save_png
 
 
 def _tiff(array: np.ndarray, path):

@@ -12,8 +12,8 @@ from denserc.eval import DatasetLayoutError, PanopticRegions, decode_panoptic_pn
 from denserc.eval.text import load_class_names, load_templates
 from denserc.models import pool_boxes, pool_masks
 from denserc.eval import region
-from test_eval_fixtures import (TINY, grey_image, grey_levels, ids_to_rgb, make_oracle, run_as_two_ranks, save_png,
-                                shifted, tiny_model, write_panoptic, write_templates)
+from eval_fixtures import (TINY, grey_image, grey_levels, ids_to_rgb, make_oracle, run_as_two_ranks, save_png,
+                           shifted, tiny_model, write_panoptic, write_templates)
 
 
 def test_panoptic_png_ids_are_r_plus_256g_plus_65536b(tmp_path):

@@ -7,8 +7,8 @@ from denserc.eval import (PROTOCOLS, SegmentationProtocol, TextClassifier, evalu
                           protocol_for)
 from denserc.eval import distributed, segmentation
 from denserc.eval.text import load_class_names, load_templates
-from test_eval_fixtures import (TINY, grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
-                                tiny_model, write_segmentation_dataset, write_templates)
+from eval_fixtures import (TINY, grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
+                           tiny_model, write_segmentation_dataset, write_templates)
 
 # class 0 = background with two synonyms, class 1 = cat, class 2 = dog
 CLASSIFIER = TextClassifier([["bg1", "bg2"], ["cat"], ["dog"]], torch.zeros(4, 2), torch.tensor([0, 0, 1, 2]))

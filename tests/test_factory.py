@@ -148,6 +148,7 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+@pytest.mark.slow
 def test_import_denserc_alone_knows_the_shipped_testbed_clip():
     import subprocess
     import sys

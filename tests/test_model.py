@@ -26,7 +26,7 @@ def block_inputs(model: DenseRCModel, images: torch.Tensor) -> list[torch.Tensor
 
 
 def per_head_outputs(block, x: torch.Tensor) -> torch.Tensor:
-    """o_h = v_h @ W_o[:, h]^T for every head, from in_proj rows [2D:3D] (DESIGN 1.1): (B, N, H, D)."""
+    """o_h = v_h @ W_o[:, h]^T for every head, from in_proj rows [2D:3D] (docs/method.md#extraction): (B, N, H, D)."""
     width = x.shape[-1]
     heads = block.attn.num_heads
     d = width // heads
@@ -225,6 +225,7 @@ def test_position_embedding_cache_follows_weight_updates(tiny_model):
     assert tiny_model.visual.positional_embedding.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_autocast_bf16_and_compile(tiny_model, images):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model.encode_dense(images)

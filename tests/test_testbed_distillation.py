@@ -4,6 +4,8 @@ import pytest
 
 from denserc.testbed.run import format_table, run
 
+pytestmark = pytest.mark.slow  # a testbed run
+
 # A tiny schedule: 12 steps of 4 scenes at a high learning rate, held-out split of 40 scenes (177
 # segments). The short schedule proper takes ~2 minutes; this one ~12 s.
 SCHEDULE = ["data.num_images=48", "train.global_batch_size=4", "train.batch_size=4", "optim.lr=1e-3",

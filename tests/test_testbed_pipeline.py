@@ -13,6 +13,7 @@ from denserc.models.vfm import VFM
 from denserc.testbed.appearance_vfm import VFM_NAME, AppearanceFeatures
 from denserc.testbed.crops import ScenePool
 from denserc.testbed.evaluation import DATASET, SPLIT, evaluate, prepare_split
+from denserc.testbed.run import METRICS
 from denserc.testbed.scenes import render_scene, scene_rng
 from denserc.train.config import DataConfig
 
@@ -69,6 +70,7 @@ def test_appearance_vfm_loads_through_the_trainers_vfm_wrapper():
     assert "has no weights to load" in str(refused.value.__cause__)
 
 
+@pytest.mark.slow
 def test_held_out_split_is_read_by_the_evaluation_suite(tmp_path):
     root = prepare_split(tmp_path, num_images=3, seed=11, progress=False)
     first = (root / "annotations" / f"panoptic_{SPLIT}.json").stat().st_mtime_ns
@@ -90,5 +92,4 @@ def test_held_out_split_is_read_by_the_evaluation_suite(tmp_path):
     boxes_over_64_px = sum(1 for a in panoptic["annotations"] for s in a["segments_info"]
                            if s["bbox"][2] * s["bbox"][3] >= 64)
     assert results["segments"] == boxes_over_64_px
-    for key in ("boxes_top1", "thing_boxes_top1", "thing_masks_top1", "stuff_masks_top1", "mIoU", "crop_things_top1"):
-        assert 0.0 <= results[key] <= 100.0
+    assert {key for key, _ in METRICS} <= results.keys()  # every column of the before/after table

@@ -43,6 +43,7 @@ def test_linear_probe_reads_what_the_features_hold():
     assert linear_probe(constant[:60], train, constant[:10], test, 3) == pytest.approx(30.0)
 
 
+@pytest.mark.slow
 def test_probe_agrees_with_the_testbed_evaluation(tmp_path, capsys):
     torch.manual_seed(0)
     model = denserc.create_model(TINY).eval()

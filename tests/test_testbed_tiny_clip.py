@@ -35,6 +35,7 @@ def test_crop_takes_the_box_in_pixel_edge_coordinates():
     assert torch.allclose(out[0], image[0, :, 16:32, 8:24], atol=1e-4)
 
 
+@pytest.mark.slow  # renders the scene pool
 def test_batch_has_one_crop_per_class_then_captioned_regions(pool):
     tokenizer = denserc.get_tokenizer(MODEL_NAME)
     sampler = BatchSampler(pool, tokenizer, native_size=48, regions_per_batch=5, rng=np.random.default_rng(3))
@@ -76,6 +77,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert learning_rate(110, config) == pytest.approx(0.0)
 
 
+@pytest.mark.slow
 def test_pretraining_is_reproducible_and_writes_loadable_weights(tmp_path):
     config = PretrainConfig(seed=5, steps=2, train_scenes=120, held_out_scenes=6, regions_per_batch=4,
                             warmup_steps=1, eval_every=2)
@@ -94,6 +96,7 @@ def test_pretraining_is_reproducible_and_writes_loadable_weights(tmp_path):
     assert crop_accuracy(model, tokenizer, check_set_pool()) == record["zero_shot_test_set"]
 
 
+@pytest.mark.slow
 def test_shipped_tiny_clip_reaches_its_recorded_zero_shot_accuracy():
     record = pretrain_record()
     model = denserc.create_model(MODEL_NAME, pretrained=pretrained_path())

@@ -13,6 +13,8 @@ from denserc.cli import main
 from denserc.train import Trainer, load_config, setup_distributed
 from denserc.train.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # a 2-process torchrun launch
+
 # 2 processes x 2 images = global batch 4; the single-process reference takes 2 images per step
 TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.batch_size=2",
         "train.epochs=1", "optim.warmup_steps=0", "optim.lr=1e-3", "train.log_every=1",

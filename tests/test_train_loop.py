@@ -174,6 +174,7 @@ def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
 
 
 # ------------------------------------------------------------------------------ whole runs
+@pytest.mark.slow
 def test_smoke_default_lowers_semantics_loss_and_exports_an_open_clip_model(tmp_path):
     """The built-in default config, one epoch of it on a fixed seed."""
     config = load_config("smoke", ["train.epochs=1", "data.num_images=32", "train.log_every=2"])

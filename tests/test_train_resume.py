@@ -6,12 +6,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from denserc.cli import main
 from denserc.train.checkpoint import complete_checkpoints
 from denserc.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # whole training runs, one of them killed and resumed
 
 # 16 images, global batch 4 of 2 x 2 accumulated: 4 steps per epoch, 3 epochs, checkpoint every 2 steps
 RUN = ["data.num_images=16", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=4",

@@ -58,6 +58,7 @@ def test_heatmap_writes_a_picture_of_the_input_size_and_the_scores(photo, tmp_pa
     assert "cosine similarity" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_default_output_names_and_model(photo, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["segment", str(photo), "--classes", "a,b", *FAST]) == 0
@@ -90,6 +91,7 @@ def test_odd_image_modes_give_a_picture_of_the_displayed_size(tmp_path, make):
     assert np.load(tmp_path / "l.npy").shape == shown[::-1]
 
 
+@pytest.mark.slow
 def test_plain_open_clip_weights_a_denserc_folder_and_variants(photo, tmp_path):
     """NAME:FILE (a plain open_clip checkpoint), a saved DenseRC folder, and ablation switches; the CLI's
     label map equals the Python API's on the same model."""

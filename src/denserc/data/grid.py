@@ -4,7 +4,7 @@ A grid has ``rows`` x ``cols`` cells tiling the valid image area exactly (cell e
 floats, so cells neither overlap nor leave gaps). Boxes are (x1, y1, x2, y2) in input pixels, the
 convention of ``DenseRCModel.encode_regions`` and ``torchvision.ops.roi_align``.
 
-Rules for the grid shape (DESIGN 1.4):
+Rules for the grid shape (docs/method.md#losses):
     uniform   rows and cols independently uniform in 1..max_cells
     clipself  rows uniform in 1..max_cells, cols uniform in ceil(rows/2)..min(2*rows, max_cells)
               (CLIPSelf's rule, which avoids very elongated cells)

@@ -1,4 +1,4 @@
-"""DenseRC's self-distillation losses: L = L_semantics + lambda * L_coherence (DESIGN 1.4)."""
+"""DenseRC's self-distillation losses: L = L_semantics + lambda * L_coherence (docs/method.md#losses)."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""L_coherence: the student's patch-to-patch similarity should match the VFM's (DESIGN 1.4)."""
+"""L_coherence: the student's patch-to-patch similarity should match the VFM's (docs/method.md#losses)."""
 from __future__ import annotations
 
 import torch

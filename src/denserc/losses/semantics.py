@@ -11,7 +11,7 @@ from ..models.dense import pool_boxes
 
 def semantics_loss(dense: torch.Tensor, boxes: Sequence[torch.Tensor], teacher_embeddings: torch.Tensor,
                    patch_size: int) -> torch.Tensor:
-    """Mean over regions of ``1 - cos(region feature, teacher embedding)`` (DESIGN 1.4).
+    """Mean over regions of ``1 - cos(region feature, teacher embedding)`` (docs/method.md#losses).
 
     dense: (B, E, h, w) student features (not normalised). boxes: one (Ki, 4) tensor of input-pixel
     (x1, y1, x2, y2) per image. teacher_embeddings: (sum Ki, E) in the same order. Region features

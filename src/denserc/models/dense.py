@@ -1,6 +1,7 @@
 """DenseRC model: an open_clip CLIP whose image tower also yields dense, text-aligned patch features.
 
-Notation follows DESIGN 1.1-1.3. For a pre-LN block with input tokens x (cls + N patches):
+Notation follows docs/method.md (#extraction, #gating, #variants). For a pre-LN block with input
+tokens x (cls + N patches):
 
     u   = ln_1(x)
     v_h = u @ W_v[h]^T + b_v[h]           value of head h (rows [2D:3D] of attn.in_proj_*)

@@ -1,4 +1,4 @@
-"""Self-distillation of a CLIP ViT into DenseRC (DESIGN 1.4-1.5): the distillation task on the training engine.
+"""Self-distillation of a CLIP ViT into DenseRC (docs/method.md#losses, #recipe) as a task on the engine.
 
 Per micro-batch, on every process (the engine does accumulation, DDP, autocast, the optimizer, checkpoints):
     images (uint8, loader) -> device, scaled to [0, 1] and normalised with CLIP's mean/std
