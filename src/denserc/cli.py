@@ -18,6 +18,7 @@ from .plugins import load_plugins
 SUBCOMMAND_MODULES = (
     "denserc.train.cli",
     "denserc.eval.cli",
+    "denserc.catseg.cli",
     "denserc.viz.cli",
     "denserc.detect.cli",
 )

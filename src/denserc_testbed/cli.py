@@ -1,7 +1,8 @@
-"""``denserc pretrain-testbed``, ``testbed``, ``testbed-probe``, ``testbed-detect``: the testbed's commands."""
+"""``denserc pretrain-testbed``, ``testbed``, ``testbed-probe``, ``testbed-detect``, ``testbed-catseg``: the testbed's
+commands."""
 from __future__ import annotations
 
-from . import detection, pretrain, probe, run
+from . import catseg_run, detection, pretrain, probe, run
 
 
 def register(subparsers) -> None:
@@ -9,3 +10,4 @@ def register(subparsers) -> None:
     run.register(subparsers)
     probe.register(subparsers)
     detection.register(subparsers)
+    catseg_run.register(subparsers)

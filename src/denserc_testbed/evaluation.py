@@ -24,19 +24,29 @@ from .vocabulary import CATEGORIES, TEMPLATES, phrase
 from .zero_shot import crop_accuracy
 
 SPLIT = "val"
+TRAIN_SPLIT = "train"  # written only by denserc testbed-catseg (a segmenter trained on the testbed)
 DATASET = "testbed"
 CLASS_NAMES_FILE = "testbed_class_names.txt"
 TEMPLATES_FILE = "testbed_templates.txt"
 
 
-def _list_pairs(layout: SegmentationLayout, root: Path) -> list[tuple[Path, Path]]:
+def _split_pairs(layout: SegmentationLayout, root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, label map) pairs of the images the split's JSON lists (stale files are ignored)."""
-    panoptic = root / "annotations" / f"panoptic_{SPLIT}.json"
+    panoptic = root / "annotations" / f"panoptic_{split}.json"
     if not panoptic.is_file():
         raise FileNotFoundError(f"{layout.title}: {panoptic} does not exist. Expected layout under {root}:\n"
                                 f"{layout.layout}")
     names = [image["file_name"] for image in json.loads(panoptic.read_text(encoding="utf-8"))["images"]]
-    return [(root / SPLIT / name, root / "annotations" / f"semantic_{SPLIT}" / name) for name in names]
+    return [(root / split / name, root / "annotations" / f"semantic_{split}" / name) for name in names]
+
+
+def _list_pairs(layout: SegmentationLayout, root: Path) -> list[tuple[Path, Path]]:
+    return _split_pairs(layout, root, SPLIT)
+
+
+def _list_train_pairs(layout: SegmentationLayout, root: Path) -> list[tuple[Path, Path]]:
+    """The training split ``denserc testbed-catseg`` writes beside the held-out one."""
+    return _split_pairs(layout, root, TRAIN_SPLIT)
 
 
 LAYOUT = SegmentationLayout(
@@ -45,7 +55,7 @@ LAYOUT = SegmentationLayout(
   {SPLIT}/<id>.png
   annotations/panoptic_{SPLIT}.json
   annotations/semantic_{SPLIT}/<id>.png        0..{len(CATEGORIES) - 1} = classes, 255 = void""",
-    (SPLIT, f"annotations/semantic_{SPLIT}"), _list_pairs)
+    (SPLIT, f"annotations/semantic_{SPLIT}"), _list_pairs, list_train_pairs=_list_train_pairs)
 
 
 def protocol(image_size: int) -> SegmentationProtocol:

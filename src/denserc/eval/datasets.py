@@ -46,6 +46,9 @@ class SegmentationLayout:
     layout: str
     markers: tuple[str, ...]  # paths whose presence identifies the layout
     list_pairs: Callable[["SegmentationLayout", Path], Pairs]
+    ignore_index: int = IGNORE_INDEX  # decoded label of unlabelled pixels; 65535 for 16-bit TIFF labels
+    ignored_values: tuple[int, ...] = ()  # stored values that also mean "unlabelled"
+    list_train_pairs: Callable[["SegmentationLayout", Path], Pairs] | None = None  # training split, if any
 
 
 def _sorted_images(layout: SegmentationLayout, root: Path, image_dir: str, pattern: str,
@@ -87,6 +90,22 @@ def _coco_stuff(layout, root):
                           lambda image: root / "annotations" / "val2017" / f"{image.stem}_labelTrainIds.png")
 
 
+def _coco_stuff_train(layout, root):
+    return _sorted_images(layout, root, "images/train2017", "*.jpg",
+                          lambda image: root / "annotations" / "train2017" / f"{image.stem}_labelTrainIds.png")
+
+
+def _ade847(layout, root):
+    return _sorted_images(layout, root, "images_detectron2/validation", "*.jpg",
+                          lambda image: root / "annotations_detectron2" / "validation" / f"{image.stem}.tif")
+
+
+def _context459(layout, root):
+    pairs = _sorted_images(layout, root, "annotations_detectron2/pc459_val", "*.tif",
+                           lambda label: root / "JPEGImages" / f"{label.stem}.jpg")
+    return [(image, label) for label, image in pairs]
+
+
 def _cityscapes(layout, root):
     suffix = "_leftImg8bit"
 
@@ -125,7 +144,7 @@ SEGMENTATION_DATASETS = {layout.name: layout for layout in (
         """coco_stuff164k/                           (after mmseg's tools/dataset_converters/coco_stuff164k.py)
   images/val2017/<id>.jpg
   annotations/val2017/<id>_labelTrainIds.png   0..170 = classes, 255 = unlabelled""",
-        ("images/val2017", "annotations/val2017"), _coco_stuff),
+        ("images/val2017", "annotations/val2017"), _coco_stuff, list_train_pairs=_coco_stuff_train),
     SegmentationLayout(
         "cityscapes", "Cityscapes-19", "cityscapes", 19, False, False,
         """cityscapes/
@@ -133,6 +152,21 @@ SEGMENTATION_DATASETS = {layout.name: layout for layout in (
   gtFine/val/<city>/<name>_gtFine_labelTrainIds.png   0..18 = train ids, 255 = ignore
                                                       (cityscapesscripts' createTrainIdLabelImgs)""",
         ("leftImg8bit/val", "gtFine/val"), _cityscapes),
+    # The two large-vocabulary sets in the layout CAT-Seg's converters write (datasets/prepare_ade20k_847.py,
+    # prepare_pascal_context_459.py of cvlab-kaist/CAT-Seg): 16-bit TIFF labels.
+    SegmentationLayout(
+        "ade847", "ADE20K-847", "ade847", 847, False, False,
+        """ADE20K_2021_17_01/                        (after CAT-Seg's datasets/prepare_ade20k_847.py)
+  images_detectron2/validation/<name>.jpg
+  annotations_detectron2/validation/<name>.tif   16-bit: 0..846 = classes, 65535 = unlabelled""",
+        ("images_detectron2/validation", "annotations_detectron2/validation"), _ade847, ignore_index=65535),
+    SegmentationLayout(
+        "context459", "PASCAL Context-459", "context459", 459, False, False,
+        """VOC2010/                                  (after CAT-Seg's datasets/prepare_pascal_context_459.py)
+  JPEGImages/<id>.jpg
+  annotations_detectron2/pc459_val/<id>.tif   16-bit: 0..458 = classes, 459 and 65535 = unlabelled""",
+        ("JPEGImages", "annotations_detectron2/pc459_val"), _context459, ignore_index=65535,
+        ignored_values=(459,)),
 )}
 
 
@@ -174,12 +208,15 @@ class SegmentationDataset(Dataset):
     """(image, label) pairs of one segmentation dataset; images optionally resized the mmseg way."""
 
     def __init__(self, name: str, root: str | os.PathLike, short_side: int | None = None,
-                 max_long_side: int = 2048):
+                 max_long_side: int = 2048, train: bool = False):
         self.layout = segmentation_layout(name)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(_layout_message(self.layout, self.root, f"{self.root} does not exist"))
-        self.samples = self.layout.list_pairs(self.layout, self.root)
+        if train and self.layout.list_train_pairs is None:
+            trainable = [n for n, layout in SEGMENTATION_DATASETS.items() if layout.list_train_pairs is not None]
+            raise ValueError(f"{self.layout.title} has no training split here; datasets with one: {trainable}")
+        self.samples = (self.layout.list_train_pairs if train else self.layout.list_pairs)(self.layout, self.root)
         self.short_side = short_side
         self.max_long_side = max_long_side
 
@@ -198,20 +235,27 @@ class SegmentationDataset(Dataset):
         return {"image": image, "label": label, "name": image_path.stem}
 
     def read_label(self, path: Path) -> torch.Tensor:
-        """(H, W) uint8 labels: 0..C-1 classes, 255 ignore (stored 0 -> 255 and k -> k-1 where reduced)."""
+        """(H, W) labels: 0..C-1 classes, layout.ignore_index ignore (stored 0 -> ignore and k -> k-1 where
+        reduced). uint8 for 8-bit label PNGs, int32 for 16-bit label TIFFs."""
+        ignore = self.layout.ignore_index
+        wide = ignore > 255
+        modes, kind = ((("I;16", "I;16B", "I"), "image has mode {}, expected a 16-bit (I;16) TIFF") if wide
+                       else (("L", "P"), "PNG has mode {}, expected a single-channel (L) or palette (P) PNG"))
         with Image.open(path) as png:
-            if png.mode not in ("L", "P"):
-                raise ValueError(_layout_message(self.layout, self.root, f"{path}: label PNG has mode {png.mode}, "
-                                                 "expected a single-channel (L) or palette (P) PNG of class ids"))
-            label = np.array(png, dtype=np.uint8)
+            if png.mode not in modes:
+                raise ValueError(_layout_message(self.layout, self.root, f"{path}: label {kind.format(png.mode)} "
+                                                 "of class ids"))
+            label = np.array(png).astype(np.int32 if wide else np.uint8)
         if self.layout.reduce_zero_label:
             label = np.where(label == 0, IGNORE_INDEX, label - 1).astype(np.uint8)
             label[label == IGNORE_INDEX - 1] = IGNORE_INDEX
-        stray = np.unique(label[(label != IGNORE_INDEX) & (label >= self.layout.num_classes)])
+        for value in self.layout.ignored_values:
+            label[label == value] = ignore
+        stray = np.unique(label[(label != ignore) & (label >= self.layout.num_classes)])
         if stray.size:
             raise ValueError(_layout_message(
                 self.layout, self.root, f"{path}: label value(s) {stray.tolist()} are not class ids 0.."
-                f"{self.layout.num_classes - 1} or {IGNORE_INDEX} (ignore) after decoding"))
+                f"{self.layout.num_classes - 1} or {ignore} (ignore) after decoding"))
         return torch.from_numpy(label)
 
 

@@ -68,6 +68,8 @@ PROTOCOLS = {
     "context60": SegmentationProtocol(logit_scale=50.0, prob_threshold=0.1),
     "coco-stuff": SegmentationProtocol(short_side=448),
     "cityscapes": SegmentationProtocol(short_side=560),
+    "ade847": SegmentationProtocol(),
+    "context459": SegmentationProtocol(),
 }
 
 
@@ -142,7 +144,8 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
         logits = sliding_window_logits(model, image, classifier.embeddings, window=protocol.window,
                                        stride=protocol.stride, batch_size=batch_size)
         logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)[0]
-        confusion += confusion_matrix(predict_labels(logits, classifier, protocol), label, layout.num_classes)
+        confusion += confusion_matrix(predict_labels(logits, classifier, protocol), label, layout.num_classes,
+                                      layout.ignore_index)
         images += 1
     all_reduce(confusion, op="sum")
     all_reduce(images, op="sum")

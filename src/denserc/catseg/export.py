@@ -1,0 +1,83 @@
+"""A trained CAT-Seg on disk: the fine-tuned CLIP as a DenseRC folder plus the head and its settings.
+
+    FOLDER/clip/                     DenseRCModel.save() of the fine-tuned CLIP (loads with denserc.load)
+    FOLDER/catseg_head.safetensors   every weight of the segmenter outside the CLIP
+    FOLDER/catseg_config.json        head sizes, prompt templates, CLIP input size, training vocabulary
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..io import save_json, save_tensors
+from ..models import get_tokenizer, load, load_state_dict_checked
+from .model import CATSeg, HeadConfig
+
+CLIP_DIR = "clip"
+HEAD_WEIGHTS = "catseg_head.safetensors"
+CONFIG_FILE = "catseg_config.json"
+FORMAT_VERSION = 1
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _outside_clip(name: str) -> bool:
+    return not name.startswith("clip.")
+
+
+def head_state(segmenter: CATSeg) -> dict:
+    """The segmenter's weights outside the CLIP."""
+    return StateSubset(segmenter, _outside_clip).state_dict()
+
+
+def save_catseg(segmenter: CATSeg, templates: list[str], folder: str | os.PathLike, **record) -> Path:
+    """Write ``segmenter`` (and ``record``: e.g. the training vocabulary and source CLIP) into ``folder``."""
+    folder = Path(folder)
+    segmenter.clip.save(folder / CLIP_DIR)
+    save_tensors(head_state(segmenter), folder / HEAD_WEIGHTS)
+    save_json({"format_version": FORMAT_VERSION, "head": asdict(segmenter.head_config), "templates": templates,
+               "clip_resolution": segmenter.clip_resolution, **record}, folder / CONFIG_FILE)
+    return folder
+
+
+def load_catseg(folder: str | os.PathLike, device="cpu", precision: str = "fp32"):
+    """(segmenter in eval mode, tokenizer, templates) from a folder written by ``save_catseg``."""
+    folder = Path(folder)
+    for name in (CONFIG_FILE, HEAD_WEIGHTS, CLIP_DIR):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder} is not a CAT-Seg folder: missing {name} (expected {CLIP_DIR}/, "
+                                    f"{HEAD_WEIGHTS} and {CONFIG_FILE} written by `denserc catseg train`)")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {error}") from error
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder / CONFIG_FILE}: format_version {config.get('format_version')!r} is not "
+                         f"supported (expected {FORMAT_VERSION})")
+    clip = load(folder / CLIP_DIR)
+    segmenter = CATSeg(clip, HeadConfig(**config["head"]), prompts=len(config["templates"]),
+                       clip_resolution=config["clip_resolution"])
+    load_state_dict_checked(StateSubset(segmenter, _outside_clip), load_file(folder / HEAD_WEIGHTS),
+                            folder / HEAD_WEIGHTS)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    segmenter = segmenter.to(device=device, dtype=PRECISIONS[precision]).eval()
+    return segmenter, get_tokenizer(folder / CLIP_DIR), config["templates"]
+
+
+class StateSubset:
+    """A module's state restricted to the names ``keep`` accepts, for ``load_state_dict_checked``."""
+
+    def __init__(self, module, keep):
+        self.module = module
+        self.keep = keep
+
+    def state_dict(self) -> dict:
+        return {name: tensor for name, tensor in self.module.state_dict().items() if self.keep(name)}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.module.load_state_dict(state, strict=False)  # the keys were checked against state_dict()
