@@ -12,12 +12,12 @@ import denserc
 CORE = Path(denserc.__file__).parent
 # What each part of the core may import of the core (docs/architecture.md, "What may import what").
 ALLOWED = {
-    "io": set(), "plugins": set(), "distributed": set(),
+    "io": set(), "plugins": set(), "distributed": set(), "images": set(),
     "models": {"io", "plugins"},
     "losses": {"models"},
-    "data": {"plugins"},
-    "eval": {"models", "io", "plugins", "distributed", "__version__"},
-    "viz": {"models", "eval", "io"},
+    "data": {"plugins", "images"},
+    "eval": {"models", "io", "plugins", "distributed", "images", "__version__"},
+    "viz": {"models", "eval", "io", "images"},
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
     "cli": {"plugins", "__version__"},
     "__main__": {"cli"},

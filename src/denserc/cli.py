@@ -21,6 +21,11 @@ SUBCOMMAND_MODULES = (
     "denserc.viz.cli",
 )
 
+DEBUG_FLAG = "--debug"
+# Failures a user can fix from the message alone (a wrong path, layout, value or file); anything else is a
+# bug and keeps its traceback. RuntimeError covers torch's own (e.g. out of memory) and plug-in loading.
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
+
 _PLUGIN_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
@@ -41,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="DenseRC: dense CLIP features by self-distillation (train, evaluate, visualise).",
     )
     parser.add_argument("--version", action="version", version=f"denserc {__version__}")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on an error, show the Python traceback, not just the message (also after COMMAND)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     load_plugins()
     for module_name in SUBCOMMAND_MODULES:
@@ -51,12 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An expected failure (bad input, missing file, unreadable data) prints one line,
+    ``denserc COMMAND: error: ...``, and exits with 1; ``--debug`` (anywhere on the line) shows the
+    traceback instead, as any unexpected error does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EXPECTED_ERRORS as error:
+        if debug:
+            raise
+        print(f"denserc {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"denserc {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

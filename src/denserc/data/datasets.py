@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..images import load_image
 from ..plugins import load_plugins
 from .transforms import SquareResize
 
@@ -117,7 +118,7 @@ class FileListSource:
         return str(self.files[index])
 
     def open(self, index: int) -> Image.Image:
-        return Image.open(self.files[index])
+        return load_image(self.files[index])
 
 
 def list_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:

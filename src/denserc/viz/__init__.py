@@ -3,7 +3,7 @@
 ``segment`` and ``similarity_map`` return tensors; ``draw`` turns them into pictures; ``cli`` adds the
 ``denserc segment`` / ``denserc heatmap`` commands.
 """
-from .image import ImageReadError, load_image
+from ..images import ImageReadError, load_image
 from .predict import segment, similarity_map, text_embeddings
 
 __all__ = ["ImageReadError", "load_image", "segment", "similarity_map", "text_embeddings"]

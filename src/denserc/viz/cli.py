@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from ..io import atomic_write
-from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer
+from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer, random_weights
 from .draw import draw_heatmap, draw_segmentation, save_png
-from .image import load_image
+from ..images import load_image
 from .predict import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE, segment, similarity_map
 
 # The model used when --model is not given is set by a plug-in (``denserc.cli.register_commands``): the
@@ -81,6 +81,7 @@ def run_segment(args) -> int:
         return _fail("segment", f"-o {output} must end in .png (the picture is written as PNG)")
     if args.labels and Path(args.labels).suffix.lower() not in (".npy", ".png"):
         return _fail("segment", f"--labels {args.labels} must end in .npy or .png")
+    created = _new_folders(output, args.labels)
     try:
         image = load_image(args.image)
         model, tokenizer = _build_model(args)
@@ -96,7 +97,7 @@ def run_segment(args) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         return _fail("segment", str(error), RUN_ERROR)
     shares = ", ".join(f"{e.name} {100 * e.fraction:.1f}%" for e in legend)
-    print(f"wrote {output} ({overlay.width}x{overlay.height}): {shares}")
+    print(f"wrote {output} ({overlay.width}x{overlay.height}): {shares}{created}")
     if args.labels:
         print(f"wrote {args.labels}")
     return 0
@@ -116,6 +117,7 @@ def run_heatmap(args) -> int:
         return _fail("heatmap", f"-o {output} must end in .png (the picture is written as PNG)")
     if args.scores and Path(args.scores).suffix.lower() != ".npy":
         return _fail("heatmap", f"--scores {args.scores} must end in .npy")
+    created = _new_folders(output, args.scores)
     try:
         image = load_image(args.image)
         model, tokenizer = _build_model(args)
@@ -132,7 +134,7 @@ def run_heatmap(args) -> int:
         return _fail("heatmap", str(error), RUN_ERROR)
     peak_y, peak_x = np.unravel_index(int(similarity.argmax()), similarity.shape)
     print(f"wrote {output} ({picture.width}x{picture.height}): cosine similarity {bar.vmin:.3f}..{bar.vmax:.3f}, "
-          f"peak at x={peak_x}, y={peak_y}")
+          f"peak at x={peak_x}, y={peak_y}{created}")
     if args.scores:
         print(f"wrote {args.scores}")
     return 0
@@ -178,18 +180,12 @@ def _positive_int(text: str) -> int:
 def _build_model(args):
     """The model and its tokenizer from --model and the variant options."""
     spec = args.model
-    if Path(spec).is_dir():
-        tokenizer_source = spec
-    else:
-        name, _, weights = spec.partition(":")
-        tokenizer_source = name
-        if not weights:
-            torch.manual_seed(args.seed)
-            print(f"note: {name} has random weights (no :TAG or :FILE given); the picture shows the "
-                  "pipeline, not learned semantics", file=sys.stderr)
-    model = from_spec(spec, construction=args.construction, gating=args.gating, num_layers=args.num_layers,
-                      device=args.device, precision=args.precision)
-    return model.eval(), get_tokenizer(tokenizer_source)
+    if random_weights(spec):
+        print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}); the picture shows "
+              "the pipeline, not learned semantics", file=sys.stderr)
+    model = from_spec(spec, seed=args.seed, construction=args.construction, gating=args.gating,
+                      num_layers=args.num_layers, device=args.device, precision=args.precision)
+    return model.eval(), get_tokenizer(spec if Path(spec).is_dir() else spec.partition(":")[0])
 
 
 def _inference_settings(args) -> dict:
@@ -199,6 +195,12 @@ def _inference_settings(args) -> dict:
 def _output_path(output: str | None, image: str, kind: str) -> Path:
     """-o, or IMAGE_STEM_KIND.png in the current folder."""
     return Path(output) if output else Path(f"{Path(image).stem}_{kind}.png")
+
+
+def _new_folders(*paths: str | Path | None) -> str:
+    """" (created folder X)" for the output folders that do not exist yet (writing creates them), else ""."""
+    missing = dict.fromkeys(str(Path(path).parent) for path in paths if path and not Path(path).parent.exists())
+    return f" (created folder {', '.join(missing)})" if missing else ""
 
 
 def _save_labels(labels: np.ndarray, path: str, classes: list[str]) -> None:

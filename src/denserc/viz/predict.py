@@ -14,7 +14,8 @@ from PIL import Image
 from ..eval.sliding import sliding_window_logits
 from ..eval.text import build_text_classifier
 from ..models.factory import get_tokenizer
-from .image import load_image, to_model_input
+from ..images import load_image
+from .image import to_model_input
 
 # Class names are nouns ("dog"); a heatmap query is already a phrase ("a red umbrella").
 CLASS_TEMPLATES = ("a photo of a {}.",)
