@@ -139,7 +139,7 @@ def model_settings(args: argparse.Namespace) -> list[dict]:
     if not args.variants:
         return [{"construction": args.construction, "gating": args.gating, "num_layers": args.num_layers}]
     if args.construction or args.gating:
-        raise SystemExit("denserc eval: --variants sets construction and gating itself; drop --construction/--gating")
+        raise ValueError("--variants sets construction and gating itself; drop --construction/--gating")
     return [{"construction": construction, "gating": gating,
              "num_layers": args.num_layers if construction == "multi-v" else None}
             for construction, gating in TABLE5_VARIANTS.values()]
