@@ -218,4 +218,5 @@ def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: st
         lambda: open_clip.download_pretrained(copy.deepcopy(tag_cfg), cache_dir=cache_dir), host=host,
         what=f"'{tag}' for {model_name}",
         remedy=f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
+               f"--model {model_name}{quick}:/path/to/open_clip_model.safetensors on the command line, or "
                f"denserc.create_model('{model_name}{quick}', pretrained='/path/to/open_clip_model.safetensors')")
