@@ -2,6 +2,8 @@
 one-line errors, seeded random models, progress while the text classifier is built."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,3 +200,33 @@ def test_segment_says_it_created_the_output_folder(tmp_path, capsys):
                  "--short-side", "64", "--window", "64"]) == 0
     assert out.is_file()
     assert capsys.readouterr().out.splitlines()[0].endswith(f"(created folder {out.parent})")
+
+
+def test_help_and_argument_errors_load_no_torch():
+    """A fresh interpreter: `denserc --help`, a command's help and an argument error import neither torch nor
+    open_clip, timm or matplotlib (they take seconds to import; the commands load them when they run)."""
+    code = "\n".join([
+        "import sys",
+        "from denserc.cli import main",
+        "for argv in (['--help'], ['eval', 'seg', '--help'], ['segment', '--help'], ['testbed', '--help'],",
+        "             ['train', '--help'], ['eval', 'seg'], ['segment', 'x.png'], ['heatmap', '--bogus']):",
+        "    try:",
+        "        main(argv)",
+        "    except SystemExit:",
+        "        pass",
+        "print(sorted(m for m in ('torch', 'open_clip', 'timm', 'matplotlib') if m in sys.modules))",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "the following arguments are required: --model, --data" in result.stderr
+    assert "testbed-probe" in result.stdout  # the plug-ins' commands are listed all the same
+
+
+def test_eval_help_names_every_bundled_dataset():
+    from denserc.eval import SEGMENTATION_DATASETS
+    from denserc.cli import build_parser
+    bundled = sorted(name for name, layout in SEGMENTATION_DATASETS.items()
+                     if layout.list_pairs.__module__ == "denserc.eval.datasets")
+    seg = build_parser()._subparsers._group_actions[0].choices["eval"]._subparsers._group_actions[0].choices["seg"]
+    assert f"dataset name: {', '.join(bundled)} (docs/evaluation.md)" in " ".join(seg.format_help().split())

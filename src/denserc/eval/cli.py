@@ -16,18 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .. import __version__
-from ..distributed import cleanup_distributed, setup_distributed
-from ..io import save_json
-from ..models import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS, from_spec, get_tokenizer, random_weights
-from .datasets import SEGMENTATION_DATASETS, detect_segmentation_dataset, segmentation_layout
-from .region import DEFAULT_TEMPLATES as REGION_TEMPLATES
-from .region import evaluate_regions
-from .segmentation import DEFAULT_TEMPLATES as SEGMENTATION_TEMPLATES
-from .segmentation import evaluate_segmentation, protocol_for
-from .text import default_cache_dir
+from ..models.variants import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS
+from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, default_cache_dir
+
+# The rest (torch, open_clip, the datasets) is imported inside the functions that run a command, so that
+# `denserc eval --help` and argument errors answer at once.
 
 # Data-loading workers when --workers is not given: the machine's cores, so a small machine is not
 # over-subscribed (PyTorch warns then) and a large one does not start dozens of processes per rank.
@@ -57,8 +51,9 @@ def register(subparsers) -> None:
                            description="Sliding-window dense logits -> mIoU, per-class IoU, pixel accuracy.")
     _add_common(seg, SEGMENTATION_TEMPLATES)
     seg.add_argument("--dataset", default=None,
-                     help=f"dataset name: {', '.join(sorted(SEGMENTATION_DATASETS))} or a plug-in's; '-' and '_' "
-                          "are one spelling (default: detected from the folder layout)")
+                     help="dataset name: ade20k, cityscapes, coco-stuff, context59, context60, voc20, voc21 "
+                          "(docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling (default: detected "
+                          "from the folder layout)")
     seg.add_argument("--class-names", default=None, help="bundled list or file (default: the dataset's)")
     for flag, kind, meaning in (("--short-side", int, "short side after resizing"),
                                 ("--window", int, "sliding-window size in pixels"),
@@ -104,6 +99,8 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
 
 
 def run_region(args: argparse.Namespace) -> int:
+    from .region import evaluate_regions
+
     def evaluate(model, tokenizer, shard, label):
         return evaluate_regions(model, tokenizer, args.data, split=args.split,
                                 class_names=args.class_names, templates=args.templates,
@@ -115,6 +112,9 @@ def run_region(args: argparse.Namespace) -> int:
 
 
 def run_seg(args: argparse.Namespace) -> int:
+    from .datasets import detect_segmentation_dataset, segmentation_layout
+    from .segmentation import evaluate_segmentation, protocol_for
+
     dataset = segmentation_layout(args.dataset).name if args.dataset else detect_segmentation_dataset(args.data)
     protocol = protocol_for(dataset, short_side=args.short_side, window=args.window, stride=args.stride,
                             logit_scale=args.logit_scale, prob_threshold=args.prob_threshold,
@@ -146,6 +146,10 @@ def model_settings(args: argparse.Namespace) -> list[dict]:
 
 
 def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
+    from ..distributed import cleanup_distributed, setup_distributed
+    from ..io import save_json
+    from ..models import from_spec, get_tokenizer, random_weights
+
     shard = setup_distributed(args.device)
     device = shard.device
     out = args.out or Path(f"eval-{task}-{dataset}.json")
@@ -181,7 +185,9 @@ def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
     return 0
 
 
-def _report(args, task: str, dataset: str, rows: list[dict], device: torch.device, shard) -> dict:
+def _report(args, task: str, dataset: str, rows: list[dict], device, shard) -> dict:
+    import torch
+
     return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows, "argv": sys.argv,
             "denserc_version": __version__, "torch_version": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),

@@ -24,11 +24,12 @@ from tqdm import tqdm
 from ..distributed import DistributedEnv, all_reduce
 from ..models import normalize_images, pool_boxes, pool_masks
 from .datasets import PanopticRegions, drop_unreadable
+from .defaults import REGION_TEMPLATES
 from .metrics import add_region_predictions, region_counts, region_metrics
 from .text import build_text_classifier, load_class_names, load_templates
 
 DEFAULT_CLASS_NAMES = "coco_panoptic"
-DEFAULT_TEMPLATES = "vild"
+DEFAULT_TEMPLATES = REGION_TEMPLATES
 DATASET_CLASS_NAMES = "dataset"  # use the category names stored in the panoptic JSON
 GRID_PATCHES = 64
 

@@ -28,12 +28,13 @@ from ..distributed import DistributedEnv, all_reduce
 from ..models import normalize_images
 from .datasets import (SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout, drop_unreadable,
                        segmentation_layout)
+from .defaults import SEGMENTATION_TEMPLATES
 from .metrics import confusion_matrix, segmentation_metrics
 from .sliding import sliding_window_logits
 from .text import TextClassifier, build_text_classifier, load_class_names, load_templates
 
 BACKGROUND = 0
-DEFAULT_TEMPLATES = "openai"
+DEFAULT_TEMPLATES = SEGMENTATION_TEMPLATES
 
 
 @dataclass(frozen=True)

@@ -119,11 +119,6 @@ class TextClassifier:
         return out.movedim(-1, dim)
 
 
-def default_cache_dir() -> Path:
-    """``$DENSERC_CACHE/text`` or ``~/.cache/denserc/text``."""
-    return Path(os.environ.get("DENSERC_CACHE", Path.home() / ".cache" / "denserc")) / "text"
-
-
 def text_tower_fingerprint(model) -> str:
     """SHA-256 of the model name (it picks the tokenizer) and every non-image weight of the CLIP."""
     digest = hashlib.sha256(model.model_name.encode())

@@ -1,11 +1,11 @@
 """DenseRC models: dense construction on open_clip ViTs (and, for training, the frozen teacher/VFM)."""
-from .dense import (CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS, DenseRCModel, UnsupportedModelError, pool_boxes,
-                    pool_masks)
-from .factory import create_model, from_spec, get_tokenizer, load, random_weights, register_pretrained
-from .gating import HeadSelectionGate
-from .preprocess import normalize_images
-from .serialization import load_state_dict_checked
+from ..lazy import lazy_exports
 
-__all__ = ["CONSTRUCTIONS", "GATINGS", "TABLE5_VARIANTS", "DenseRCModel", "HeadSelectionGate",
-           "UnsupportedModelError", "create_model", "from_spec", "get_tokenizer", "load", "load_state_dict_checked",
-           "normalize_images", "pool_boxes", "pool_masks", "random_weights", "register_pretrained"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "CONSTRUCTIONS": ".variants", "GATINGS": ".variants", "TABLE5_VARIANTS": ".variants", "DenseRCModel": ".dense",
+    "UnsupportedModelError": ".dense", "pool_boxes": ".dense", "pool_masks": ".dense", "create_model": ".factory",
+    "from_spec": ".factory", "get_tokenizer": ".factory", "load": ".factory", "random_weights": ".factory",
+    "register_pretrained": ".factory", "HeadSelectionGate": ".gating", "normalize_images": ".preprocess",
+    "load_state_dict_checked": ".serialization",
+})

@@ -6,16 +6,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..io import atomic_write
-from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer, random_weights
-from .draw import draw_heatmap, draw_segmentation, save_png
-from ..images import load_image
-from .predict import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE, segment, similarity_map
+from ..models.variants import CONSTRUCTIONS, GATINGS
+from .defaults import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE
 
-# The model used when --model is not given is set by a plug-in (``denserc.cli.register_commands``): the
+# torch, open_clip, matplotlib and the image code are imported inside the functions that run a command, so
+# that `--help` and argument errors answer at once.
+
+# The model used when --model is not given is set by a plug-in (``add_commands`` in its entry point's module): the
 # testbed's tiny CLIP (pretrained on generated scenes, docs/testbed.md), so the commands run anywhere without
 # a download. It knows only the testbed's shapes, colours and textures; pass a real model (e.g.
 # ViT-B-16:openai or a DenseRC folder) for photos.
@@ -83,6 +82,9 @@ def run_segment(args) -> int:
         return _fail("segment", f"--labels {args.labels} must end in .npy or .png")
     created = _new_folders(output, args.labels)
     try:
+        from ..images import load_image
+        from .draw import draw_segmentation, save_png
+        from .predict import segment
         image = load_image(args.image)
         model, tokenizer = _build_model(args)
         labels = segment(model, image, classes, tokenizer=tokenizer,
@@ -119,6 +121,10 @@ def run_heatmap(args) -> int:
         return _fail("heatmap", f"--scores {args.scores} must end in .npy")
     created = _new_folders(output, args.scores)
     try:
+        from ..images import load_image
+        from ..io import atomic_write
+        from .draw import draw_heatmap, save_png
+        from .predict import similarity_map
         image = load_image(args.image)
         model, tokenizer = _build_model(args)
         similarity = similarity_map(model, image, args.query, tokenizer=tokenizer,
@@ -151,8 +157,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gating", choices=GATINGS, help="gating variant (default: saved one / hsg)")
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="value layers for multi-v (default: saved one / 3)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="model weights' precision (default fp32)")
     parser.add_argument("--seed", type=int, default=0,
@@ -179,12 +184,16 @@ def _positive_int(text: str) -> int:
 
 def _build_model(args):
     """The model and its tokenizer from --model and the variant options."""
+    import torch
+
+    from ..models import from_spec, get_tokenizer, random_weights
     spec = args.model
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if random_weights(spec):
         print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}); the picture shows "
               "the pipeline, not learned semantics", file=sys.stderr)
     model = from_spec(spec, seed=args.seed, construction=args.construction, gating=args.gating,
-                      num_layers=args.num_layers, device=args.device, precision=args.precision)
+                      num_layers=args.num_layers, device=device, precision=args.precision)
     return model.eval(), get_tokenizer(spec if Path(spec).is_dir() else spec.partition(":")[0])
 
 
@@ -205,6 +214,8 @@ def _new_folders(*paths: str | Path | None) -> str:
 
 def _save_labels(labels: np.ndarray, path: str, classes: list[str]) -> None:
     """Label map as .npy (smallest unsigned dtype) or single-channel PNG, class names in the PNG metadata."""
+    from ..io import atomic_write
+    from .draw import save_png
     compact = labels.astype(np.uint8 if len(classes) <= 256 else np.uint16)
     if Path(path).suffix.lower() == ".npy":
         atomic_write(path, lambda tmp: _save_npy(tmp, compact))
