@@ -160,7 +160,7 @@ def load_testbed_model(spec: str):
     if spec == PRETRAINED_TAG or Path(spec).is_file():
         return create_model(MODEL_NAME, spec)
     if not Path(spec).is_dir():
-        raise FileNotFoundError(f"testbed-probe: {spec!r} is neither 'testbed', a weights file written by "
+        raise FileNotFoundError(f"{spec!r} is neither 'testbed', a weights file written by "
                                 f"pretrain-testbed, nor a saved model folder (a run's final/ directory)")
     return load(spec)
 
