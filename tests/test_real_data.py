@@ -166,6 +166,9 @@ def test_dataset_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, cap
     assert capsys.readouterr().err == f"denserc eval: error: dataset folder {missing} does not exist\n"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main([*argv, "--debug"])
+    assert main(argv[:-1]) == 1  # with progress on, a first line comes before torch is imported
+    assert capsys.readouterr().err.splitlines() == [f"denserc eval seg: loading {TINY} (torch, open_clip)...",
+                                                    f"denserc eval: error: dataset folder {missing} does not exist"]
 
 
 def test_class_count_mismatch_is_one_line(tmp_path, capsys):

@@ -99,6 +99,7 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
 
 
 def run_region(args: argparse.Namespace) -> int:
+    _starting(args)
     from .region import evaluate_regions
 
     def evaluate(model, tokenizer, shard, label):
@@ -112,6 +113,7 @@ def run_region(args: argparse.Namespace) -> int:
 
 
 def run_seg(args: argparse.Namespace) -> int:
+    _starting(args)
     from .datasets import detect_segmentation_dataset, segmentation_layout
     from .segmentation import evaluate_segmentation, protocol_for
 
@@ -127,6 +129,13 @@ def run_seg(args: argparse.Namespace) -> int:
                                      shard=shard, cache_dir=args.cache_dir, progress=not args.no_progress,
                                      description=label, skip_unreadable=args.skip_unreadable)
     return _run(args, "seg", dataset, evaluate)
+
+
+def _starting(args: argparse.Namespace) -> None:
+    """A first line at once: importing torch and building the first model take many seconds on a CPU."""
+    if not args.no_progress:
+        print(f"denserc eval {args.task}: loading {', '.join(args.model)} (torch, open_clip)...", file=sys.stderr,
+              flush=True)
 
 
 def default_workers() -> int:
