@@ -233,3 +233,35 @@ def test_eval_help_names_every_bundled_dataset():
                      if layout.list_pairs.__module__ == "denserc.eval.datasets")
     seg = build_parser()._subparsers._group_actions[0].choices["eval"]._subparsers._group_actions[0].choices["seg"]
     assert f"dataset name: {', '.join(bundled)} (docs/evaluation.md)" in " ".join(seg.format_help().split())
+
+
+def test_a_placeholder_of_an_unreadable_image_has_no_weight_in_the_losses():
+    from denserc.losses import distillation_loss
+    torch.manual_seed(0)
+    dense, vfm = torch.randn(3, 8, 4, 4, requires_grad=True), torch.randn(3, 16, 5)
+    boxes = [torch.tensor([[0.0, 0, 32, 32], [8, 8, 24, 40]]), torch.tensor([[0.0, 0, 64, 64]]),
+             torch.tensor([[16.0, 0, 48, 64], [0, 0, 16, 16], [0, 32, 64, 64]])]
+    teacher = torch.randn(6, 8)
+    valid = torch.tensor([True, False, True])
+    masked = distillation_loss(dense, boxes, teacher, vfm, 16, valid=valid)
+    kept = distillation_loss(dense[[0, 2]], [boxes[0], boxes[2]], teacher[[0, 1, 3, 4, 5]], vfm[[0, 2]], 16)
+    for name in ("loss_semantics", "loss_coherence", "loss"):
+        torch.testing.assert_close(masked[name], kept[name])
+    masked["loss"].backward()
+    assert dense.grad[1].abs().max() == 0 and dense.grad[0].abs().max() > 0
+    unmasked = distillation_loss(dense, boxes, teacher, vfm, 16)
+    torch.testing.assert_close(distillation_loss(dense, boxes, teacher, vfm, 16, valid=torch.ones(3, dtype=bool))
+                               ["loss"], unmasked["loss"])
+    nothing = distillation_loss(dense, boxes, teacher, vfm, 16, valid=torch.zeros(3, dtype=bool))
+    assert nothing["loss"].item() == 0 and nothing["loss"].requires_grad  # every rank still steps
+
+
+def test_a_corrupt_training_image_is_a_weightless_placeholder_not_a_duplicate(tmp_path):
+    from denserc.data import TrainingImages
+    files = [tmp_path / f"{index}.png" for index in range(3)]
+    for index, path in enumerate(files):
+        Image.new("RGB", (8, 8), (80 * index, 0, 0)).save(path)
+    files[1].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    samples = [TrainingImages(FileListSource(files), SquareResize(8))[index] for index in range(3)]
+    assert [(s["index"], s["valid"], s["skipped"]) for s in samples] == [(0, True, 0), (1, False, 1), (2, True, 0)]
+    assert [int(s["image"][0, 0, 0]) for s in samples] == [0, 0, 160]  # image 2 appears once, as itself
