@@ -87,6 +87,6 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
     all_reduce(counts, op="sum")
     all_reduce(totals, op="sum")
     return {"dataset": "coco-panoptic", "split": split, "num_images": int(totals[0]),
-            "segments_skipped": int(totals[1]), "unreadable_images": int(totals[2]), "image_size": image_size, "templates": templates,
-            "class_names": class_names,
+            "segments_skipped": int(totals[1]), "unreadable_images": int(totals[2]), "image_size": image_size,
+            "templates": templates, "class_names": class_names,
             **region_metrics(counts, data.is_thing, [", ".join(synonyms) for synonyms in names])}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .shipped import available_configs
 
-# With no CONFIG, `denserc train` runs the built-in default that a plug-in sets (``add_commands`` in its entry point's module):
+# With no CONFIG, `denserc train` runs the built-in default that a plug-in sets (its ``add_commands``):
 # ``default_run(overrides) -> exit code``, e.g. the testbed's before/after run (the shipped tiny CLIP distilled
 # on generated scenes, CPU, a few minutes; docs/testbed.md), and ``default_config``, the training config that
 # run uses and what --print-config and --resume read when no CONFIG is given.
