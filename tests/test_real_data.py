@@ -265,3 +265,19 @@ def test_a_corrupt_training_image_is_a_weightless_placeholder_not_a_duplicate(tm
     samples = [TrainingImages(FileListSource(files), SquareResize(8))[index] for index in range(3)]
     assert [(s["index"], s["valid"], s["skipped"]) for s in samples] == [(0, True, 0), (1, False, 1), (2, True, 0)]
     assert [int(s["image"][0, 0, 0]) for s in samples] == [0, 0, 160]  # image 2 appears once, as itself
+
+
+@pytest.mark.slow
+def test_a_later_model_failing_keeps_the_finished_rows(tmp_path, capsys):
+    root = _coco_stuff(tmp_path / "coco_stuff164k", count=1)
+    out = tmp_path / "r.json"
+    templates = write_templates(tmp_path / "t.txt", "{}")
+    assert main(["eval", "seg", "--model", TINY, "--model", "ViT-Nope", "--data", str(root), "--templates",
+                 str(templates), "--short-side", "32", "--window", "32", "--workers", "0", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert [row["model"] for row in report["results"]] == [TINY] and report["results"][0]["num_images"] == 1
+    assert "'ViT-Nope' is neither a folder" in report["incomplete"]
+    err = capsys.readouterr().err
+    assert f"wrote the 1 finished row(s) to {out} before the error below" in err
+    assert err.splitlines()[-1].startswith("denserc eval: error: model spec 'ViT-Nope' is neither a folder")
