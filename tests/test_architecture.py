@@ -12,14 +12,14 @@ import denserc
 CORE = Path(denserc.__file__).parent
 # What each part of the core may import of the core (docs/architecture.md, "What may import what").
 ALLOWED = {
-    "io": set(), "plugins": set(), "distributed": set(),
+    "io": set(), "plugins": set(), "distributed": set(), "images": set(), "lazy": set(),
     "models": {"io", "plugins"},
     "losses": {"models"},
-    "data": {"plugins"},
-    "eval": {"models", "io", "plugins", "distributed", "__version__"},
-    "viz": {"models", "eval", "io"},
+    "data": {"plugins", "images"},
+    "eval": {"models", "io", "plugins", "distributed", "images", "__version__"},
+    "viz": {"models", "eval", "io", "images"},
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
-    "detect": {"models", "eval", "viz", "train", "io", "distributed", "plugins"},
+    "detect": {"models", "eval", "viz", "train", "io", "distributed", "plugins", "images"},
     "catseg": {"models", "eval", "train", "io", "distributed", "__version__"},
     "cli": {"plugins", "__version__"},
     "__main__": {"cli"},
@@ -49,7 +49,7 @@ def test_each_core_package_imports_only_what_the_architecture_allows():
         relative = path.relative_to(CORE)
         part = relative.parts[0] if len(relative.parts) > 1 else relative.stem
         assert part in ALLOWED, f"{relative}: {part!r} has no import rule; add it to docs/architecture.md and ALLOWED"
-        imported = core_imports(path) - {part}
+        imported = core_imports(path) - {part} - ({"lazy"} if path.name == "__init__.py" else set())
         assert imported <= ALLOWED[part], f"{relative} imports {sorted(imported - ALLOWED[part])}"
         checked += 1
     assert checked > 40  # every module of the core was read

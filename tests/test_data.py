@@ -138,8 +138,9 @@ def test_corrupt_image_is_skipped_counted_and_logged(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="denserc.data"):
         samples = [dataset[i] for i in range(3)]
     assert [s["skipped"] for s in samples] == [0, 1, 0]
-    assert samples[1]["image"][:, 0, 0].tolist() == [0, 0, 255]  # replaced by the next readable image
-    assert samples[1]["index"] == 1
+    assert [s["valid"] for s in samples] == [True, False, True]
+    assert samples[1]["image"].eq(0).all() and samples[1]["index"] == 1  # a blank placeholder, not image 2 again
+    assert samples[2]["image"][:, 0, 0].tolist() == [0, 0, 255]
     assert "1.jpg" in caplog.text and "skipping unreadable image" in caplog.text
     batch = torch.utils.data.default_collate(samples)
     assert int(batch["skipped"].sum()) == 1

@@ -100,7 +100,9 @@ def test_offline_pretrained_tag_fails_fast_with_a_way_out(monkeypatch):
     monkeypatch.setattr(hub, "reachable", lambda host, timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-denserc-test-cache")
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"unreachable \(offline\).*pretrained='/path/to/"):
+    with pytest.raises(RuntimeError, match=r"unreachable \(offline\).*pass its path: --model ViT-B-16-quickgelu:"
+                                           r"/path/to/open_clip_model\.safetensors on the command line, or "
+                                           r"denserc\.create_model\('ViT-B-16-quickgelu', pretrained='/path/to/"):
         denserc.create_model("ViT-B-16", pretrained="openai")
     assert time.monotonic() - start < 10
 

@@ -61,8 +61,10 @@ def test_probe_agrees_with_the_testbed_evaluation(tmp_path, capsys):
     assert result["zero_shot"]["masks"]["class"] == pytest.approx(reference["thing_masks_top1"])
     assert result["zero_shot"]["global, object crops"]["class"] == pytest.approx(reference["crop_things_top1"])
 
-    with pytest.raises(FileNotFoundError, match="neither 'testbed', a weights file written by pretrain-testbed, nor"):
-        main(["testbed-probe", str(tmp_path / "missing"), "--output", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["testbed-probe", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"denserc testbed-probe: error: '{tmp_path / 'missing'}' is neither "
+                                              "'testbed', a weights file written by pretrain-testbed, nor")
 
 
 def test_probe_loads_a_pretrain_testbed_weights_file_like_the_shipped_tag():

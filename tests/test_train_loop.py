@@ -90,7 +90,7 @@ def test_accumulating_two_half_batches_gives_the_full_batch_gradient(tmp_path):
     halves = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=2")
     assert (whole.accumulation, halves.accumulation) == (1, 2)
     micro = first_batches(halves, 2)
-    full = {key: torch.cat([m[key] for m in micro]) for key in ("image", "size", "index", "skipped")}
+    full = {key: torch.cat([m[key] for m in micro]) for key in ("image", "size", "index", "valid", "skipped")}
     assert torch.equal(full["index"], first_batches(whole, 1)[0]["index"])
     whole_gradients, half_gradients = capture_gradients(whole), capture_gradients(halves)
     whole_metrics = whole.train_step([full], epoch=0)

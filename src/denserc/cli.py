@@ -1,19 +1,19 @@
 """`denserc` command line: one subcommand per job, each registered by the module that owns it.
 
 Each module in ``SUBCOMMAND_MODULES`` exposes ``register(subparsers)``, which adds its parser(s)
-and sets ``func`` (called with the parsed arguments) as the parser default. Plug-ins add theirs with
-``register_commands`` (docs/architecture.md); they are loaded before the parser is built, so the core
-commands also offer what the plug-ins registered (e.g. their datasets in ``denserc eval seg``).
+and sets ``func`` (called with the parsed arguments) as the parser default. A plug-in adds its own, and the
+defaults of core ones, with ``add_commands(subparsers)`` in its entry point's module (docs/architecture.md).
+Building the parser imports no torch, open_clip or timm (the commands import them when they run), so
+``denserc --help`` and argument errors answer at once.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import Callable
 
 from . import __version__
-from .plugins import load_plugins
+from .plugins import plugin_commands
 
 SUBCOMMAND_MODULES = (
     "denserc.train.cli",
@@ -23,18 +23,10 @@ SUBCOMMAND_MODULES = (
     "denserc.detect.cli",
 )
 
-_PLUGIN_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def register_commands(add: Callable[[argparse._SubParsersAction], None]) -> None:
-    """Extension point: ``add(subparsers)`` is called whenever the `denserc` parser is built.
-
-    It runs after the core subcommands are registered, so besides adding its own subcommands it may
-    set the documented defaults of core ones with ``subparsers.choices[NAME].set_defaults(...)``:
-    ``train``'s ``default_config`` and ``default_run`` (what `denserc train` does without a CONFIG) and
-    ``segment``/``heatmap``'s ``model`` (their default ``--model``).
-    """
-    _PLUGIN_COMMANDS.append(add)
+DEBUG_FLAG = "--debug"
+# Failures a user can fix from the message alone (a wrong path, layout, value or file); anything else is a
+# bug and keeps its traceback. RuntimeError covers torch's own (e.g. out of memory) and plug-in loading.
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,22 +35,40 @@ def build_parser() -> argparse.ArgumentParser:
         description="DenseRC: dense CLIP features by self-distillation (train, evaluate, visualise).",
     )
     parser.add_argument("--version", action="version", version=f"denserc {__version__}")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="on an error, show the Python traceback, not just the message (also after COMMAND)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    load_plugins()
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
-    for add in _PLUGIN_COMMANDS:
+    for add in plugin_commands():
         add(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An expected failure (bad input, missing file, unreadable data) prints one line,
+    ``denserc COMMAND: error: ...``, and exits with 1; ``--debug`` (anywhere on the line) shows the
+    traceback instead, as any unexpected error does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except EXPECTED_ERRORS as error:
+        if debug:
+            raise
+        print(f"denserc {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"denserc {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

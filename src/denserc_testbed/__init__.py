@@ -8,11 +8,12 @@ the segmentation dataset ``testbed`` and the commands ``denserc testbed``, ``pre
 ``testbed-probe``. ``import denserc`` does not import it; the core loads it the first time it looks up
 one of those names.
 """
-from .coco import write_split
-from .scenes import Scene, SceneConfig, Segment, render_scene, scene_rng
-from .tiny_clip import MODEL_NAME, PRETRAINED_TAG, pretrain_record, pretrained_path
-from .vocabulary import CATEGORIES, CLASS_NAMES, STUFF_CATEGORIES, TEMPLATES, THING_CATEGORIES
+from denserc.lazy import lazy_exports
 
-__all__ = ["CATEGORIES", "CLASS_NAMES", "MODEL_NAME", "PRETRAINED_TAG", "STUFF_CATEGORIES", "TEMPLATES",
-           "THING_CATEGORIES", "Scene", "SceneConfig", "Segment", "pretrain_record", "pretrained_path",
-           "render_scene", "scene_rng", "write_split"]
+# imported on first use: the `denserc` command line imports .plugin and .cli, which must not load torch
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "write_split": ".coco", "Scene": ".scenes", "SceneConfig": ".scenes", "Segment": ".scenes",
+    "render_scene": ".scenes", "scene_rng": ".scenes", "MODEL_NAME": ".tiny_clip", "PRETRAINED_TAG": ".tiny_clip",
+    "pretrain_record": ".tiny_clip", "pretrained_path": ".tiny_clip", "CATEGORIES": ".vocabulary",
+    "CLASS_NAMES": ".vocabulary", "STUFF_CATEGORIES": ".vocabulary", "TEMPLATES": ".vocabulary",
+    "THING_CATEGORIES": ".vocabulary"})

@@ -30,17 +30,15 @@ from denserc.distributed import cleanup_distributed, setup_distributed
 from denserc.train.engine import Engine
 from .coco import write_split
 from .evaluation import CLASS_NAMES_FILE, DATASET, TRAIN_SPLIT, prepare_split
-from .run import EVAL_IMAGES, EVAL_SEED
+from .settings import CATSEG_TRAIN_IMAGES, COMPARED_CLIPS, EVAL_IMAGES, EVAL_SEED
 from .scenes import SceneConfig
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 from .vocabulary import CATEGORIES, COLOURS, SHAPES, STUFF_ID, THING_ID, label_of
 
 CONFIG = Path(__file__).parent / "catseg_testbed.yaml"
 TRAIN_SEED = 3_000_000  # disjoint from pretraining (0, 1_000_000), distillation and evaluation (2_000_000)
-TRAIN_IMAGES = 1000
 HELD_OUT = sorted([label_of(THING_ID[(shape, list(COLOURS)[i % len(COLOURS)])]) for i, shape in enumerate(SHAPES)]
                   + [label_of(STUFF_ID["gravel"])])
-DEFAULT_CLIPS = (f"{MODEL_NAME}:{PRETRAINED_TAG}", "runs/testbed/runs/hsg-seed0/final")  # the latter: `denserc train`
 
 
 def prepare_data(root: Path, train_images: int, eval_images: int, progress: bool = True) -> Path:
@@ -65,7 +63,8 @@ def seen_unseen(per_class: list[dict], held_out: list[int]) -> dict:
     return {"mIoU_seen": mean(seen), "mIoU_unseen": mean(held_out)}
 
 
-def run(clips=DEFAULT_CLIPS, output: str | Path = "runs/testbed-catseg", overrides=(), train_images: int = TRAIN_IMAGES,
+def run(clips=COMPARED_CLIPS, output: str | Path = "runs/testbed-catseg", overrides=(),
+        train_images: int = CATSEG_TRAIN_IMAGES,
         eval_images: int = EVAL_IMAGES, progress: bool = True) -> list[dict]:
     """Train and evaluate CAT-Seg once per CLIP spec; returns one record each (also written to OUTPUT)."""
     output = Path(output)
@@ -110,24 +109,8 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines) + f"\n\nunseen classes (never a training label): {', '.join(records[0]['held_out'])}\n"
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "testbed-catseg", help="CAT-Seg on testbed scenes with held-out classes: seen/unseen mIoU per CLIP",
-        description="Train CAT-Seg on generated scenes without the held-out classes and report seen/unseen mIoU "
-                    "for each CLIP (default: the shipped tiny CLIP and runs/testbed/final from `denserc train`).")
-    parser.add_argument("--clip", action="append", default=None, metavar="SPEC",
-                        help="open_clip NAME:TAG or a DenseRC folder; repeat (default: %(default)s -> "
-                             f"{', '.join(DEFAULT_CLIPS)})")
-    parser.add_argument("--output", default="runs/testbed-catseg", help="output folder (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
-    parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="CAT-Seg config overrides, e.g. "
-                                                                          "iterations=100")
-    parser.set_defaults(func=_main)
-
-
 def _main(args) -> int:
-    clips = args.clip or DEFAULT_CLIPS
+    clips = args.clip or COMPARED_CLIPS
     missing = [c for c in clips if ":" not in c and not Path(c).is_dir()]
     if missing:
         raise SystemExit(f"denserc testbed-catseg: {missing[0]} is not a folder; make it with "

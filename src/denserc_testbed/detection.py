@@ -29,8 +29,6 @@ PROTOCOL = "ov-testbed"
 TRAIN_SEED = 3_000_000  # scene seeds apart from CLIP pretraining (0, 1_000_000) and evaluation (2_000_000)
 VAL_SEED = 4_000_000
 COLOUR_NAMES = tuple(COLOURS)
-# the shipped tiny CLIP, and its DenseRC-distilled version as `python -m denserc train` exports it
-DEFAULT_BACKBONES = ("ViT-Testbed-P8:testbed", "runs/testbed/runs/hsg-seed0/final")
 
 
 def is_novel(category: dict) -> bool:
@@ -110,22 +108,6 @@ def format_table(records: list[dict]) -> str:
         lines.append(f"| {r['backbone']} | {r['ap50_novel']:.1f} | {r['ap50_base']:.1f} | {r['ap50_all']:.1f} | "
                      f"{r['train_minutes']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "testbed-detect", help="open-vocabulary detection on the testbed: F-ViT per backbone (CPU, minutes)",
-        description="Write testbed scenes, train F-ViT (config fvit_testbed) on the base classes of the "
-                    "ov-testbed split for each backbone and print AP50 novel/base/all (docs/detection.md).")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="detection-config overrides")
-    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES),
-                        help="tower specs: NAME:TAG or a DenseRC folder (default: the shipped tiny CLIP and "
-                             "the distilled one `python -m denserc train` writes)")
-    parser.add_argument("--output", type=Path, default=Path("runs/testbed_detect"))
-    parser.add_argument("--train-images", type=int, default=2048)
-    parser.add_argument("--val-images", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -2,25 +2,13 @@
 points (the same a user's own plug-in would use; docs/architecture.md).
 
 ``register`` is the ``denserc.plugins`` entry point (pyproject.toml); the core calls it once, the first
-time it looks up a name it does not know or builds the ``denserc`` command line.
+time it looks up a name it does not know. ``add_commands`` is what the ``denserc`` command line takes from
+this module to build its parser; like the module's own imports, it loads no torch (`denserc --help`
+answers at once), so the heavy imports sit inside the functions.
 """
 from __future__ import annotations
 
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from timm.models import register_model
-
-from denserc.cli import register_commands
-from denserc.data import register_source
-from denserc.detect.protocols import register_protocol
-from denserc.eval import register_segmentation_dataset
-from denserc.models import register_pretrained
-
-from .appearance_vfm import testbed_appearance
-from .detection import OV_TESTBED
-from .evaluation import LAYOUT, protocol
-from .scenes import SceneConfig
-from .source import build_testbed_source
-from .tiny_clip import CONFIG_FILE, MODEL_NAME, PRETRAINED_TAG, WEIGHTS_DIR, WEIGHTS_FILE
+from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 
 # `denserc segment` / `heatmap` without --model: the shipped tiny CLIP, un-distilled.
 DEFAULT_MODEL = f"{MODEL_NAME}:{PRETRAINED_TAG}"
@@ -30,19 +18,32 @@ DEFAULT_CONFIG = "testbed"
 
 
 def register() -> None:
-    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the datasets, the detection split and
-    the commands."""
+    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the dataset and the detection split."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from timm.models import register_model
+
+    from denserc.data import register_source
+    from denserc.detect.protocols import register_protocol
+    from denserc.eval import register_segmentation_dataset
+    from denserc.models import register_pretrained
+
+    from .appearance_vfm import testbed_appearance
+    from .detection import OV_TESTBED
+    from .evaluation import LAYOUT, protocol
+    from .scenes import SceneConfig
+    from .source import build_testbed_source
+    from .tiny_clip import CONFIG_FILE, WEIGHTS_DIR, WEIGHTS_FILE
+
     register_pretrained(MODEL_NAME, PRETRAINED_TAG, WEIGHTS_DIR / WEIGHTS_FILE, config=CONFIG_FILE,
                         mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
     register_model(testbed_appearance)
     register_source("testbed")(build_testbed_source)
     register_segmentation_dataset(LAYOUT, protocol(SceneConfig().image_size))
     register_protocol(OV_TESTBED)
-    register_commands(add_commands)
 
 
 def add_commands(subparsers) -> None:
-    """`denserc testbed`, `pretrain-testbed` and `testbed-probe`, and the testbed defaults of core commands."""
+    """The testbed's commands (`denserc testbed`, `pretrain-testbed`, ...) and its defaults of core commands."""
     from . import cli
     cli.register(subparsers)
     subparsers.choices["train"].set_defaults(default_run=default_train_run, default_config=DEFAULT_CONFIG)

@@ -13,7 +13,7 @@ import json
 import math
 import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from denserc.io import atomic_write, save_json, save_tensors
 from denserc.models import create_model, get_tokenizer, normalize_images
 
 from .crops import ScenePool, crop, square_boxes
+from .settings import PretrainConfig
 from .tiny_clip import MODEL_NAME, RECORD_FILE, WEIGHTS_FILE, pretrained_path
 from .vocabulary import CATEGORIES, TEMPLATES, phrase
 from .zero_shot import crop_accuracy
@@ -38,20 +39,6 @@ MIN_REGION = 8  # pixels
 LOG_EVERY = 25  # steps between lines of pretrain_log.jsonl (evaluations are always logged)
 TEST_SET_SEED = 20_261_125  # the small fixed held-out set the test suite re-scores
 TEST_SET_SCENES = 60
-
-
-@dataclass
-class PretrainConfig:
-    seed: int = 0
-    steps: int = 3000
-    train_scenes: int = 5000
-    held_out_scenes: int = 400
-    regions_per_batch: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    eval_every: int = 250
-    threads: int = 1  # CPU threads; one thread is several times faster than two on a shared 2-core machine
 
 
 class BatchSampler:
@@ -192,21 +179,6 @@ def check_set_pool() -> ScenePool:
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "pretrain-testbed", help="pretrain the testbed's tiny CLIP on generated scenes",
-        description="Contrastively pretrain the testbed's tiny CLIP (ViT-Testbed-P8) on procedurally "
-                    "generated scenes and write fp16 weights plus a record of the run.")
-    defaults = PretrainConfig()
-    parser.add_argument("--output", type=Path, default=Path("runs/pretrain-testbed"),
-                        help="folder for the weights, the record and the log (default: %(default)s); the "
-                             "shipped weights were made with --output src/denserc_testbed/weights")
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                            help=f"default: {value}")
-    parser.set_defaults(func=_run)
-
-
 def _run(args) -> int:
     config = PretrainConfig(**{name: getattr(args, name) for name in asdict(PretrainConfig())})
     options = [f"--{name.replace('_', '-')} {value}" for name, value in asdict(config).items()]

@@ -24,8 +24,8 @@ from denserc.models import create_model, get_tokenizer, load, normalize_images, 
 
 from .crops import ScenePool
 from .evaluation import CLASS_NAMES_FILE, SPLIT, TEMPLATES_FILE, prepare_split
-from .run import EVAL_IMAGES, EVAL_SEED
 from .scenes import SceneConfig
+from .settings import EVAL_IMAGES, EVAL_SEED
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 from .vocabulary import CATEGORIES, COLOURS, SHAPES
 from .zero_shot import crop_predictions
@@ -160,24 +160,9 @@ def load_testbed_model(spec: str):
     if spec == PRETRAINED_TAG or Path(spec).is_file():
         return create_model(MODEL_NAME, spec)
     if not Path(spec).is_dir():
-        raise FileNotFoundError(f"testbed-probe: {spec!r} is neither 'testbed', a weights file written by "
+        raise FileNotFoundError(f"{spec!r} is neither 'testbed', a weights file written by "
                                 f"pretrain-testbed, nor a saved model folder (a run's final/ directory)")
     return load(spec)
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "testbed-probe", help="how much of an object's colour and shape a testbed CLIP's features hold",
-        description="Zero-shot class/colour/shape accuracy of thing regions (dense and global) and linear "
-                    "probes of colour and shape per layer, on the testbed's held-out split (docs/testbed.md).")
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="'testbed' (the shipped tiny CLIP), a weights file written by pretrain-testbed, "
-                             "or a saved model folder, e.g. runs/testbed/runs/hsg-seed0/final")
-    parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
-                        help="folder holding (or to hold) the held-out split and the probes' split "
-                             "(default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
-    parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -24,11 +24,9 @@ from denserc.train import load_config, train
 
 from .crops import ScenePool
 from .evaluation import evaluate, prepare_split
+from .settings import EVAL_IMAGES, EVAL_SEED, SCHEDULES
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 
-SCHEDULES = {"short": "testbed", "full": "testbed_full"}
-EVAL_SEED = 2_000_000  # held-out scenes; CLIP pretraining uses seeds 0 and 1_000_000, distillation 0..
-EVAL_IMAGES = 200
 METRICS = (("boxes_top1", "boxes"), ("thing_boxes_top1", "thing boxes"), ("thing_masks_top1", "thing masks"),
            ("stuff_masks_top1", "stuff masks"), ("mIoU", "mIoU"), ("crop_things_top1", "global: object crops"))
 
@@ -111,28 +109,6 @@ def _steps(config) -> int:
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "testbed", help="before/after DenseRC distillation of the testbed's tiny CLIP (CPU, minutes)",
-        description="Distil the testbed's tiny CLIP on generated scenes and compare region classification "
-                    "and segmentation before and after, for the chosen Table-5 variants (docs/testbed.md).")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="training-config overrides, e.g. optim.lr=2e-4 train.epochs=2")
-    parser.add_argument("--schedule", choices=list(SCHEDULES), default="short",
-                        help="short: ~2-5 min per variant on 2 CPU cores; full: the docs' results (default: short)")
-    parser.add_argument("--variants", default="hsg",
-                        help=f"comma-separated subset of {','.join(TABLE5_VARIANTS)}, or 'all' (default: hsg)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds (default: 0)")
-    parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
-                        help="folder for the held-out split, the runs and the results; its runs are "
-                             "replaced (default: %(default)s)")
-    parser.add_argument("--eval-images", type=int, default=EVAL_IMAGES,
-                        help="held-out scenes (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default: 1, fastest on a small machine shared with other jobs)")
-    parser.set_defaults(func=_main)
-
-
 def run_and_print(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Path = "runs/testbed",
                   eval_images: int = EVAL_IMAGES, overrides=(), threads: int = 1) -> int:
     """``run`` with progress logging, then print the before -> after table; the exit code."""

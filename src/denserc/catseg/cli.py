@@ -19,15 +19,16 @@ see docs/segmentation.md (trained protocol)
 
 
 def register(subparsers) -> None:
-    from .config import available_configs
-    from .evaluate import BENCHMARKS
+    from ..train.shipped import available_configs
+    from .defaults import BENCHMARKS, CONFIG_DIR
     parser = subparsers.add_parser("catseg", help="CAT-Seg: trained open-vocabulary segmentation on a (DenseRC) CLIP",
                                    description="Train CAT-Seg on a CLIP and evaluate it (the paper's A-847 / PC-459 / "
                                                "A-150 / PC-59 protocol).", epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     jobs = parser.add_subparsers(dest="job", metavar="JOB", required=True)
     train = jobs.add_parser("train", help="train CAT-Seg (COCO-Stuff by default)",
-                            description=f"CONFIG is a shipped config ({', '.join(available_configs())}) or a YAML "
+                            description=f"CONFIG is a shipped config "
+                                        f"({', '.join(available_configs(CONFIG_DIR))}) or a YAML "
                                         "file; overrides are section.key=value.")
     train.add_argument("config", help="config name or YAML path")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. clip.model=runs/vitb16/final")

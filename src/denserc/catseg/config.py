@@ -21,9 +21,9 @@ from pathlib import Path
 
 from ..train.config import ConfigError, OptimConfig, TrainConfig, load_structured
 from ..train.config import available_configs as _available
+from .defaults import CONFIG_DIR
 from .model import HeadConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass

@@ -28,27 +28,8 @@ from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..distributed import DistributedEnv, all_reduce
 from ..eval.metrics import confusion_matrix, segmentation_metrics
 from ..eval.text import load_class_names
+from .defaults import BENCHMARKS, Benchmark
 from .model import CATSeg, class_tokens
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A dataset reader, the vocabulary it is scored with, and where vocabulary entries land in its labels."""
-
-    dataset: str
-    class_names: str
-    background_from: int | None = None  # vocabulary entries from this index on predict class 0 (background)
-
-
-BENCHMARKS = {
-    "ade847": Benchmark("ade847", "ade847"),
-    "context459": Benchmark("context459", "context459"),
-    "ade150": Benchmark("ade20k", "ade20k"),
-    "context59": Benchmark("context59", "catseg_context59"),
-    "voc20": Benchmark("voc20", "catseg_voc20"),
-    "voc20b": Benchmark("voc21", "voc20b", background_from=20),
-}
-PAPER_COLUMNS = ("ade847", "context459", "ade150", "context59", "voc20", "voc20b")
 
 
 def benchmark(name: str) -> Benchmark:
@@ -106,7 +87,8 @@ def sliding_window_scores(segmenter: CATSeg, image: torch.Tensor, class_embeddin
 @torch.no_grad()
 def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: str | os.PathLike, name: str, *,
                     protocol: SlidingWindowProtocol = SlidingWindowProtocol(), class_names: str | None = None,
-                    workers: int = 4, limit: int | None = None, shard: DistributedEnv = DistributedEnv(), progress: bool = True,
+                    workers: int = 4, limit: int | None = None, shard: DistributedEnv = DistributedEnv(),
+                    progress: bool = True,
                     description: str | None = None) -> dict:
     """mIoU / mAcc / aAcc and per-class IoU of ``segmenter`` on one benchmark (this rank's shard, then summed)."""
     spec = benchmark(name)

@@ -1,9 +1,11 @@
 """Training data: image sources (COCO, image folder, generated), square resizing and grid sampling."""
-from .datasets import (IMAGE_EXTENSIONS, GeneratedSource, ImageSource, TrainingImages, UnreadableImageError,
-                       build_source, list_images, register_source, source_types)
-from .grid import GRID_RULES, grid_boxes, sample_grid_boxes, sample_grid_shape
-from .transforms import ASPECT_MODES, SquareResize
+from ..lazy import lazy_exports
 
-__all__ = ["ASPECT_MODES", "GRID_RULES", "IMAGE_EXTENSIONS", "GeneratedSource", "ImageSource", "SquareResize",
-           "TrainingImages", "UnreadableImageError", "build_source", "grid_boxes", "list_images",
-           "register_source", "sample_grid_boxes", "sample_grid_shape", "source_types"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "IMAGE_EXTENSIONS": ".datasets", "GeneratedSource": ".datasets", "ImageSource": ".datasets",
+    "TrainingImages": ".datasets", "UnreadableImageError": ".datasets", "build_source": ".datasets",
+    "list_images": ".datasets", "register_source": ".datasets", "source_types": ".datasets", "GRID_RULES": ".grid",
+    "grid_boxes": ".grid", "sample_grid_boxes": ".grid", "sample_grid_shape": ".grid",
+    "ASPECT_MODES": ".transforms", "SquareResize": ".transforms",
+})

@@ -2,9 +2,10 @@
 
 A *source* knows how many images there are, how to name image ``i`` in messages and how to open
 it as a PIL image. ``TrainingImages`` turns any source into samples for the trainer and deals
-with unreadable files: by default such a file is logged, counted in the sample and replaced by the
-next readable image (so batches keep their size and DDP ranks stay in step); with
-``strict=True`` it raises ``UnreadableImageError`` naming the file.
+with unreadable files: by default such a file is logged and its sample is a blank placeholder marked
+``valid=False`` and counted as skipped (the losses give it no weight, so no image is seen twice, batches
+keep their size and DDP ranks stay in step; docs/training.md); with ``strict=True`` it raises
+``UnreadableImageError`` naming the file.
 
 Sources are pluggable: ``register_source("name")`` adds a ``data.type``; a builder receives the
 data config (``root``, ``annotations``, ``num_images``, ``image_size``, ``seed``, ``options``).
@@ -20,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..images import load_image
 from ..plugins import load_plugins
 from .transforms import SquareResize
 
@@ -67,9 +69,9 @@ def build_source(data_config) -> ImageSource:
 
 
 class TrainingImages(Dataset):
-    """Samples ``{"image": uint8 (3, S, S), "size": (h, w) valid area, "index": i, "skipped": n}``.
+    """Samples ``{"image": uint8 (3, S, S), "size": (h, w) valid area, "index": i, "valid": bool, "skipped": 0|1}``.
 
-    ``skipped`` counts the unreadable files passed over to produce this sample.
+    An unreadable file gives a blank placeholder with ``valid=False`` and ``skipped=1``.
     """
 
     def __init__(self, source: ImageSource, transform: SquareResize, strict: bool = False):
@@ -83,24 +85,20 @@ class TrainingImages(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        skipped = 0
-        for offset in range(len(self.source)):
-            current = (index + offset) % len(self.source)
-            try:
-                with self.source.open(current) as image:
-                    pixels, size = self.transform(image)
-            except Exception as error:  # noqa: BLE001 - a broken file can fail in many PIL ways
-                where = self.source.describe(current)
-                if self.strict:
-                    raise UnreadableImageError(
-                        f"cannot read image {where}: {type(error).__name__}: {error} "
-                        "(set data.strict=false to skip unreadable images instead)") from error
-                logger.warning("skipping unreadable image %s: %s: %s", where, type(error).__name__, error)
-                skipped += 1
-                continue
-            return {"image": pixels, "size": torch.tensor(size), "index": index, "skipped": skipped}
-        raise UnreadableImageError(f"none of the {len(self.source)} images could be read "
-                                   f"(the first is {self.source.describe(index)})")
+        try:
+            with self.source.open(index) as image:
+                pixels, size = self.transform(image)
+        except Exception as error:  # noqa: BLE001 - a broken file can fail in many PIL ways
+            where = self.source.describe(index)
+            if self.strict:
+                raise UnreadableImageError(
+                    f"cannot read image {where}: {type(error).__name__}: {error} "
+                    "(set data.strict=false to skip unreadable images instead)") from error
+            logger.warning("skipping unreadable image %s: %s: %s", where, type(error).__name__, error)
+            side = self.transform.size
+            return {"image": torch.zeros(3, side, side, dtype=torch.uint8), "size": torch.tensor((side, side)),
+                    "index": index, "valid": False, "skipped": 1}
+        return {"image": pixels, "size": torch.tensor(size), "index": index, "valid": True, "skipped": 0}
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -117,7 +115,7 @@ class FileListSource:
         return str(self.files[index])
 
     def open(self, index: int) -> Image.Image:
-        return Image.open(self.files[index])
+        return load_image(self.files[index])
 
 
 def list_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from ..images import to_rgb
+
 ASPECT_MODES = ("stretch", "pad")
 
 
@@ -33,7 +35,7 @@ class SquareResize:
         self.fill = tuple(round(255 * channel) for channel in fill)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         if self.aspect == "stretch":
             resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
             return pil_to_tensor(resized), (self.size, self.size)

@@ -6,10 +6,12 @@
 See docs/detection.md; the model is in ``model``, the protocols and scoring in ``protocols`` and
 ``evaluation``, training (a task on ``denserc.train.engine``) in ``task``.
 """
-from .detector import Detector, load
-from .evaluation import evaluate_detections, markdown_row
-from .model import DetectorConfig, FViT, FViTHeads, ensemble_scores
-from .protocols import PROTOCOLS, Protocol, Split, get_protocol, register_protocol
+from ..lazy import lazy_exports
 
-__all__ = ["PROTOCOLS", "Detector", "DetectorConfig", "FViT", "FViTHeads", "Protocol", "Split", "ensemble_scores",
-           "evaluate_detections", "get_protocol", "load", "markdown_row", "register_protocol"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "Detector": ".detector", "load": ".detector", "evaluate_detections": ".evaluation", "markdown_row": ".evaluation",
+    "DetectorConfig": ".model", "FViT": ".model", "FViTHeads": ".model", "ensemble_scores": ".model",
+    "PROTOCOLS": ".protocols", "Protocol": ".protocols", "Split": ".protocols", "get_protocol": ".protocols",
+    "register_protocol": ".protocols",
+})

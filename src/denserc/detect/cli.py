@@ -142,7 +142,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_draw(args: argparse.Namespace) -> int:
     from ..viz.draw import save_png
-    from ..viz.image import load_image
+    from ..images import load_image
     from .detector import load
     from .draw import draw_detections
     classes = [name.strip() for name in args.classes.split(",")]

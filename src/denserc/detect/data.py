@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from ..viz.image import load_image
+from ..images import load_image
 from .evaluation import read_json
 from .protocols import Split
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ..io import save_json, save_tensors
 from ..models import load_state_dict_checked
 from ..models.factory import from_spec, get_tokenizer, load as load_tower
-from ..viz.image import load_image
+from ..images import load_image
 from ..viz.predict import text_embeddings
 from .config import DetectConfig
 from .data import Batch, letterbox, pil_sample

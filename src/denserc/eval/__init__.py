@@ -3,18 +3,17 @@ semantic segmentation (SCLIP protocol), their text classifiers, dataset readers 
 
 See docs/evaluation.md for the protocols and ``denserc eval --help`` for the command line.
 """
-from .datasets import (SEGMENTATION_DATASETS, DatasetLayoutError, PanopticRegions, SegmentationDataset,
-                       SegmentationLayout, decode_panoptic_png, detect_segmentation_dataset, segmentation_layout)
-from .metrics import confusion_matrix, region_metrics, segmentation_metrics
-from .region import evaluate_regions
-from .segmentation import (PROTOCOLS, SegmentationProtocol, evaluate_segmentation, predict_labels, protocol_for,
-                           register_segmentation_dataset)
-from .sliding import sliding_window_logits, window_starts
-from .text import TextClassifier, build_text_classifier, load_class_names, load_templates
+from ..lazy import lazy_exports
 
-__all__ = ["PROTOCOLS", "SEGMENTATION_DATASETS", "DatasetLayoutError", "PanopticRegions", "SegmentationDataset",
-           "SegmentationLayout", "SegmentationProtocol", "TextClassifier", "build_text_classifier",
-           "confusion_matrix", "decode_panoptic_png", "detect_segmentation_dataset", "evaluate_regions",
-           "evaluate_segmentation", "load_class_names", "load_templates", "predict_labels", "protocol_for",
-           "region_metrics", "register_segmentation_dataset", "segmentation_layout", "segmentation_metrics",
-           "sliding_window_logits", "window_starts"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "SEGMENTATION_DATASETS": ".datasets", "DatasetLayoutError": ".datasets", "PanopticRegions": ".datasets",
+    "SegmentationDataset": ".datasets", "SegmentationLayout": ".datasets", "decode_panoptic_png": ".datasets",
+    "detect_segmentation_dataset": ".datasets", "segmentation_layout": ".datasets", "confusion_matrix": ".metrics",
+    "region_metrics": ".metrics", "segmentation_metrics": ".metrics", "evaluate_regions": ".region",
+    "PROTOCOLS": ".segmentation", "SegmentationProtocol": ".segmentation", "evaluate_segmentation": ".segmentation",
+    "predict_labels": ".segmentation", "protocol_for": ".segmentation",
+    "register_segmentation_dataset": ".segmentation", "sliding_window_logits": ".sliding",
+    "window_starts": ".sliding", "TextClassifier": ".text", "build_text_classifier": ".text",
+    "load_class_names": ".text", "load_templates": ".text",
+})

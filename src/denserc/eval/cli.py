@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .. import __version__
-from ..distributed import cleanup_distributed, setup_distributed
-from ..io import save_json
-from ..models import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS, from_spec, get_tokenizer
-from .datasets import SEGMENTATION_DATASETS, detect_segmentation_dataset
-from .region import DEFAULT_TEMPLATES as REGION_TEMPLATES
-from .region import evaluate_regions
-from .segmentation import DEFAULT_TEMPLATES as SEGMENTATION_TEMPLATES
-from .segmentation import evaluate_segmentation, protocol_for
-from .text import default_cache_dir
+from ..models.variants import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS
+from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, default_cache_dir
 
+# The rest (torch, open_clip, the datasets) is imported inside the functions that run a command, so that
+# `denserc eval --help` and argument errors answer at once.
+
+# Data-loading workers when --workers is not given: the machine's cores, so a small machine is not
+# over-subscribed (PyTorch warns then) and a large one does not start dozens of processes per rank.
+MAX_DEFAULT_WORKERS = 8
 REGION_COLUMNS = (("boxes_thing", "boxes"), ("masks_thing", "thing masks"), ("masks_stuff", "stuff masks"))
 SEGMENTATION_COLUMNS = ("mIoU", "mAcc", "aAcc")
 
@@ -52,8 +50,10 @@ def register(subparsers) -> None:
     seg = tasks.add_parser("seg", help="training-free open-vocabulary semantic segmentation (SCLIP protocol)",
                            description="Sliding-window dense logits -> mIoU, per-class IoU, pixel accuracy.")
     _add_common(seg, SEGMENTATION_TEMPLATES)
-    seg.add_argument("--dataset", choices=sorted(SEGMENTATION_DATASETS), default=None,
-                     help="dataset name (default: detected from the folder layout)")
+    seg.add_argument("--dataset", default=None,
+                     help="dataset name: ade20k, ade847, cityscapes, coco-stuff, context459, context59, context60, "
+                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling (default: detected "
+                          "from the folder layout)")
     seg.add_argument("--class-names", default=None, help="bundled list or file (default: the dataset's)")
     for flag, kind, meaning in (("--short-side", int, "short side after resizing"),
                                 ("--window", int, "sliding-window size in pixels"),
@@ -76,11 +76,21 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
     parser.add_argument("--gating", choices=GATINGS, default=None)
     parser.add_argument("--num-layers", type=int, default=None, help="value layers of multi-v")
     parser.add_argument("--templates", default=default_templates,
-                        help=f"prompt templates: openai, simple, vild or a file (default: {default_templates})")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+                        help=f"prompt templates: openai (80), simple (7), vild (63) or a file (default: "
+                             f"{default_templates}); every class is embedded with every template once, before the "
+                             "first image, and cached: on a CPU `--templates simple` makes that step ~10x shorter")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N images (the text classifier still embeds every class)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: eval-TASK-DATASET.json)")
     parser.add_argument("--batch-size", type=int, help="images (region) or windows (seg) per forward pass")
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="data-loading processes (default: the CPU cores this process may use, at most "
+                             f"{MAX_DEFAULT_WORKERS}: %(default)s)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="leave out image files that cannot be decoded (truncated, corrupt) and count them, "
+                             "instead of stopping at the first")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the random weights of a --model given without TAG/FILE (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
@@ -89,17 +99,25 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
 
 
 def run_region(args: argparse.Namespace) -> int:
+    _starting(args)
+    from .region import evaluate_regions
+
     def evaluate(model, tokenizer, shard, label):
         return evaluate_regions(model, tokenizer, args.data, split=args.split,
                                 class_names=args.class_names, templates=args.templates,
                                 image_size=args.image_size, batch_size=args.batch_size, workers=args.workers,
                                 limit=args.limit, shard=shard, cache_dir=args.cache_dir,
-                                progress=not args.no_progress, description=label)
+                                progress=not args.no_progress, description=label,
+                                skip_unreadable=args.skip_unreadable)
     return _run(args, "region", args.dataset, evaluate)
 
 
 def run_seg(args: argparse.Namespace) -> int:
-    dataset = args.dataset or detect_segmentation_dataset(args.data)
+    _starting(args)
+    from .datasets import detect_segmentation_dataset, segmentation_layout
+    from .segmentation import evaluate_segmentation, protocol_for
+
+    dataset = segmentation_layout(args.dataset).name if args.dataset else detect_segmentation_dataset(args.data)
     protocol = protocol_for(dataset, short_side=args.short_side, window=args.window, stride=args.stride,
                             logit_scale=args.logit_scale, prob_threshold=args.prob_threshold,
                             area_threshold=args.area_threshold)
@@ -109,8 +127,20 @@ def run_seg(args: argparse.Namespace) -> int:
                                      class_names=args.class_names, templates=args.templates,
                                      batch_size=args.batch_size, workers=args.workers, limit=args.limit,
                                      shard=shard, cache_dir=args.cache_dir, progress=not args.no_progress,
-                                     description=label)
+                                     description=label, skip_unreadable=args.skip_unreadable)
     return _run(args, "seg", dataset, evaluate)
+
+
+def _starting(args: argparse.Namespace) -> None:
+    """A first line at once: importing torch and building the first model take many seconds on a CPU."""
+    if not args.no_progress:
+        print(f"denserc eval {args.task}: loading {', '.join(args.model)} (torch, open_clip)...", file=sys.stderr,
+              flush=True)
+
+
+def default_workers() -> int:
+    return min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 
 def model_settings(args: argparse.Namespace) -> list[dict]:
@@ -118,39 +148,55 @@ def model_settings(args: argparse.Namespace) -> list[dict]:
     if not args.variants:
         return [{"construction": args.construction, "gating": args.gating, "num_layers": args.num_layers}]
     if args.construction or args.gating:
-        raise SystemExit("denserc eval: --variants sets construction and gating itself; drop --construction/--gating")
+        raise ValueError("--variants sets construction and gating itself; drop --construction/--gating")
     return [{"construction": construction, "gating": gating,
              "num_layers": args.num_layers if construction == "multi-v" else None}
             for construction, gating in TABLE5_VARIANTS.values()]
 
 
 def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
+    from ..distributed import cleanup_distributed, setup_distributed
+    from ..io import save_json
+    from ..models import from_spec, get_tokenizer, random_weights
+
     shard = setup_distributed(args.device)
     device = shard.device
+    out = args.out or Path(f"eval-{task}-{dataset}.json")
+    rows = []
     try:
-        rows = []
         for spec in args.model:
             for settings in model_settings(args):
-                model = from_spec(spec, device=device, precision=args.precision, **settings)
+                if random_weights(spec) and shard.is_main:
+                    print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}): the scores "
+                          "measure the pipeline, not a trained model", file=sys.stderr)
+                model = from_spec(spec, seed=args.seed, device=device, precision=args.precision, **settings)
                 tokenizer = get_tokenizer(spec if Path(spec).is_dir() else model.model_name)
                 config = model.config
                 label = f"{spec} ({config['construction']}, {config['gating']}, L={config['num_layers']})"
                 start = time.perf_counter()
                 result = evaluate(model, tokenizer, shard, label)
-                rows.append({"model": spec, "label": label, "config": config,
+                rows.append({"model": spec, "label": label, "config": config, "random_weights": random_weights(spec),
+                             "seed": args.seed if random_weights(spec) else None,
                              "seconds": round(time.perf_counter() - start, 2), **result})
                 del model
         if shard.is_main:
-            out = args.out or Path(f"eval-{task}-{dataset}.json")
             save_json(_report(args, task, dataset, rows, device, shard), out)
             print(markdown_table(task, rows))
             print(f"\nwrote {out}")
+    except Exception as error:
+        if rows and shard.is_main:  # the finished rows survive a failure in a later model or variant
+            save_json({**_report(args, task, dataset, rows, device, shard), "incomplete": str(error)}, out)
+            print(f"denserc eval: wrote the {len(rows)} finished row(s) to {out} before the error below",
+                  file=sys.stderr)
+        raise
     finally:
         cleanup_distributed()
     return 0
 
 
-def _report(args, task: str, dataset: str, rows: list[dict], device: torch.device, shard) -> dict:
+def _report(args, task: str, dataset: str, rows: list[dict], device, shard) -> dict:
+    import torch
+
     return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows, "argv": sys.argv,
             "denserc_version": __version__, "torch_version": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
@@ -177,4 +223,9 @@ def markdown_table(task: str, rows: list[dict]) -> str:
         shown = [row["model"], config["construction"], config["gating"], str(config["num_layers"]),
                  str(row["num_images"]), *("n/a" if v is None else f"{v:.2f}" for v in values)]
         lines.append("| " + " | ".join(shown) + " |")
-    return "\n".join(lines) + f"\n\n{note}"
+    notes = [note]
+    notes += [f"{row['model']}: random weights (seed {row['seed']}), no :TAG or :FILE given; the scores measure "
+              "the pipeline, not a trained model" for row in rows if row.get("random_weights")]
+    notes += [f"{row['label']}: {row['unreadable_images']} unreadable image(s) skipped (--skip-unreadable)"
+              for row in rows if row.get("unreadable_images")]
+    return "\n".join(lines) + "\n\n" + "\n".join(dict.fromkeys(notes))

@@ -15,14 +15,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from ..images import ImageReadError, load_image
 from ..plugins import load_plugins
 from .metrics import IGNORE_INDEX
 
@@ -49,6 +51,7 @@ class SegmentationLayout:
     ignore_index: int = IGNORE_INDEX  # decoded label of unlabelled pixels; 65535 for 16-bit TIFF labels
     ignored_values: tuple[int, ...] = ()  # stored values that also mean "unlabelled"
     list_train_pairs: Callable[["SegmentationLayout", Path], Pairs] | None = None  # training split, if any
+    stray_label_hint: str = ""  # what label values beyond the classes usually mean, and the fix
 
 
 def _sorted_images(layout: SegmentationLayout, root: Path, image_dir: str, pattern: str,
@@ -144,7 +147,10 @@ SEGMENTATION_DATASETS = {layout.name: layout for layout in (
         """coco_stuff164k/                           (after mmseg's tools/dataset_converters/coco_stuff164k.py)
   images/val2017/<id>.jpg
   annotations/val2017/<id>_labelTrainIds.png   0..170 = classes, 255 = unlabelled""",
-        ("images/val2017", "annotations/val2017"), _coco_stuff, list_train_pairs=_coco_stuff_train),
+        ("images/val2017", "annotations/val2017"), _coco_stuff, list_train_pairs=_coco_stuff_train,
+        stray_label_hint="values above 170 mean the maps are still in COCO-Stuff's raw 0..181 numbering (182 ids, "
+        "11 unused): convert them to the 171 train ids with mmseg's tools/dataset_converters/coco_stuff164k.py, "
+        "which writes the *_labelTrainIds.png files"),
     SegmentationLayout(
         "cityscapes", "Cityscapes-19", "cityscapes", 19, False, False,
         """cityscapes/
@@ -171,12 +177,21 @@ SEGMENTATION_DATASETS = {layout.name: layout for layout in (
 
 
 def segmentation_layout(name: str) -> SegmentationLayout:
-    """The registered segmentation dataset ``name`` (a name no one registered is looked for in the plug-ins)."""
-    if name not in SEGMENTATION_DATASETS:
+    """The registered segmentation dataset ``name`` (a name no one registered is looked for in the plug-ins);
+    ``-`` and ``_`` are interchangeable in the name."""
+    if _registered_name(name) is None:
         load_plugins()
-    if name not in SEGMENTATION_DATASETS:
+    registered = _registered_name(name)
+    if registered is None:
         raise ValueError(f"unknown segmentation dataset {name!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
-    return SEGMENTATION_DATASETS[name]
+    return SEGMENTATION_DATASETS[registered]
+
+
+def _registered_name(name: str) -> str | None:
+    """``name`` as registered, where dashes and underscores are one spelling (coco-stuff = coco_stuff,
+    as the dataset and its class-name list are named)."""
+    spellings = {name, name.replace("_", "-"), name.replace("-", "_")}
+    return next((registered for registered in SEGMENTATION_DATASETS if registered in spellings), None)
 
 
 def detect_segmentation_dataset(root: str | os.PathLike) -> str:
@@ -224,8 +239,13 @@ class SegmentationDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        """The sample, or ``{"unreadable": message, "name": ...}`` for an image file that cannot be decoded
+        (the evaluation decides, in the main process, whether to stop or skip and count it)."""
         image_path, label_path = self.samples[index]
-        image = read_image(image_path)
+        try:
+            image = read_image(image_path)
+        except ImageReadError as error:
+            return {"unreadable": str(error), "name": image_path.stem}
         label = self.read_label(label_path)
         if image.shape[1:] != label.shape:
             raise ValueError(f"{label_path}: label size {tuple(label.shape)} differs from image {image_path} "
@@ -253,16 +273,72 @@ class SegmentationDataset(Dataset):
             label[label == value] = ignore
         stray = np.unique(label[(label != ignore) & (label >= self.layout.num_classes)])
         if stray.size:
+            hint = f"; {self.layout.stray_label_hint}" if self.layout.stray_label_hint else ""
             raise ValueError(_layout_message(
                 self.layout, self.root, f"{path}: label value(s) {stray.tolist()} are not class ids 0.."
-                f"{self.layout.num_classes - 1} or {ignore} (ignore) after decoding"))
+                f"{self.layout.num_classes - 1} or {ignore} (ignore) after decoding{hint}"))
         return torch.from_numpy(label)
+
+    def check_labels(self, indices: Sequence[int], workers: int = 0, progress: bool = False) -> None:
+        """Read the label maps of ``indices`` (and compare their size with the image's header) before any
+        image is evaluated, so a bad label stops the run at once rather than hours in.
+
+        A few label maps spread over the whole dataset are read too: a wrong numbering (e.g. raw COCO-Stuff
+        ids) then shows even when the evaluated images happen to hold no out-of-range value.
+        """
+        spread = np.linspace(0, len(self) - 1, num=min(len(self), LABEL_SPREAD_SAMPLE)).round().astype(int)
+        chosen = sorted(set(int(i) for i in indices) | set(spread.tolist()))
+        loader = DataLoader(_LabelCheck(self), sampler=chosen, batch_size=None, num_workers=workers)
+        for problem in tqdm(loader, desc="checking label maps", total=len(chosen), disable=not progress,
+                            leave=False):
+            if problem:
+                raise ValueError(problem)
+
+
+def drop_unreadable(samples: list[dict], skip: bool) -> tuple[list[dict], int]:
+    """The readable samples and how many were not; an unreadable one is an error naming it unless ``skip``."""
+    unreadable = [sample["unreadable"] for sample in samples if "unreadable" in sample]
+    if unreadable and not skip:
+        raise ImageReadError(f"{unreadable[0]} (pass --skip-unreadable, or skip_unreadable=True, to evaluate "
+                             "the other images and count this one as skipped)")
+    return [sample for sample in samples if "unreadable" not in sample], len(unreadable)
+
+
+# Label maps read from across the dataset (besides the evaluated ones) by ``check_labels``.
+LABEL_SPREAD_SAMPLE = 32
+
+
+class _LabelCheck(Dataset):
+    """Problem message (or "") of sample i's label map, found in a worker and raised in the main process."""
+
+    def __init__(self, data: SegmentationDataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> str:
+        image_path, label_path = self.data.samples[index]
+        try:
+            label = self.data.read_label(label_path)
+        except ValueError as error:  # read_label's messages name the file
+            return str(error)
+        except OSError as error:  # an undecodable label file
+            return f"cannot read label map {label_path}: {error}"
+        try:
+            with Image.open(image_path) as image:
+                size = image.size[::-1]
+        except OSError:  # an undecodable image is the evaluation's to report or skip (skip_unreadable)
+            return ""
+        if tuple(label.shape) != size:
+            return (f"{label_path}: label size {tuple(label.shape)} differs from image {image_path} "
+                    f"size {size}")
+        return ""
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """(3, H, W) uint8 RGB."""
-    with Image.open(path) as image:
-        array = np.array(image.convert("RGB"))
+    """(3, H, W) uint8 RGB, in the file's stored pixel grid (the label maps are drawn on it)."""
+    array = np.array(load_image(path, upright=False))
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -372,8 +448,10 @@ class PanopticRegions(Dataset):
         for path in (image_path, png_path):
             if not path.is_file():
                 raise DatasetLayoutError(self._message(f"{path} does not exist"))
-        with Image.open(image_path) as image:
-            image = image.convert("RGB")
+        try:
+            image = load_image(image_path, upright=False)
+        except ImageReadError as error:
+            return {"unreadable": str(error), "name": image_path.stem}
         segment_ids = decode_panoptic_png(png_path)
         width, height = image.size
         if segment_ids.shape != (height, width):

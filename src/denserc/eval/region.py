@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from ..distributed import DistributedEnv, all_reduce
 from ..models import normalize_images, pool_boxes, pool_masks
-from .datasets import PanopticRegions
+from .datasets import PanopticRegions, drop_unreadable
+from .defaults import REGION_TEMPLATES
 from .metrics import add_region_predictions, region_counts, region_metrics
 from .text import build_text_classifier, load_class_names, load_templates
 
 DEFAULT_CLASS_NAMES = "coco_panoptic"
-DEFAULT_TEMPLATES = "vild"
+DEFAULT_TEMPLATES = REGION_TEMPLATES
 DATASET_CLASS_NAMES = "dataset"  # use the category names stored in the panoptic JSON
 GRID_PATCHES = 64
 
@@ -43,11 +44,13 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
                      class_names: str = DEFAULT_CLASS_NAMES, templates: str = DEFAULT_TEMPLATES,
                      image_size: int | None = None, batch_size: int = 4, workers: int = 4, limit: int | None = None,
                      shard: DistributedEnv = DistributedEnv(), cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True, description: str | None = None) -> dict:
+                     progress: bool = True, description: str | None = None,
+                     skip_unreadable: bool = False) -> dict:
     """Box/mask classification accuracies of ``model`` on a COCO-panoptic split (this rank's shard, summed).
 
     ``class_names``: a bundled list or file in the categories' id order, or "dataset" for the names
-    in the panoptic JSON. ``batch_size`` is images per forward pass.
+    in the panoptic JSON. ``batch_size`` is images per forward pass. An image file that cannot be decoded
+    stops the evaluation with its name, or with ``skip_unreadable`` is left out and counted.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -60,13 +63,18 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
         raise ValueError(f"{data.json_path} has {len(data.category_names)} categories but the class-name list "
                          f"{class_names!r} has {len(names)}; pass a list in category-id order or "
                          f"--class-names {DATASET_CLASS_NAMES} to use the JSON's names")
-    classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir)
+    classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir,
+                                       progress=progress and shard.is_main)
     count = len(data) if limit is None else min(limit, len(data))
     loader = DataLoader(Subset(data, shard.indices(count)), batch_size=batch_size, num_workers=workers,
                         collate_fn=list)
     counts = region_counts(classifier.num_classes, device)
-    totals = torch.zeros(2, dtype=torch.long, device=device)  # images, skipped segments
+    totals = torch.zeros(3, dtype=torch.long, device=device)  # images, skipped segments, unreadable images
     for batch in tqdm(loader, desc=description or "COCO panoptic regions", disable=not (progress and shard.is_main)):
+        batch, unreadable = drop_unreadable(batch, skip_unreadable)
+        totals[2] += unreadable
+        if not batch:
+            continue
         images = normalize_images(torch.stack([sample["image"] for sample in batch]).to(device), model.preprocess_cfg)
         dense = F.normalize(model.encode_dense(images.to(dtype)).float(), dim=1)
         labels = torch.cat([sample["labels"] for sample in batch]).to(device)
@@ -75,10 +83,10 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
         for pooling, pooled in features.items():
             scores = classifier.class_scores(pooled @ classifier.embeddings.T)
             add_region_predictions(counts, pooling, scores, labels)
-        totals += torch.tensor([len(batch), sum(sample["skipped"] for sample in batch)], device=device)
+        totals[:2] += torch.tensor([len(batch), sum(sample["skipped"] for sample in batch)], device=device)
     all_reduce(counts, op="sum")
     all_reduce(totals, op="sum")
     return {"dataset": "coco-panoptic", "split": split, "num_images": int(totals[0]),
-            "segments_skipped": int(totals[1]), "image_size": image_size, "templates": templates,
-            "class_names": class_names,
+            "segments_skipped": int(totals[1]), "unreadable_images": int(totals[2]), "image_size": image_size,
+            "templates": templates, "class_names": class_names,
             **region_metrics(counts, data.is_thing, [", ".join(synonyms) for synonyms in names])}

@@ -26,13 +26,15 @@ from tqdm import tqdm
 
 from ..distributed import DistributedEnv, all_reduce
 from ..models import normalize_images
-from .datasets import SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout, segmentation_layout
+from .datasets import (SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout, drop_unreadable,
+                       segmentation_layout)
+from .defaults import SEGMENTATION_TEMPLATES
 from .metrics import confusion_matrix, segmentation_metrics
 from .sliding import sliding_window_logits
 from .text import TextClassifier, build_text_classifier, load_class_names, load_templates
 
 BACKGROUND = 0
-DEFAULT_TEMPLATES = "openai"
+DEFAULT_TEMPLATES = SEGMENTATION_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ def register_segmentation_dataset(layout: SegmentationLayout,
 
 def protocol_for(dataset: str, **overrides) -> SegmentationProtocol:
     """The dataset's default protocol with ``overrides`` (None values keep the default)."""
-    segmentation_layout(dataset)
-    return replace(PROTOCOLS[dataset], **{k: v for k, v in overrides.items() if v is not None})
+    default = PROTOCOLS[segmentation_layout(dataset).name]
+    return replace(default, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def predict_labels(query_logits: torch.Tensor, classifier: TextClassifier,
@@ -115,13 +117,15 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
                           templates: str = DEFAULT_TEMPLATES, batch_size: int = 16, workers: int = 4,
                           limit: int | None = None, shard: DistributedEnv = DistributedEnv(),
                           cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                          description: str | None = None) -> dict:
+                          description: str | None = None, skip_unreadable: bool = False) -> dict:
     """mIoU / mAcc / aAcc and per-class IoU of ``model`` on one dataset (this rank's shard, then summed).
 
     ``class_names`` defaults to the dataset's bundled list; ``batch_size`` is windows per forward pass.
+    The label maps to be used are checked before the first image; an image file that cannot be decoded
+    stops the evaluation with its name, or with ``skip_unreadable`` is left out and counted.
     """
     layout = segmentation_layout(dataset)
-    protocol = protocol or PROTOCOLS[dataset]
+    protocol = protocol or PROTOCOLS[layout.name]
     if not layout.has_background and (protocol.prob_threshold > 0 or protocol.area_threshold > 0):
         raise ValueError(f"{layout.title} has no background class: prob_threshold and area_threshold must be 0 "
                          f"(got {protocol.prob_threshold}, {protocol.area_threshold})")
@@ -130,15 +134,21 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
     if len(names) != layout.num_classes:
         raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
                          f"{class_names or layout.class_names!r} has {len(names)}")
+    count = len(data) if limit is None else min(limit, len(data))
+    indices = shard.indices(count)
+    data.check_labels(indices, workers, progress=progress and shard.is_main)
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir)
-    count = len(data) if limit is None else min(limit, len(data))
-    loader = DataLoader(Subset(data, shard.indices(count)), batch_size=None, num_workers=workers)
+    classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir,
+                                       progress=progress and shard.is_main)
+    loader = DataLoader(Subset(data, indices), batch_size=None, num_workers=workers)
     confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
-    images = torch.zeros((), dtype=torch.long, device=device)
+    images = torch.zeros(2, dtype=torch.long, device=device)  # evaluated, unreadable
     for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
+        if drop_unreadable([sample], skip_unreadable)[1]:
+            images[1] += 1
+            continue
         image = normalize_images(sample["image"].to(device), model.preprocess_cfg).to(dtype)[None]
         label = sample["label"].to(device)
         logits = sliding_window_logits(model, image, classifier.embeddings, window=protocol.window,
@@ -146,9 +156,10 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
         logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)[0]
         confusion += confusion_matrix(predict_labels(logits, classifier, protocol), label, layout.num_classes,
                                       layout.ignore_index)
-        images += 1
+        images[0] += 1
     all_reduce(confusion, op="sum")
     all_reduce(images, op="sum")
-    return {"dataset": dataset, "num_images": int(images), "protocol": asdict(protocol), "templates": templates,
+    return {"dataset": layout.name, "num_images": int(images[0]), "unreadable_images": int(images[1]),
+            "protocol": asdict(protocol), "templates": templates,
             "class_names": class_names or layout.class_names,
             **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names])}

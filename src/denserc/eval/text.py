@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -118,11 +119,6 @@ class TextClassifier:
         return out.movedim(-1, dim)
 
 
-def default_cache_dir() -> Path:
-    """``$DENSERC_CACHE/text`` or ``~/.cache/denserc/text``."""
-    return Path(os.environ.get("DENSERC_CACHE", Path.home() / ".cache" / "denserc")) / "text"
-
-
 def text_tower_fingerprint(model) -> str:
     """SHA-256 of the model name (it picks the tokenizer) and every non-image weight of the CLIP."""
     digest = hashlib.sha256(model.model_name.encode())
@@ -137,11 +133,14 @@ def text_tower_fingerprint(model) -> str:
 
 @torch.no_grad()
 def build_text_classifier(model, tokenizer, class_names: Sequence[Sequence[str]], templates: Sequence[str], *,
-                          cache_dir: str | os.PathLike | None = None, batch_size: int = 256) -> TextClassifier:
+                          cache_dir: str | os.PathLike | None = None, batch_size: int = 256,
+                          progress: bool = False) -> TextClassifier:
     """Embed every (class name, template) prompt and ensemble per name; reuse the disk cache if present.
 
     ``cache_dir=None`` disables the cache. Embeddings come back float32 on the model's device;
-    ``batch_size`` bounds the prompts per text-encoder call (whole names at a time).
+    ``batch_size`` bounds the prompts per text-encoder call (whole names at a time). With ``progress``,
+    a line on stderr says how many prompts are embedded and where they are cached, then a bar (with its
+    time left) runs: thousands of prompts take minutes on a CPU, before the first image.
     """
     class_names = [list(names) for names in class_names]
     templates = list(templates)
@@ -156,9 +155,14 @@ def build_text_classifier(model, tokenizer, class_names: Sequence[Sequence[str]]
         cached = _read_cache(cache_file, len(queries))
         if cached is not None:
             return TextClassifier(class_names, cached.to(device), query_class.to(device))
+    if progress:
+        cached = f"cached in {cache_file.parent} for later runs" if cache_file else "not cached (no cache folder)"
+        print(f"text classifier: embedding {len(queries) * len(templates):,} prompts ({len(queries)} names x "
+              f"{len(templates)} templates) with the text tower, once; {cached}", file=sys.stderr, flush=True)
     fillers = [functools.partial(render, template) for template in templates]
     embeddings = build_zero_shot_classifier(model, tokenizer, queries, fillers, device=device,
-                                            num_classes_per_batch=max(1, batch_size // len(templates)))
+                                            num_classes_per_batch=max(1, batch_size // len(templates)),
+                                            use_tqdm=progress)
     embeddings = embeddings.T.float().contiguous()
     if cache_file is not None:
         save_tensors({"embeddings": embeddings}, cache_file)
@@ -179,9 +183,10 @@ def _read_cache(path: Path, num_queries: int) -> torch.Tensor | None:
 
 
 def _resolve(source: str | os.PathLike, folder: Path, kind: str, builtins: list[str]) -> Path:
-    bundled = folder / f"{source}.txt"
-    if bundled.is_file() and os.sep not in str(source):
-        return bundled
+    if os.sep not in str(source):  # a bundled name; "-" and "_" are one spelling (coco-stuff = coco_stuff)
+        for name in (str(source), str(source).replace("-", "_")):
+            if (folder / f"{name}.txt").is_file():
+                return folder / f"{name}.txt"
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"{kind} {str(source)!r} is neither a bundled one ({', '.join(builtins)}) "

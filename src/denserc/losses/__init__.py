@@ -12,11 +12,14 @@ DEFAULT_COHERENCE_WEIGHT = 0.025
 
 
 def distillation_loss(dense: torch.Tensor, boxes: Sequence[torch.Tensor], teacher_embeddings: torch.Tensor,
-                      vfm_patches: torch.Tensor, patch_size: int,
-                      coherence_weight: float = DEFAULT_COHERENCE_WEIGHT) -> dict[str, torch.Tensor]:
-    """Both losses and their weighted total, each returned so it can be logged on its own."""
-    semantics = semantics_loss(dense, boxes, teacher_embeddings, patch_size)
-    coherence = coherence_loss(dense, vfm_patches)
+                      vfm_patches: torch.Tensor, patch_size: int, coherence_weight: float = DEFAULT_COHERENCE_WEIGHT,
+                      valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Both losses and their weighted total, each returned so it can be logged on its own.
+
+    ``valid``: (B,) bool, False for a placeholder of an unreadable image, which then has no weight.
+    """
+    semantics = semantics_loss(dense, boxes, teacher_embeddings, patch_size, valid)
+    coherence = coherence_loss(dense, vfm_patches, valid)
     return {"loss": semantics + coherence_weight * coherence, "loss_semantics": semantics,
             "loss_coherence": coherence}
 

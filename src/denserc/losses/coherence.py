@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 
 
-def coherence_loss(student_patches: torch.Tensor, vfm_patches: torch.Tensor) -> torch.Tensor:
+def coherence_loss(student_patches: torch.Tensor, vfm_patches: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """``MSE(F F^T, G G^T)`` with F, G the L2-normalised patch features of each image.
 
     student_patches: (B, N, E) or dense (B, E, h, w); vfm_patches: (B, N, C) on the same N patches
-    in the same (row-major) order. The mean runs over all B * N * N entries.
+    in the same (row-major) order. The mean runs over all B * N * N entries, or over those of the images
+    marked True in ``valid`` (B,) bool (placeholders of unreadable files are left out).
     """
     student = _as_patch_rows(student_patches)
     vfm = _as_patch_rows(vfm_patches)
@@ -18,7 +20,11 @@ def coherence_loss(student_patches: torch.Tensor, vfm_patches: torch.Tensor) -> 
                          f"{tuple(vfm.shape[:2])}; the VFM grid must equal the student's")
     student = F.normalize(student.float(), dim=-1)
     vfm = F.normalize(vfm.float(), dim=-1)
-    return F.mse_loss(student @ student.transpose(1, 2), vfm @ vfm.transpose(1, 2))
+    if valid is None:
+        return F.mse_loss(student @ student.transpose(1, 2), vfm @ vfm.transpose(1, 2))
+    per_image = (student @ student.transpose(1, 2) - vfm @ vfm.transpose(1, 2)).pow(2).mean(dim=(1, 2))
+    weights = valid.to(per_image.dtype)
+    return (per_image * weights).sum() / weights.sum().clamp(min=1)
 
 
 def _as_patch_rows(features: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,11 @@
 """DenseRC models: dense construction on CLIP image towers (and, for training, the frozen teacher/VFM)."""
-from . import tiny_towers  # noqa: F401  (registers the timm trunks of the bundled tiny EVA/SigLIP configs)
-from .dense import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS, DenseRCModel, pool_boxes, pool_masks
-from .factory import create_model, from_spec, get_tokenizer, load, register_pretrained
-from .gating import HeadSelectionGate
-from .preprocess import normalize_images
-from .serialization import load_state_dict_checked
-from .towers import SUPPORTED_FAMILIES, UnsupportedModelError
+from ..lazy import lazy_exports
 
-__all__ = ["CONSTRUCTIONS", "GATINGS", "SUPPORTED_FAMILIES", "TABLE5_VARIANTS", "DenseRCModel", "HeadSelectionGate",
-           "UnsupportedModelError", "create_model", "from_spec", "get_tokenizer", "load", "load_state_dict_checked",
-           "normalize_images", "pool_boxes", "pool_masks", "register_pretrained"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "CONSTRUCTIONS": ".variants", "GATINGS": ".variants", "TABLE5_VARIANTS": ".variants", "DenseRCModel": ".dense",
+    "pool_boxes": ".dense", "pool_masks": ".dense", "create_model": ".factory", "from_spec": ".factory",
+    "get_tokenizer": ".factory", "load": ".factory", "random_weights": ".factory", "register_pretrained": ".factory",
+    "HeadSelectionGate": ".gating", "normalize_images": ".preprocess", "load_state_dict_checked": ".serialization",
+    "SUPPORTED_FAMILIES": ".towers", "UnsupportedModelError": ".towers",
+})

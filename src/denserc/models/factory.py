@@ -15,7 +15,7 @@ from open_clip.transform import merge_preprocess_dict
 from torch import nn
 
 from ..plugins import load_plugins
-from . import hub
+from . import hub, tiny_towers  # noqa: F401  (tiny_towers registers the timm trunks of the bundled configs)
 from .dense import DenseRCModel
 from .serialization import GATE_WEIGHTS, SETTINGS, load_state_dict_checked, load_weights, read_model_folder
 
@@ -72,11 +72,12 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
     return _to(model, device, precision)
 
 
-def from_spec(spec: str | os.PathLike, **settings) -> DenseRCModel:
+def from_spec(spec: str | os.PathLike, seed: int = 0, **settings) -> DenseRCModel:
     """Build a model from a command-line spec: a saved DenseRC folder, ``NAME``, ``NAME:TAG`` or ``NAME:FILE``.
 
     ``settings`` (construction, gating, num_layers, device, precision) apply to both kinds; for a
-    saved folder, construction settings rebuild its weights under another variant.
+    saved folder, construction settings rebuild its weights under another variant. A bare ``NAME`` has
+    random weights, drawn after ``torch.manual_seed(seed)``: the same model (and text cache) in every run.
     """
     spec = str(spec)
     if Path(spec).is_dir():
@@ -86,7 +87,14 @@ def from_spec(spec: str | os.PathLike, **settings) -> DenseRCModel:
         raise ValueError(f"model spec {spec!r} is neither a folder written by DenseRCModel.save() nor "
                          "NAME[:TAG|:FILE] with an open_clip model NAME (e.g. ViT-B-16:openai)")
     construction = {k: v for k, v in settings.items() if v is not None}
+    if random_weights(spec):
+        torch.manual_seed(seed)
     return create_model(name, pretrained or None, **construction)
+
+
+def random_weights(spec: str | os.PathLike) -> bool:
+    """Whether ``from_spec(spec)`` builds a model with random weights (a bare open_clip NAME)."""
+    return not Path(spec).is_dir() and ":" not in str(spec)
 
 
 def get_tokenizer(model_name: str | os.PathLike):
@@ -229,4 +237,5 @@ def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: st
         lambda: open_clip.download_pretrained(copy.deepcopy(tag_cfg), cache_dir=cache_dir), host=host,
         what=f"'{tag}' for {model_name}",
         remedy=f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
+               f"--model {model_name}{quick}:/path/to/open_clip_model.safetensors on the command line, or "
                f"denserc.create_model('{model_name}{quick}', pretrained='/path/to/open_clip_model.safetensors')")

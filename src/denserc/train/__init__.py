@@ -1,9 +1,10 @@
 """Training: the task-agnostic engine, self-distillation on it, configs, distributed set-up, checkpoints, metrics."""
-from .checkpoint import resume_checkpoint
-from .config import Config, ConfigError, available_configs, load_config
-from ..distributed import DistributedEnv, setup_distributed
-from .engine import Engine, Task
-from .trainer import DistillationModule, DistillationTask, Trainer, train
+from ..lazy import lazy_exports
 
-__all__ = ["Config", "ConfigError", "DistillationModule", "DistillationTask", "DistributedEnv", "Engine", "Task",
-           "Trainer", "available_configs", "load_config", "resume_checkpoint", "setup_distributed", "train"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "resume_checkpoint": ".checkpoint", "Config": ".config", "ConfigError": ".config", "load_config": ".config",
+    "available_configs": ".shipped", "DistributedEnv": "..distributed", "setup_distributed": "..distributed",
+    "Engine": ".engine", "Task": ".engine", "DistillationModule": ".trainer", "DistillationTask": ".trainer",
+    "Trainer": ".trainer", "train": ".trainer",
+})

@@ -6,13 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
-from tqdm.contrib.logging import logging_redirect_tqdm
+from .shipped import available_configs
 
-from ..distributed import cleanup_distributed, setup_distributed
-from .config import ConfigError, available_configs, dump_config, load_config
-from .trainer import train
-
-# With no CONFIG, `denserc train` runs the built-in default that a plug-in sets (denserc.cli.register_commands):
+# With no CONFIG, `denserc train` runs the built-in default that a plug-in sets (its ``add_commands``):
 # ``default_run(overrides) -> exit code``, e.g. the testbed's before/after run (the shipped tiny CLIP distilled
 # on generated scenes, CPU, a few minutes; docs/testbed.md), and ``default_config``, the training config that
 # run uses and what --print-config and --resume read when no CONFIG is given.
@@ -45,6 +41,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm  # here, not at the top: `--help` stays free of torch
+
+    from ..distributed import cleanup_distributed, setup_distributed
+    from .config import ConfigError, dump_config, load_config
+    from .trainer import train
     name, overrides = args.config, list(args.overrides)
     if name is not None and "=" in name:  # `denserc train key=value ...`: overrides of the default
         name, overrides = None, [name, *overrides]

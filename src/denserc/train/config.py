@@ -28,8 +28,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
 from ..data import ASPECT_MODES, GRID_RULES
 from ..models import CONSTRUCTIONS, GATINGS
 from ..models.vfm import DEFAULT_VFM
+from .shipped import CONFIG_DIR, available_configs
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -123,11 +123,6 @@ class ConfigError(ValueError):
 
 
 Schema = TypeVar("Schema")
-
-
-def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
-    """Names of the configs shipped with the package (usable as ``denserc train NAME``)."""
-    return sorted(path.stem for path in config_dir.glob("*.yaml"))
 
 
 def resolve_config_path(name_or_path: str | Path, relative_to: Path | None = None,

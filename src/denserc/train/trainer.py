@@ -47,10 +47,10 @@ class DistillationModule(nn.Module):
         self.encode_dense = torch.compile(student.encode_dense) if compile_model else student.encode_dense
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], teacher_embeddings: torch.Tensor,
-                vfm_patches: torch.Tensor) -> dict[str, torch.Tensor]:
+                vfm_patches: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         dense = self.encode_dense(images)
         return distillation_loss(dense, boxes, teacher_embeddings, vfm_patches, self.student.patch_size,
-                                 self.coherence_weight)
+                                 self.coherence_weight, valid)
 
 
 def freeze_off_path_parameters(model: DenseRCModel) -> list[str]:
@@ -143,7 +143,7 @@ class DistillationTask(Task):
         teacher_embeddings = self.embed_crops(images, boxes)
         vfm_patches = self.embed_patches(pixels, grid)
         return {"images": images, "boxes": boxes, "teacher_embeddings": teacher_embeddings,
-                "vfm_patches": vfm_patches}
+                "vfm_patches": vfm_patches, "valid": batch["valid"].to(self.device, non_blocking=True)}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """The student's trainable tensors; ``gate.*`` joins the no-decay group."""

@@ -3,7 +3,10 @@
 ``segment`` and ``similarity_map`` return tensors; ``draw`` turns them into pictures; ``cli`` adds the
 ``denserc segment`` / ``denserc heatmap`` commands.
 """
-from .image import ImageReadError, load_image
-from .predict import segment, similarity_map, text_embeddings
+from ..lazy import lazy_exports
 
-__all__ = ["ImageReadError", "load_image", "segment", "similarity_map", "text_embeddings"]
+# name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "ImageReadError": "..images", "load_image": "..images", "segment": ".predict", "similarity_map": ".predict",
+    "text_embeddings": ".predict",
+})

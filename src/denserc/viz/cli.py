@@ -6,16 +6,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..io import atomic_write
-from ..models import CONSTRUCTIONS, GATINGS, from_spec, get_tokenizer
-from .draw import draw_heatmap, draw_segmentation, save_png
-from .image import load_image
-from .predict import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE, segment, similarity_map
+from ..models.variants import CONSTRUCTIONS, GATINGS
+from .defaults import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE
 
-# The model used when --model is not given is set by a plug-in (``denserc.cli.register_commands``): the
+# torch, open_clip, matplotlib and the image code are imported inside the functions that run a command, so
+# that `--help` and argument errors answer at once.
+
+# The model used when --model is not given is set by a plug-in (``add_commands`` in its entry point's module): the
 # testbed's tiny CLIP (pretrained on generated scenes, docs/testbed.md), so the commands run anywhere without
 # a download. It knows only the testbed's shapes, colours and textures; pass a real model (e.g.
 # ViT-B-16:openai or a DenseRC folder) for photos.
@@ -81,7 +80,11 @@ def run_segment(args) -> int:
         return _fail("segment", f"-o {output} must end in .png (the picture is written as PNG)")
     if args.labels and Path(args.labels).suffix.lower() not in (".npy", ".png"):
         return _fail("segment", f"--labels {args.labels} must end in .npy or .png")
+    created = _new_folders(output, args.labels)
     try:
+        from ..images import load_image
+        from .draw import draw_segmentation, save_png
+        from .predict import segment
         image = load_image(args.image)
         model, tokenizer = _build_model(args)
         labels = segment(model, image, classes, tokenizer=tokenizer,
@@ -96,7 +99,7 @@ def run_segment(args) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         return _fail("segment", str(error), RUN_ERROR)
     shares = ", ".join(f"{e.name} {100 * e.fraction:.1f}%" for e in legend)
-    print(f"wrote {output} ({overlay.width}x{overlay.height}): {shares}")
+    print(f"wrote {output} ({overlay.width}x{overlay.height}): {shares}{created}")
     if args.labels:
         print(f"wrote {args.labels}")
     return 0
@@ -116,7 +119,12 @@ def run_heatmap(args) -> int:
         return _fail("heatmap", f"-o {output} must end in .png (the picture is written as PNG)")
     if args.scores and Path(args.scores).suffix.lower() != ".npy":
         return _fail("heatmap", f"--scores {args.scores} must end in .npy")
+    created = _new_folders(output, args.scores)
     try:
+        from ..images import load_image
+        from ..io import atomic_write
+        from .draw import draw_heatmap, save_png
+        from .predict import similarity_map
         image = load_image(args.image)
         model, tokenizer = _build_model(args)
         similarity = similarity_map(model, image, args.query, tokenizer=tokenizer,
@@ -132,7 +140,7 @@ def run_heatmap(args) -> int:
         return _fail("heatmap", str(error), RUN_ERROR)
     peak_y, peak_x = np.unravel_index(int(similarity.argmax()), similarity.shape)
     print(f"wrote {output} ({picture.width}x{picture.height}): cosine similarity {bar.vmin:.3f}..{bar.vmax:.3f}, "
-          f"peak at x={peak_x}, y={peak_y}")
+          f"peak at x={peak_x}, y={peak_y}{created}")
     if args.scores:
         print(f"wrote {args.scores}")
     return 0
@@ -149,8 +157,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gating", choices=GATINGS, help="gating variant (default: saved one / hsg)")
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="value layers for multi-v (default: saved one / 3)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="model weights' precision (default fp32)")
     parser.add_argument("--seed", type=int, default=0,
@@ -177,19 +184,17 @@ def _positive_int(text: str) -> int:
 
 def _build_model(args):
     """The model and its tokenizer from --model and the variant options."""
+    import torch
+
+    from ..models import from_spec, get_tokenizer, random_weights
     spec = args.model
-    if Path(spec).is_dir():
-        tokenizer_source = spec
-    else:
-        name, _, weights = spec.partition(":")
-        tokenizer_source = name
-        if not weights:
-            torch.manual_seed(args.seed)
-            print(f"note: {name} has random weights (no :TAG or :FILE given); the picture shows the "
-                  "pipeline, not learned semantics", file=sys.stderr)
-    model = from_spec(spec, construction=args.construction, gating=args.gating, num_layers=args.num_layers,
-                      device=args.device, precision=args.precision)
-    return model.eval(), get_tokenizer(tokenizer_source)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if random_weights(spec):
+        print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}); the picture shows "
+              "the pipeline, not learned semantics", file=sys.stderr)
+    model = from_spec(spec, seed=args.seed, construction=args.construction, gating=args.gating,
+                      num_layers=args.num_layers, device=device, precision=args.precision)
+    return model.eval(), get_tokenizer(spec if Path(spec).is_dir() else spec.partition(":")[0])
 
 
 def _inference_settings(args) -> dict:
@@ -201,8 +206,16 @@ def _output_path(output: str | None, image: str, kind: str) -> Path:
     return Path(output) if output else Path(f"{Path(image).stem}_{kind}.png")
 
 
+def _new_folders(*paths: str | Path | None) -> str:
+    """" (created folder X)" for the output folders that do not exist yet (writing creates them), else ""."""
+    missing = dict.fromkeys(str(Path(path).parent) for path in paths if path and not Path(path).parent.exists())
+    return f" (created folder {', '.join(missing)})" if missing else ""
+
+
 def _save_labels(labels: np.ndarray, path: str, classes: list[str]) -> None:
     """Label map as .npy (smallest unsigned dtype) or single-channel PNG, class names in the PNG metadata."""
+    from ..io import atomic_write
+    from .draw import save_png
     compact = labels.astype(np.uint8 if len(classes) <= 256 else np.uint16)
     if Path(path).suffix.lower() == ".npy":
         atomic_write(path, lambda tmp: _save_npy(tmp, compact))

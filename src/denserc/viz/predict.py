@@ -14,14 +14,10 @@ from PIL import Image
 from ..eval.sliding import sliding_window_logits
 from ..eval.text import build_text_classifier
 from ..models.factory import get_tokenizer
-from .image import load_image, to_model_input
+from ..images import load_image
+from .defaults import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE
+from .image import to_model_input
 
-# Class names are nouns ("dog"); a heatmap query is already a phrase ("a red umbrella").
-CLASS_TEMPLATES = ("a photo of a {}.",)
-QUERY_TEMPLATES = ("{}",)
-# Working resolution: the image's short side is resized to this many times the model's native size
-# (448 px for a 224-px ViT-B/16, as in sliding-window OVSS on ADE20K).
-SHORT_SIDE_PER_NATIVE = 2
 # Upsampling C score maps to a 12-megapixel photo at once would take C * 48 MB; classes are taken in
 # groups whose upsampled scores fit this many elements (256 MB in float32).
 UPSAMPLE_ELEMENTS = 1 << 26
