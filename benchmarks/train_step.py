@@ -64,7 +64,8 @@ class PhaseClock:
         task = trainer.task
         task.images_and_grids = self._timed(task.images_and_grids, "prepare")
         task.embed_crops = self._timed(task.embed_crops, "teacher")
-        task.embed_patches = self._timed(task.embed_patches, "vfm")
+        if task.embed_patches is not None:  # None: coherence weight 0, no VFM
+            task.embed_patches = self._timed(task.embed_patches, "vfm")
         distillation = task.module
         distillation.encode_dense = self._timed(distillation.encode_dense, "student")
         distillation.register_forward_hook(lambda *_: self.mark("module end"))
@@ -90,7 +91,7 @@ class PhaseClock:
         times = {
             PHASES[0]: m["prepare end"] - m["prepare start"],
             PHASES[1]: m["teacher end"] - m["teacher start"],
-            PHASES[2]: m["vfm end"] - m["vfm start"],
+            PHASES[2]: m["vfm end"] - m["vfm start"] if "vfm end" in m else 0.0,
             PHASES[3]: m["student end"] - m["student start"],
             PHASES[4]: m["module end"] - m["student end"],
             PHASES[5]: m["optimizer start"] - m["module end"],
