@@ -160,8 +160,11 @@ class Engine:
             module = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
                                              find_unused_parameters=False)
         self.module = module
+        # fused: one kernel over all tensors; on the CPU 6x faster than the default per-tensor loop for
+        # a ViT-B tower (157 vs 979 ms a step, issue 17), on CUDA the usual choice
         self.optimizer = torch.optim.AdamW(task.parameter_groups(optim.weight_decay), lr=optim.lr,
-                                           betas=tuple(optim.betas), eps=optim.eps)
+                                           betas=tuple(optim.betas), eps=optim.eps,
+                                           fused=env.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, optim.warmup_steps, optim.min_lr / optim.lr))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=train.precision == "fp16")
