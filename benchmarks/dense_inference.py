@@ -38,7 +38,7 @@ def build_variants(base: DenseRCModel) -> dict[tuple[str, str], DenseRCModel]:
     for construction, gating in TABLE5_VARIANTS.values():
         model = DenseRCModel(base.clip, model_name=base.model_name, model_cfg=base.model_cfg,
                              preprocess_cfg=base.preprocess_cfg, construction=construction, gating=gating)
-        models[(construction, gating)] = model.to(base.visual.conv1.weight.device).eval()
+        models[(construction, gating)] = model.to(next(base.parameters()).device).eval()
     return models
 
 

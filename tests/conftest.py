@@ -21,6 +21,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def variant(model, **settings):
+    """Same weights, another construction/gating (a gate, if any, random so that it is not uniform)."""
+    other = denserc.DenseRCModel(model.clip, model_name=model.model_name, model_cfg=model.model_cfg,
+                                 preprocess_cfg=model.preprocess_cfg, **settings).eval()
+    if other.gate is not None:
+        randomize_(other.gate, seed=3)
+    return other
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

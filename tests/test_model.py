@@ -9,7 +9,7 @@ import denserc
 from denserc.models import HeadSelectionGate
 from denserc.models.dense import DenseRCModel
 
-from conftest import TINY, randomize_
+from conftest import TINY, randomize_, variant
 
 
 def block_inputs(model: DenseRCModel, images: torch.Tensor) -> list[torch.Tensor]:
@@ -62,14 +62,6 @@ def to_grid(tokens: torch.Tensor, model: DenseRCModel, h: int = 14, w: int = 14)
     y = model.visual.ln_post(tokens) @ model.visual.proj
     return y.transpose(1, 2).reshape(y.shape[0], -1, h, w)
 
-
-def variant(model: DenseRCModel, **settings) -> DenseRCModel:
-    """Same weights, another construction/gating (gate, if any, randomised so it is not uniform)."""
-    other = DenseRCModel(model.clip, model_name=model.model_name, model_cfg=model.model_cfg,
-                         preprocess_cfg=model.preprocess_cfg, **settings).eval()
-    if other.gate is not None:
-        randomize_(other.gate, seed=3)
-    return other
 
 
 def test_encode_image_equals_open_clip_at_native_size(tiny_model, images):

@@ -13,17 +13,23 @@ def student():
     return denserc.create_model("ViT-Tiny-16")
 
 
-@pytest.mark.parametrize("crops_per_chunk", [1, 3, 64])
-def test_crop_embeddings_equal_encode_image_of_the_same_crops_in_any_chunking(student, crops_per_chunk):
-    teacher = Teacher(student, crops_per_chunk=crops_per_chunk)
-    images = torch.randn(2, 3, 96, 64)
-    boxes = [grid_boxes(2, 2, 96, 64), grid_boxes(3, 1, 96, 64)]
-    crops = crop_and_resize(images, boxes, student.native_size)
+@pytest.mark.parametrize("name, crops_per_chunk", [("ViT-Tiny-16", 1), ("ViT-Tiny-16", 3), ("ViT-Tiny-16", 64),
+                                                   ("EVA02-Tiny-16", 3), ("ViT-Tiny-16-MAP", 3)])
+def test_crop_embeddings_equal_open_clips_encode_image_of_the_same_crops_in_any_chunking(name, crops_per_chunk):
+    """For every tower family (OpenAI-style, EVA-02 with RoPE, SigLIP with its attention-pool head)."""
+    torch.manual_seed(0)
+    model = denserc.create_model(name)
+    teacher = Teacher(model, crops_per_chunk=crops_per_chunk)
+    height, width = 2 * model.native_size[0], model.native_size[1]
+    images = torch.randn(2, 3, height, width)
+    boxes = [grid_boxes(2, 2, height, width), grid_boxes(3, 1, height, width)]
+    crops = crop_and_resize(images, boxes, model.native_size)
+    model.clip.eval()
     with torch.no_grad():
-        expected = student.clip.encode_image(crops, normalize=True)  # open_clip's own, MHA blocks
+        expected = model.clip.encode_image(crops, normalize=True)  # open_clip's own forward
     embeddings = teacher(images, boxes)
-    assert embeddings.shape == (7, student.embed_dim) and embeddings.dtype == torch.float32
-    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-6)
+    assert embeddings.shape == (7, model.embed_dim) and embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_blocks_run_scaled_dot_product_attention_not_the_multihead_module(student, monkeypatch):

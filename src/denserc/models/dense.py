@@ -1,7 +1,7 @@
 """DenseRC model: an open_clip CLIP whose image tower also yields dense, text-aligned patch features.
 
 Notation follows docs/method.md (#extraction, #gating, #variants). For a pre-LN block with input
-tokens x (cls + N patches):
+tokens x (prefix tokens + N patches):
 
     u   = ln_1(x)
     v_h = u @ W_v[h]^T + b_v[h]           value of head h (rows [2D:3D] of attn.in_proj_*)
@@ -20,23 +20,24 @@ are combined at each patch:
     qq    each head's values attended with softmax(q q^T / sqrt(d)) (DeCLIP/SCLIP self-self)
 
 ``ls_1`` is the block's LayerScale (identity for CLIP models without it), kept so the value branch
-is exactly the block's own attention branch with the attention weights replaced.
+is exactly the block's own attention branch with the attention weights replaced. Written once for
+every family: ``towers.py`` says where ln_1, the values, out_proj (for EVA after its inner attention
+LayerNorm, so the gates act before it), RoPE, ln_post and proj live in each image tower.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import resample_abs_pos_embed
 from torchvision.ops import roi_align
 
 from .gating import HeadSelectionGate
 from .serialization import save_model
+from .towers import Tower, run_block, tower_for
 
 CONSTRUCTIONS = ("multi-v", "v", "x+v")
 GATINGS = ("hsg", "none", "qk", "qq")
@@ -45,43 +46,6 @@ GATINGS = ("hsg", "none", "qk", "qq")
 TABLE5_VARIANTS = {"x+v": ("x+v", "none"), "v": ("v", "none"), "multi-v": ("multi-v", "none"),
                    "qk": ("multi-v", "qk"), "qq": ("multi-v", "qq"), "hsg": ("multi-v", "hsg")}
 DEFAULT_NUM_LAYERS = 3
-
-
-class UnsupportedModelError(ValueError):
-    """The open_clip model's image tower cannot be decomposed into per-head value paths."""
-
-
-def check_decomposable(clip: nn.Module, model_name: str) -> None:
-    """Raise UnsupportedModelError unless the image tower is open_clip's plain pre-LN ViT."""
-    supported = ("open_clip ViTs built from open_clip's own VisionTransformer with token pooling, "
-                 "e.g. ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 and custom configs of that form")
-    visual = getattr(clip, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__ if visual is not None else "no image tower"
-        raise UnsupportedModelError(
-            f"model '{model_name}' has an image tower of type {kind}; DenseRC supports {supported}. "
-            "timm trunks (EVA, ConvNeXt, ...) and ModifiedResNet cannot be decomposed into heads.")
-    problems = []
-    if visual.attn_pool is not None:
-        problems.append("attentional pooling")
-    if visual.pool_type != "tok":
-        problems.append(f"pool_type={visual.pool_type!r} (needs 'tok')")
-    if visual.final_ln_after_pool:
-        problems.append("final_ln_after_pool")
-    if visual.proj is None:
-        problems.append("no output projection")
-    for i, block in enumerate(visual.transformer.resblocks):
-        if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
-            problems.append(f"block {i} is {type(block).__name__} (needs ResidualAttentionBlock "
-                            "with nn.MultiheadAttention)")
-            break
-        if hasattr(block, "ln_1_kv"):
-            problems.append(f"block {i} is a cross-attention block")
-            break
-    if problems:
-        raise UnsupportedModelError(
-            f"model '{model_name}' has an image tower DenseRC cannot decompose ({'; '.join(problems)}); "
-            f"DenseRC supports {supported}.")
 
 
 class DenseRCModel(nn.Module):
@@ -99,8 +63,8 @@ class DenseRCModel(nn.Module):
         if construction != "multi-v" and num_layers != 1:
             raise ValueError(f"construction {construction!r} uses the last block only: num_layers must "
                              f"be 1 (got {num_layers}); use construction='multi-v' for more layers")
-        check_decomposable(clip, model_name)
-        depth = len(clip.visual.transformer.resblocks)
+        self.tower: Tower = tower_for(clip, model_name)
+        depth = len(self.tower.blocks)
         if not 1 <= num_layers <= depth:
             raise ValueError(f"num_layers must be in 1..{depth} for {model_name} ({depth} blocks), "
                              f"got {num_layers}")
@@ -117,29 +81,34 @@ class DenseRCModel(nn.Module):
 
     # ----------------------------------------------------------------------------------- facts
     @property
-    def visual(self) -> VisionTransformer:
+    def visual(self) -> nn.Module:
         return self.clip.visual
 
     @property
+    def family(self) -> str:
+        """The image tower's family: "open_clip ViT", "EVA (timm Eva)" or "timm ViT (SigLIP)"."""
+        return self.tower.family
+
+    @property
     def patch_size(self) -> int:
-        return self.visual.patch_size[0]
+        return self.tower.patch_size
 
     @property
     def native_size(self) -> tuple[int, int]:
-        """The input size the image tower was trained at (its cls embedding's native resolution)."""
-        return tuple(self.visual.image_size)
+        """The input size the image tower was trained at (its global embedding's native resolution)."""
+        return self.tower.native_size
 
     @property
     def width(self) -> int:
-        return self.visual.transformer.width
+        return self.tower.width
 
     @property
     def heads(self) -> int:
-        return self.visual.transformer.resblocks[0].attn.num_heads
+        return self.tower.heads
 
     @property
     def embed_dim(self) -> int:
-        return self.visual.proj.shape[1]
+        return self.model_cfg["embed_dim"]
 
     @property
     def config(self) -> dict:
@@ -147,9 +116,22 @@ class DenseRCModel(nn.Module):
         return {"model_name": self.model_name, "construction": self.construction,
                 "gating": self.gating, "num_layers": self.num_layers}
 
-    def image_tower_parameters(self):
-        """The parameters DenseRC trains: the image tower and the gate (the text tower stays frozen)."""
-        yield from self.visual.parameters()
+    def image_tower_parameters(self, unlocked_blocks: int | None = None) -> Iterator[nn.Parameter]:
+        """The parameters DenseRC trains: the image tower and the gate (the text tower stays frozen).
+
+        With ``unlocked_blocks`` = N only the tower's last N blocks train (and the gate); the stem, the
+        final norm and the projection stay as they are, as CLIPSelf's and DeCLIP's
+        ``--lock-image-unlocked-groups N`` does for EVA-02-CLIP.
+        """
+        blocks = self.tower.blocks
+        if unlocked_blocks is None:
+            yield from self.visual.parameters()
+        elif 1 <= unlocked_blocks <= len(blocks):
+            for block in blocks[len(blocks) - unlocked_blocks:]:
+                yield from block.parameters()
+        else:
+            raise ValueError(f"unlocked_blocks must be in 1..{len(blocks)} for {self.model_name} "
+                             f"({len(blocks)} blocks) or None (the whole image tower), got {unlocked_blocks}")
         if self.gate is not None:
             yield from self.gate.parameters()
 
@@ -163,31 +145,57 @@ class DenseRCModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Global embedding (B, E): open_clip's computation, at any resolution divisible by the patch."""
-        x, _ = self._embed(images)
-        x = self.visual.patch_dropout(x)
-        for block in self.visual.transformer.resblocks:
-            x = self._checkpointed(block, x)
-        pooled = self.visual.ln_post(x[:, 0]) @ self.visual.proj
+        x, rope, _ = self._embed(images)
+        pooled = self.tower.encode_global(x, rope, self._checkpointed)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
         """Dense features (B, E, H/p, W/p) in the joint image-text space, not normalised."""
-        x, (h, w) = self._embed(images)
-        blocks = self.visual.transformer.resblocks
-        first = len(blocks) - self.num_layers
-        for block in blocks[:first]:
-            x = self._checkpointed(self._block, block, x)
+        return self.encode_dense_with_taps(images, ())[0]
+
+    def encode_dense_with_taps(self, images: torch.Tensor,
+                               taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``encode_dense`` plus the patch tokens after the image blocks ``taps`` (0-based), in one pass.
+
+        Returns the dense features and, in the order of ``taps``, one (B, D, H/p, W/p) map per tapped
+        block output (its residual stream, prefix tokens dropped, no norm): the intermediate features
+        that downstream heads build on (F-ViT's pyramid taps blocks 3, 5, 7, 11 of a ViT-B; CAT-Seg's
+        decoder taps earlier blocks).
+        """
+        tower = self.tower
+        blocks = tower.blocks
+        depth = len(blocks)
+        bad = [t for t in taps if not 0 <= t < depth]
+        if bad:
+            raise ValueError(f"taps must be block indices in 0..{depth - 1} for {self.model_name} "
+                             f"({depth} blocks), got {list(taps)}")
+        x, rope, (h, w) = self._embed(images)
+        tapped: dict[int, torch.Tensor] = {}
+        prefix = tower.num_prefix_tokens
+
+        def advance(index: int, tokens: torch.Tensor) -> torch.Tensor:
+            tokens = self._checkpointed(self._block, blocks[index], tokens, rope)
+            if index in taps:
+                tapped[index] = tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+            return tokens
+
+        first = depth - self.num_layers
+        for index in range(first):
+            x = advance(index, x)
         if self.construction == "x+v":
             block = blocks[-1]
-            y = x[:, 1:] + self._value_branch(block, x)
-            y = y + block.ls_2(block.mlp(block.ln_2(y)))
+            y = x[:, prefix:] + self._value_branch(block, x, rope)
+            y = tower.mlp_residual(block, y)
         else:
-            y = self._value_branch(blocks[first], x)
-            for prev, block in zip(blocks[first:-1], blocks[first + 1:]):
-                x = self._checkpointed(self._block, prev, x)
-                y = y + self._value_branch(block, x)
-        y = self.visual.ln_post(y) @ self.visual.proj
-        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+            y = self._value_branch(blocks[first], x, rope)
+            for index in range(first, depth - 1):
+                x = advance(index, x)
+                y = y + self._value_branch(blocks[index + 1], x, rope)
+        if depth - 1 in taps:  # the dense path itself never needs the last block's full output
+            advance(depth - 1, x)
+        y = tower.to_joint(y)
+        dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
+        return dense, [tapped[t] for t in taps]
 
     def encode_regions(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised region embeddings (K, E): RoIAlign 1x1 (aligned) on normalised dense features.
@@ -207,33 +215,30 @@ class DenseRCModel(nn.Module):
         return pool_masks(dense, masks)
 
     # ------------------------------------------------------------------------------ internals
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patch embedding + cls + (interpolated) position embedding + ln_pre: (B, 1 + h*w, D)."""
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Tokens entering the first block (B, P + h*w, D), the grid's RoPE table (or None) and (h, w)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         p = self.patch_size
         if images.shape[-2] % p or images.shape[-1] % p:
             raise ValueError(f"image height and width must be multiples of the patch size {p}, "
                              f"got {tuple(images.shape[-2:])}")
-        x = self.visual.conv1(images)
-        h, w = x.shape[-2:]
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = self.visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1)
-        x = x + self._position_embedding(h, w).to(x.dtype)
-        return self.visual.ln_pre(x), (h, w)
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        x, rope = self.tower.embed(images, self._position_embedding(*grid))
+        return x, rope, grid
 
-    def _position_embedding(self, h: int, w: int) -> torch.Tensor:
+    def _position_embedding(self, h: int, w: int) -> torch.Tensor | None:
         """Position embedding for an h x w grid, cached per grid when no gradient can flow into it."""
-        pos = self.visual.positional_embedding
-        native = tuple(self.visual.grid_size)
+        pos = self.tower.pos_embed
+        if pos is None:
+            return None
         cacheable = not (torch.is_grad_enabled() and pos.requires_grad) and not torch.compiler.is_compiling()
-        if (h, w) == native or not cacheable:
-            return resample_pos_embed(pos, native, (h, w))
+        if (h, w) == self.tower.native_grid or not cacheable:
+            return self.tower.resample_pos_embed(pos, (h, w))
         key = (h, w, pos.device, pos.dtype)
         version, cached = self._pos_cache.get(key, (None, None))
         if version != pos._version or cached is None:
-            cached = resample_pos_embed(pos.detach(), native, (h, w))
+            cached = self.tower.resample_pos_embed(pos.detach(), (h, w))
             self._pos_cache[key] = (pos._version, cached)
         return cached
 
@@ -243,37 +248,27 @@ class DenseRCModel(nn.Module):
             return checkpoint(function, *args, use_reentrant=False)
         return function(*args)
 
-    @staticmethod
-    def _block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
-        """The block's own computation with attention through ``scaled_dot_product_attention``.
+    _block = staticmethod(run_block)  # one trunk block as encode_dense runs it (towers.run_block)
 
-        ``encode_dense`` runs its trunk this way because ``nn.MultiheadAttention``'s inference fast
-        path materialises the (heads, N, N) attention matrix on the CPU (256 MiB for a 64 x 64 grid;
-        benchmarks/RESULTS.md 4.1); ``encode_image`` keeps open_clip's module for bit-exact output.
-        """
-        x = x + block.ls_1(block.attn.out_proj(_attention(block.attn, block.ln_1(x))))
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-    def _value_branch(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    def _value_branch(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """The block's attention branch for the patch tokens, with the attention replaced by gating.
 
-        x: (B, 1 + N, D) block input. Returns (B, N, D) = ls_1(out_proj(combined per-head values)).
+        x: (B, P + N, D) block input. Returns (B, N, D) = ls_1(out_proj(combined per-head values)).
         """
-        attn = block.attn
-        batch, tokens, width = x.shape
-        heads = attn.num_heads
-        head_dim = width // heads
-        u = block.ln_1(x)
+        tower = self.tower
+        prefix = tower.num_prefix_tokens
+        u = tower.norm1(block, x)
         if self.gating in ("hsg", "none"):
-            patches = u[:, 1:]
-            values = F.linear(patches, attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
+            patches = u[:, prefix:]
+            values = tower.values(block, patches)
             if self.gate is not None:
+                batch, tokens, size = values.shape
                 gates = self.gate(patches)
-                values = (values.view(batch, tokens - 1, heads, head_dim) * gates.unsqueeze(-1))
-                values = values.reshape(batch, tokens - 1, width)
+                values = values.view(batch, tokens, self.heads, size // self.heads) * gates.unsqueeze(-1)
+                values = values.reshape(batch, tokens, size)
         else:
-            values = _attention(attn, u, self_self=self.gating == "qq", first_query=1)
-        return block.ls_1(attn.out_proj(values))
+            values = tower.attend(block, u, rope, self_self=self.gating == "qq", first_query=prefix)
+        return tower.attention_out(block, values)
 
     # ------------------------------------------------------------------------------ save/load
     def save(self, directory: str | Path) -> Path:
@@ -283,34 +278,6 @@ class DenseRCModel(nn.Module):
         ``open_clip.create_model('local-dir:' + directory)``.
         """
         return save_model(self, directory)
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, native_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """(1 + gh*gw, D) position embedding -> (1 + h*w, D) for another patch grid, the cls entry kept.
-
-    timm's ``resample_abs_pos_embed`` with open_clip's ``resize_pos_embed`` settings (bicubic,
-    antialiased, align_corners=False), so a model run at 448 px equals open_clip created with
-    ``force_image_size=448``; the native grid is returned unchanged (bit-exact open_clip).
-    """
-    if tuple(grid) == tuple(native_grid):
-        return pos_embed
-    return resample_abs_pos_embed(pos_embed[None], new_size=list(grid), old_size=list(native_grid),
-                                  num_prefix_tokens=1, interpolation="bicubic", antialias=True)[0]
-
-
-def _attention(attn: nn.MultiheadAttention, u: torch.Tensor, *, self_self: bool = False,
-               first_query: int = 0) -> torch.Tensor:
-    """Per-head softmax(q k^T / sqrt d) v (softmax(q q^T / sqrt d) v if ``self_self``), before out_proj.
-
-    u: (B, T, D) normed tokens; queries are ``u[:, first_query:]``, keys/values all T tokens.
-    Returns (B, T - first_query, D) with the heads concatenated, as ``out_proj`` expects.
-    """
-    batch, tokens, width = u.shape
-    heads = attn.num_heads
-    qkv = F.linear(u, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
-    return out.transpose(1, 2).reshape(batch, tokens - first_query, width)
 
 
 def pool_boxes(dense: torch.Tensor, boxes: Sequence[torch.Tensor], patch_size: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ from urllib.parse import urlparse
 
 import open_clip
 import torch
-from open_clip.model import get_model_preprocess_cfg
+from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
+from open_clip.transform import merge_preprocess_dict
 from torch import nn
 
 from ..plugins import load_plugins
@@ -26,7 +27,7 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
                  construction: str = "multi-v", gating: str = "hsg", num_layers: int | None = None,
                  device: str | torch.device = "cpu", precision: str = "fp32",
                  cache_dir: str | None = None) -> DenseRCModel:
-    """Build a DenseRC model from any open_clip ViT.
+    """Build a DenseRC model from an open_clip CLIP of a supported family (docs/models.md).
 
     ``pretrained`` is None (random weights), an open_clip pretrained tag (e.g. "openai", or a tag added
     with ``register_pretrained``) or the path of an open_clip checkpoint file
@@ -41,6 +42,7 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
                          "open_clip.add_model_config(path) or denserc.models.register_pretrained")
     force_quick_gelu = False
     weights_file = None
+    tag_cfg = None
     if pretrained is not None:
         pretrained = str(pretrained)
         if os.path.isdir(pretrained):
@@ -63,6 +65,7 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
                                       precision="fp32", pretrained_text=False)
     if weights_file is not None:
         _load_open_clip_checkpoint(clip, weights_file, model_name)
+        set_model_preprocess_cfg(clip, _weights_preprocess_cfg(clip, model_name, tag_cfg))
     model = DenseRCModel(clip, model_name=model_name, model_cfg=model_cfg,
                          preprocess_cfg=get_model_preprocess_cfg(clip), construction=construction,
                          gating=gating, num_layers=num_layers)
@@ -198,6 +201,22 @@ def _load_open_clip_checkpoint(clip: nn.Module, path: str, model_name: str) -> N
         state = load_state_dict(path, weights_only=True)
         load_state_dict_checked(clip, state, f"{path} (for {model_name})")
         raise error
+
+
+def _weights_preprocess_cfg(clip: nn.Module, model_name: str, tag_cfg: dict | None) -> dict:
+    """The image normalisation that goes with the loaded weights (SigLIP's differs from open_clip's default).
+
+    A pretrained tag brings its own; a weights file gets the one that every pretrained tag of the
+    architecture shares, if they agree (all SigLIP tags use mean = std = 0.5), else open_clip's default.
+    """
+    if tag_cfg is None:
+        tags = [open_clip.get_pretrained_cfg(model_name, tag)
+                for tag in open_clip.list_pretrained_tags_by_model(model_name)]
+        shared = {(tuple(t.get("mean", ())), tuple(t.get("std", ()))) for t in tags}
+        tag_cfg = tags[0] if len(shared) == 1 else {}
+    overlay = {key: tag_cfg[key] for key in ("mean", "std") if key in tag_cfg}
+    return merge_preprocess_dict(get_model_preprocess_cfg(clip), overlay)
+
 
 
 def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: str | None) -> str:

@@ -10,8 +10,9 @@ to 224) is therefore area-averaged, which is anti-aliased like a PIL resize; a s
 (upscaling) gets one bilinear sample per output pixel, i.e. plain bilinear resizing.
 ``aligned=True`` puts pixel centres at integer + 0.5 so that a box is exactly its pixels.
 
-The crops are embedded with ``encode_image``'s computation, but with each block's attention through
-``scaled_dot_product_attention`` (``DenseRCModel._block``, the student trunk's path): on the CPU
+The crops are embedded with ``encode_image``'s computation, through the student's tower adapter (any
+family), but with the blocks run as the student's trunk runs them (``towers.run_block``): open_clip
+blocks with their attention through ``scaled_dot_product_attention``, since on the CPU
 ``nn.MultiheadAttention``'s inference path materialises every (heads, 197, 197) attention matrix of
 the batch, which was 1.7 s of a ViT-B step (issue 17). They run in chunks of ``crops_per_chunk`` so
 that the activations held at once do not grow with the number of grid cells. The task calls the
@@ -28,6 +29,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from .dense import DenseRCModel
+from .towers import run_block
 
 CROP_SAMPLING_RATIO = -1
 CROPS_PER_CHUNK = 32  # ViT-B/16: 32 x 197 tokens, 4.6 MiB per 768-wide fp32 activation, 19 MiB for the MLP's
@@ -54,6 +56,7 @@ class Teacher(nn.Module):
             raise ValueError(f"crops_per_chunk must be at least 1, got {crops_per_chunk}")
         self.visual = copy.deepcopy(student.visual)
         self.visual.requires_grad_(False)
+        self.tower = type(student.tower)(self.visual)  # the student's adapter over the frozen copy
         self.native_size = tuple(student.native_size)
         self.crops_per_chunk = crops_per_chunk
         self.train(False)
@@ -70,11 +73,9 @@ class Teacher(nn.Module):
         return F.normalize(torch.cat(embeddings).float(), dim=-1)
 
     def encode(self, crops: torch.Tensor) -> torch.Tensor:
-        """Global embeddings (K, E) of native-size crops: ``encode_image`` with attention through SDPA."""
-        visual = self.visual
-        x = visual.conv1(crops).flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
-        for block in visual.transformer.resblocks:
-            x = DenseRCModel._block(block, x)
-        return visual.ln_post(x[:, 0]) @ visual.proj
+        """Global embeddings (K, E) of native-size crops: ``encode_image``, blocks as ``run_block`` runs them."""
+        tower = self.tower
+        x, rope = tower.embed(crops, tower.pos_embed)  # the native grid: position embedding as it is
+        for block in tower.blocks:
+            x = run_block(block, x, rope)
+        return tower.pool_global(x)

@@ -1,9 +1,9 @@
-"""The frozen vision foundation model (VFM): a timm ViT (DINOv2 by default) giving patch features.
+"""The frozen vision foundation model (VFM): any timm ViT (DINOv2 by default, DINOv3, ...) giving patch features.
 
 Its patch-to-patch similarity is the target of L_coherence, so it must see the student's image on
 the student's patch grid: the image is resized to (grid_h * p, grid_w * p) for the VFM's patch
-size p (student 1024 / 16 = 64 x 64 -> DINOv2/14 at 896 px) and its prefix tokens (cls and
-registers, ``num_prefix_tokens``) are dropped.
+size p (student 1024 / 16 = 64 x 64 -> DINOv2/14 at 896 px, DINOv3/16 at 1024 px) and its prefix
+tokens (cls and registers, ``num_prefix_tokens``) are dropped.
 """
 from __future__ import annotations
 
@@ -30,21 +30,25 @@ class VFM(nn.Module):
         super().__init__()
         kwargs = {"dynamic_img_size": True, "num_classes": 0, **(model_kwargs or {})}
         if not is_vfm(name):
-            raise ValueError(f"vfm.name: unknown timm model {name!r}; DINOv2 models include "
-                             f"{timm.list_models('*dinov2*')}")
-        if weights is not None:
-            if not Path(weights).is_file():
-                raise FileNotFoundError(f"vfm.weights: {weights} does not exist (expected a timm or DINOv2 "
-                                        f"checkpoint file for {name})")
-            try:
-                self.model = timm.create_model(name, pretrained=True,
-                                               pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
-            except RuntimeError as error:
-                raise ValueError(f"vfm.weights: {weights} does not fit timm model {name}: {error}") from error
-        elif pretrained:
-            self.model = _create_pretrained(name, kwargs)
-        else:
-            self.model = timm.create_model(name, pretrained=False, **kwargs)
+            raise ValueError(f"vfm.name: unknown timm model {name!r}; DINOv2 and DINOv3 models include "
+                             f"{timm.list_models('*dinov2*') + timm.list_models('*dinov3*')}")
+        try:
+            if weights is not None:
+                if not Path(weights).is_file():
+                    raise FileNotFoundError(f"vfm.weights: {weights} does not exist (expected a timm or DINOv2 "
+                                            f"checkpoint file for {name})")
+                try:
+                    self.model = timm.create_model(name, pretrained=True,
+                                                   pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+                except RuntimeError as error:
+                    raise ValueError(f"vfm.weights: {weights} does not fit timm model {name}: {error}") from error
+            elif pretrained:
+                self.model = _create_pretrained(name, kwargs)
+            else:
+                self.model = timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as error:  # e.g. a CNN: no dynamic_img_size
+            raise ValueError(f"vfm.name: {name} is not a timm ViT that runs at any input size ({error}); "
+                             "use one such as vit_base_patch14_reg4_dinov2 or vit_base_patch16_dinov3") from error
         if not hasattr(self.model, "patch_embed") or not hasattr(self.model, "num_prefix_tokens"):
             raise ValueError(f"vfm.name: {name} is not a timm ViT (it needs patch_embed and num_prefix_tokens)")
         self.name = name

@@ -35,12 +35,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class ModelConfig:
-    """The student (and, frozen, the teacher): any open_clip ViT, DenseRC construction settings."""
+    """The student (and, frozen, the teacher): an open_clip CLIP of a supported family, DenseRC settings."""
     name: str = "ViT-B-16"
     pretrained: str | None = "openai"  # open_clip tag or local weights file; null = random init
     construction: str = "multi-v"
     gating: str = "hsg"
     num_layers: int | None = None  # null: 3 for multi-v, 1 for v / x+v
+    unlocked_blocks: int | None = None  # null: the whole image tower trains; N: only its last N blocks (+ gate)
     grad_checkpointing: bool = False
     compile: bool = False
 
@@ -220,6 +221,8 @@ def validate(config: Config) -> None:
     for key, value in non_negative:
         if value < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
+    if config.model.unlocked_blocks is not None and config.model.unlocked_blocks < 1:
+        raise ConfigError(f"model.unlocked_blocks: must be at least 1 or null, got {config.model.unlocked_blocks}")
     if config.train.cpu_threads is not None and config.train.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads: must be at least 1 or null, got {config.train.cpu_threads}")
     if not 0.0 <= config.export.alpha <= 1.0:

@@ -1,6 +1,6 @@
 """The training engine: everything about *how* to train, for any task that says *what* to train.
 
-The engine owns the run: processes and device (``train/distributed.py``), the resumable sampler,
+The engine owns the run: processes and device (``denserc/distributed.py``), the resumable sampler,
 gradient accumulation up to ``train.global_batch_size``, autocast (fp32 / bf16 / fp16 with a
 GradScaler), DistributedDataParallel, AdamW with warm-up + cosine, optional gradient clipping,
 checkpoints (atomic, keep-last-k, exact resume: weights, optimizer, scheduler, scaler, step, epoch,

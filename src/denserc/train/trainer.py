@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data import SquareResize, TrainingImages, build_source, sample_grid_boxes
 from ..losses import distillation_loss
-from ..models import DenseRCModel, create_model, load_state_dict_checked
+from ..models import DenseRCModel, create_model, load_state_dict_checked, normalize_images
 from ..models.teacher import Teacher
 from ..models.vfm import VFM
 from .checkpoint import resume_checkpoint
@@ -112,8 +112,6 @@ class DistillationTask(Task):
         self.module = DistillationModule(self.student, config.loss.coherence_weight, config.model.compile)
         self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
         self.embed_patches = torch.compile(self.vfm) if config.model.compile and self.vfm else self.vfm
-        self.mean = torch.tensor(self.student.preprocess_cfg["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.student.preprocess_cfg["std"], device=self.device).view(1, 3, 1, 1)
 
     def _build_models(self) -> tuple[DenseRCModel, Teacher, VFM | None]:
         model, device = self.config.model, self.device
@@ -130,15 +128,18 @@ class DistillationTask(Task):
             vfm = VFM(vfm_config.name, pretrained=vfm_config.pretrained, weights=vfm_config.weights,
                       model_kwargs=vfm_config.model_kwargs).to(device)
         student.requires_grad_(False)
-        for parameter in student.image_tower_parameters():
-            parameter.requires_grad_(True)
+        try:
+            for parameter in student.image_tower_parameters(model.unlocked_blocks):
+                parameter.requires_grad_(True)
+        except ValueError as error:
+            raise ConfigError(f"model.unlocked_blocks: {error}") from error
         return student.to(device), teacher.to(device), vfm
 
     def images_and_grids(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(pixels in [0, 1], normalised images, per-image grid boxes) on the device."""
         data = self.config.data
         pixels = batch["image"].to(self.device, non_blocking=True).float().div_(255)
-        images = (pixels - self.mean) / self.std
+        images = normalize_images(pixels, self.student.preprocess_cfg, white=1.0)
         boxes = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=self.config.train.seed,
                                   rule=data.grid_rule, max_cells=data.grid_max_cells)
         return pixels, images, [b.to(self.device) for b in boxes]

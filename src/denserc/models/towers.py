@@ -1,0 +1,482 @@
+"""CLIP image towers that DenseRC can decompose: one small adapter per family.
+
+Dense construction (``dense.py``) is written once against the pieces every pre-LN ViT block has
+(first norm, per-head values, q/k, output projection, LayerScale, MLP branch) and the tower's final
+norm and projection; a ``Tower`` says where each piece lives in its family and how the family
+computes it (RoPE, inner attention norms, pooling heads). Families:
+
+- open_clip ViT (``VisionTransformer``: OpenAI CLIP, LAION/DataComp ViTs): values from rows [2D:3D] of
+  ``attn.in_proj``, ``out_proj``, ``ls_1``; ``ln_post`` and ``proj``.
+- EVA-02-CLIP (open_clip ``TimmModel`` over timm ``Eva``): values from ``v_proj`` (or the fused ``qkv``
+  with ``v_bias``); the gates act per head *before* ``attn.norm``, which mixes heads; RoPE on q and k
+  of the patch tokens; ``gamma_1``/``gamma_2`` LayerScale when present; ``trunk.norm`` and ``trunk.head``.
+- SigLIP / SigLIP2 and other timm ViTs (``TimmModel`` over timm ``VisionTransformer``): values from
+  rows [2D:3D] of ``attn.qkv``, ``attn.norm``, ``proj``, ``ls1``; ``trunk.norm``, then the pooling head
+  applied to each token on its own. For the attention-pool ("map") head of SigLIP that is what the head
+  computes when all attention falls on that one token: its value and output projections, then its
+  norm + MLP residual (docs/models.md).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from timm.layers import Attention, AttentionPoolLatent, apply_rot_embed_cat, resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch import nn
+
+
+SUPPORTED_FAMILIES = (
+    "open_clip ViTs (open_clip VisionTransformer with token pooling: ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, "
+    "the -quickgelu variants and custom configs of that form); EVA-02-CLIP (EVA02-B-16, EVA02-L-14, "
+    "EVA02-L-14-336: open_clip TimmModel over timm Eva); SigLIP/SigLIP2 and other timm ViTs "
+    "(ViT-B-16-SigLIP, ViT-B-16-SigLIP2, ViT-L-16-SigLIP-256, ...: open_clip TimmModel over timm "
+    "VisionTransformer)")
+
+
+class UnsupportedModelError(ValueError):
+    """The open_clip model's image tower cannot be decomposed into per-head value paths."""
+
+
+def run_block(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """One image block's own computation, as ``encode_dense`` runs its trunk.
+
+    open_clip blocks run with attention through ``scaled_dot_product_attention`` because
+    ``nn.MultiheadAttention``'s inference fast path materialises the (heads, N, N) attention matrix on
+    the CPU (256 MiB for a 64 x 64 grid; benchmarks/RESULTS.md 4.1); ``encode_image`` keeps open_clip's
+    module for bit-exact output. timm blocks already use SDPA and run as their own forward.
+    """
+    if isinstance(block, ResidualAttentionBlock):
+        x = x + block.ls_1(block.attn.out_proj(_mha_attention(block.attn, block.ln_1(x))))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return block(x) if rope is None else block(x, rope=rope)
+
+
+def tower_for(clip: nn.Module, model_name: str) -> "Tower":
+    """The adapter for ``clip``'s image tower; UnsupportedModelError (naming what is supported) otherwise."""
+    visual = getattr(clip, "visual", None)
+    if isinstance(visual, VisionTransformer):
+        adapter = OpenCLIPTower
+    elif isinstance(visual, TimmModel) and isinstance(visual.trunk, Eva):
+        adapter = EvaTower
+    elif isinstance(visual, TimmModel) and isinstance(visual.trunk, TimmVisionTransformer):
+        adapter = TimmViTTower
+    else:
+        kind = type(visual).__name__ if visual is not None else "no image tower"
+        if isinstance(visual, TimmModel):
+            kind += f" over timm {type(visual.trunk).__name__}"
+        raise UnsupportedModelError(
+            f"model '{model_name}' has an image tower of type {kind}; DenseRC supports {SUPPORTED_FAMILIES}. "
+            "Convolutional trunks (ConvNeXt, ModifiedResNet, ...) have no per-head value paths.")
+    problems = adapter.problems(visual)
+    if problems:
+        raise UnsupportedModelError(
+            f"model '{model_name}' has an image tower DenseRC cannot decompose ({'; '.join(problems)}); "
+            f"DenseRC supports {SUPPORTED_FAMILIES}.")
+    return adapter(visual)
+
+
+class Tower(abc.ABC):
+    """What dense construction needs from one family's image tower.
+
+    Facts (attributes or properties): ``blocks``, ``patch_size``, ``native_size`` (input size of the
+    global embedding), ``native_grid``, ``width`` (D), ``heads`` (H), ``num_prefix_tokens`` (cls and
+    registers, in front of the patch tokens) and ``pos_embed`` (the absolute position embedding
+    parameter, or None).
+    """
+
+    family: str
+
+    def __init__(self, visual: nn.Module):
+        self.visual = visual
+
+    @staticmethod
+    @abc.abstractmethod
+    def problems(visual: nn.Module) -> list[str]:
+        """Why this tower cannot be decomposed (empty when it can)."""
+
+    @abc.abstractmethod
+    def resample_pos_embed(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``pos_embed`` for an h x w patch grid (unchanged at the native grid)."""
+
+    @abc.abstractmethod
+    def embed(self, images: torch.Tensor, pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, P + h*w, D) tokens entering the first block, and the RoPE table for the grid (or None)."""
+
+    @abc.abstractmethod
+    def norm1(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block's first LayerNorm: input of its values and of the Head Selection Gate."""
+
+    @abc.abstractmethod
+    def values(self, block: nn.Module, u: torch.Tensor) -> torch.Tensor:
+        """Per-head values of normed tokens, heads concatenated: (B, T, H * d)."""
+
+    @abc.abstractmethod
+    def attend(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, *, self_self: bool,
+               first_query: int) -> torch.Tensor:
+        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``) for queries ``u[:, first_query:]``."""
+
+    @abc.abstractmethod
+    def attention_out(self, block: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        """What the block's attention branch adds to the residual stream, given combined values."""
+
+    @abc.abstractmethod
+    def mlp_residual(self, block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """y + LayerScale(mlp(norm2(y))): the block's second residual branch."""
+
+    @abc.abstractmethod
+    def to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token final norm and projection into the joint image-text space: (B, N, D) -> (B, N, E)."""
+
+    @abc.abstractmethod
+    def encode_global(self, x: torch.Tensor, rope: torch.Tensor | None, checkpointed: Callable) -> torch.Tensor:
+        """The tower's own global embedding (B, E) from embedded tokens, blocks run through ``checkpointed``."""
+
+    @abc.abstractmethod
+    def pool_global(self, x: torch.Tensor) -> torch.Tensor:
+        """The global embedding (B, E) from the last block's output tokens (final norm, pooling, projection)."""
+
+
+class OpenCLIPTower(Tower):
+    """open_clip's own pre-LN ``VisionTransformer`` (OpenAI-style CLIP ViTs)."""
+
+    family = "open_clip ViT"
+
+    @staticmethod
+    def problems(visual: VisionTransformer) -> list[str]:
+        problems = []
+        if visual.attn_pool is not None:
+            problems.append("attentional pooling")
+        if visual.pool_type != "tok":
+            problems.append(f"pool_type={visual.pool_type!r} (needs 'tok')")
+        if visual.final_ln_after_pool:
+            problems.append("final_ln_after_pool")
+        if visual.proj is None:
+            problems.append("no output projection")
+        for i, block in enumerate(visual.transformer.resblocks):
+            if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
+                problems.append(f"block {i} is {type(block).__name__} (needs ResidualAttentionBlock "
+                                "with nn.MultiheadAttention)")
+                break
+            if hasattr(block, "ln_1_kv"):
+                problems.append(f"block {i} is a cross-attention block")
+                break
+        return problems
+
+    @property
+    def blocks(self) -> Sequence[ResidualAttentionBlock]:
+        return self.visual.transformer.resblocks
+
+    @property
+    def patch_size(self) -> int:
+        return self.visual.patch_size[0]
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return tuple(self.visual.image_size)
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def heads(self) -> int:
+        return self.blocks[0].attn.num_heads
+
+    num_prefix_tokens = 1
+
+    @property
+    def pos_embed(self) -> torch.Tensor:
+        return self.visual.positional_embedding
+
+    def resample_pos_embed(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if tuple(grid) == self.native_grid:
+            return pos_embed  # bit-exact open_clip at the native size
+        # open_clip's resize_pos_embed settings (bicubic, antialiased, align_corners=False): a model run
+        # at 448 px equals open_clip created with force_image_size=448
+        return resample_abs_pos_embed(pos_embed[None], new_size=list(grid), old_size=list(self.native_grid),
+                                      num_prefix_tokens=1, interpolation="bicubic", antialias=True)[0]
+
+    def embed(self, images: torch.Tensor, pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        x = self.visual.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self.visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        x = x + pos_embed.to(x.dtype)
+        return self.visual.ln_pre(x), None
+
+    def norm1(self, block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        return block.ln_1(x)
+
+    def values(self, block: ResidualAttentionBlock, u: torch.Tensor) -> torch.Tensor:
+        width = u.shape[-1]
+        return F.linear(u, block.attn.in_proj_weight[2 * width:], block.attn.in_proj_bias[2 * width:])
+
+    def attend(self, block: ResidualAttentionBlock, u: torch.Tensor, rope: None, *, self_self: bool,
+               first_query: int) -> torch.Tensor:
+        return _mha_attention(block.attn, u, self_self=self_self, first_query=first_query)
+
+    def attention_out(self, block: ResidualAttentionBlock, values: torch.Tensor) -> torch.Tensor:
+        return block.ls_1(block.attn.out_proj(values))
+
+    def mlp_residual(self, block: ResidualAttentionBlock, y: torch.Tensor) -> torch.Tensor:
+        return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+    def to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def encode_global(self, x: torch.Tensor, rope: None, checkpointed: Callable) -> torch.Tensor:
+        x = self.visual.patch_dropout(x)
+        for block in self.blocks:
+            x = checkpointed(block, x)
+        return self.pool_global(x)
+
+    def pool_global(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+
+
+class TimmViTTower(Tower):
+    """open_clip ``TimmModel`` over timm's ``VisionTransformer`` (SigLIP, SigLIP2 and other timm ViTs)."""
+
+    family = "timm ViT (SigLIP)"
+    block_type: type = TimmBlock
+    attention_type: type = Attention
+
+    @classmethod
+    def problems(cls, visual: TimmModel) -> list[str]:
+        trunk = visual.trunk
+        problems = []
+        if "pool" in dict(visual.head.named_children()):
+            problems.append(f"open_clip's {type(visual.head.pool).__name__} pooling head (it mixes tokens)")
+        if getattr(trunk, "patch_drop", None) is not None and not isinstance(trunk.patch_drop, nn.Identity):
+            problems.append("patch dropout (timm patch_drop_rate > 0)")
+        if getattr(trunk, "rope_mixed", False):
+            problems.append("per-block 'mixed' RoPE")
+        rope = getattr(trunk, "rope", None)
+        if rope is not None and (type(rope) is not RotaryEmbeddingCat or getattr(rope, "aug_active", False)):
+            problems.append(f"RoPE of type {type(rope).__name__} (needs RotaryEmbeddingCat without "
+                            "coordinate augmentation)")
+        pool = trunk.attn_pool
+        if pool is not None and not isinstance(pool, AttentionPoolLatent):
+            problems.append(f"attention pool {type(pool).__name__} (it mixes tokens; only the latent-query "
+                            "'map' head can be applied per token)")
+        elif pool is not None and pool.pos_embed is not None:
+            problems.append("an attention-pool head with its own position embedding (a single token has no "
+                            "position to take it from)")
+        for i, block in enumerate(trunk.blocks):
+            if type(block) is not cls.block_type:
+                problems.append(f"block {i} is {type(block).__name__} (needs pre-norm timm "
+                                f"{cls.block_type.__name__}; post-norm and parallel blocks have no per-head "
+                                "value path behind a pre-norm)")
+                break
+            if type(block.attn) is not cls.attention_type or block.attn.gate is not None:
+                problems.append(f"block {i} has {type(block.attn).__name__} attention"
+                                f"{' with a sigmoid output gate' if block.attn.gate is not None else ''} "
+                                f"(needs ungated timm {cls.attention_type.__name__})")
+                break
+        return problems
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.visual.trunk
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.trunk.blocks
+
+    @property
+    def patch_size(self) -> int:
+        return self.trunk.patch_embed.patch_size[0]
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return tuple(self.visual.image_size)
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        return tuple(self.trunk.patch_embed.grid_size)
+
+    @property
+    def width(self) -> int:
+        return self.trunk.embed_dim
+
+    @property
+    def heads(self) -> int:
+        return self.blocks[0].attn.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.trunk.num_prefix_tokens
+
+    @property
+    def pos_embed(self) -> torch.Tensor | None:
+        return self.trunk.pos_embed
+
+    def resample_pos_embed(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """timm's resampling (bicubic, antialiased), as its ``dynamic_img_size`` models do it."""
+        if tuple(grid) == self.native_grid:
+            return pos_embed
+        prefix = 0 if self.trunk.no_embed_class else self.num_prefix_tokens
+        return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(self.native_grid),
+                                      num_prefix_tokens=prefix)
+
+    def embed(self, images: torch.Tensor, pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """timm's patch embedding and ``_pos_embed`` for any grid (its strict size check bypassed)."""
+        trunk = self.trunk
+        patch_embed = trunk.patch_embed
+        x = patch_embed.norm(patch_embed.proj(images).flatten(2).transpose(1, 2))
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        prefix = [token.expand(x.shape[0], -1, -1) for token in (trunk.cls_token, trunk.reg_token)
+                  if token is not None]
+        if pos_embed is not None and trunk.no_embed_class:
+            x = x + pos_embed
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        if pos_embed is not None and not trunk.no_embed_class:
+            x = x + pos_embed
+        x = trunk.norm_pre(trunk.pos_drop(x))
+        return x, self.rope(grid)
+
+    def rope(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Rotary embedding of the patch tokens for ``grid`` (None: the family has no RoPE)."""
+        return None
+
+    def norm1(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.norm1(x)
+
+    def values(self, block: nn.Module, u: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        size = attn.num_heads * attn.head_dim
+        bias = attn.qkv.bias[2 * size:] if attn.qkv.bias is not None else None
+        return F.linear(u, attn.qkv.weight[2 * size:], bias)
+
+    def queries_keys_values(self, block: nn.Module, u: torch.Tensor,
+                            rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, heads, T, d) q, k, v as the block's attention makes them (q/k norms included)."""
+        attn = block.attn
+        batch, tokens, _ = u.shape
+        q, k, v = attn.qkv(u).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def attend(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, *, self_self: bool,
+               first_query: int) -> torch.Tensor:
+        q, k, v = self.queries_keys_values(block, u, rope)
+        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
+        return out.transpose(1, 2).flatten(2)
+
+    def attention_out(self, block: nn.Module, values: torch.Tensor) -> torch.Tensor:
+        return block.ls1(block.attn.proj(block.attn.norm(values)))
+
+    def mlp_residual(self, block: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        return y + block.ls2(block.mlp(block.norm2(y)))
+
+    def to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The trunk's final norm and head on every token: pooling of a single token, fc_norm, projections."""
+        trunk = self.trunk
+        x = trunk.norm(tokens)
+        if trunk.attn_pool is not None:
+            x = attention_pool_one_token(trunk.attn_pool, x)
+        return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(x))))
+
+    def encode_global(self, x: torch.Tensor, rope: torch.Tensor | None, checkpointed: Callable) -> torch.Tensor:
+        for block in self.blocks:
+            x = checkpointed(run_block, block, x, rope)
+        return self.pool_global(x)
+
+    def pool_global(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
+
+
+class EvaTower(TimmViTTower):
+    """open_clip ``TimmModel`` over timm's ``Eva`` (EVA-02-CLIP): RoPE, inner attention LayerNorm, SwiGLU."""
+
+    family = "EVA (timm Eva)"
+    block_type = EvaBlock
+    attention_type = EvaAttention
+
+    def rope(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The trunk's RoPE for ``grid``: its cached table at the native grid, else rebuilt for the grid.
+
+        timm's cached RoPE ignores ``get_embed``'s shape argument; ``_build_embed_cat`` is what its
+        ``dynamic_img_size`` path calls, so any grid gets the coordinates (scaled to ``ref_feat_shape``,
+        as EVA-CLIP interpolates its frequencies) the trunk would use at that size.
+        """
+        rope = self.trunk.rope
+        if rope is None:
+            return None
+        if tuple(grid) == self.native_grid:
+            return rope.get_embed()
+        return rope._build_embed_cat(list(grid), rope.bands)
+
+    def values(self, block: EvaBlock, u: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        if attn.qkv is None:
+            return attn.v_proj(u)
+        size = attn.num_heads * attn.head_dim
+        return F.linear(u, attn.qkv.weight[2 * size:], attn.v_bias)
+
+    def queries_keys_values(self, block: EvaBlock, u: torch.Tensor,
+                            rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EvaAttention's q, k, v: separate or fused projections, q/k norms, RoPE on the non-prefix tokens."""
+        attn = block.attn
+        batch, tokens, _ = u.shape
+        if attn.qkv is None:
+            q, k, v = (proj(u).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        else:
+            bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = F.linear(u, attn.qkv.weight, bias).reshape(batch, tokens, 3, attn.num_heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            prefix = attn.num_prefix_tokens
+            q, k = (torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=attn.rotate_half)],
+                              dim=2).type_as(v) for t in (q, k))
+        return q, k, v
+
+    def attention_out(self, block: EvaBlock, values: torch.Tensor) -> torch.Tensor:
+        out = block.attn.proj(block.attn.norm(values))
+        return out if block.gamma_1 is None else block.gamma_1 * out
+
+    def mlp_residual(self, block: EvaBlock, y: torch.Tensor) -> torch.Tensor:
+        out = block.mlp(block.norm2(y))
+        return y + (out if block.gamma_2 is None else block.gamma_2 * out)
+
+
+def attention_pool_one_token(pool: AttentionPoolLatent, tokens: torch.Tensor) -> torch.Tensor:
+    """``pool`` applied to each token on its own: (B, N, C) -> (B, N, C_out).
+
+    With a single key every latent query puts all its attention on that token, so the pooled output is
+    the token's value through the output projection, then the head's norm + MLP residual; every latent
+    (and so their mean) gives the same vector.
+    """
+    size = pool.kv.out_features // 2
+    bias = pool.kv.bias[size:] if pool.kv.bias is not None else None
+    x = pool.proj(F.linear(tokens, pool.kv.weight[size:], bias))
+    return x if pool.mlp is None else x + pool.mlp(pool.norm(x))
+
+
+def _mha_attention(attn: nn.MultiheadAttention, u: torch.Tensor, *, self_self: bool = False,
+                   first_query: int = 0) -> torch.Tensor:
+    """Per-head softmax(q k^T / sqrt d) v (softmax(q q^T / sqrt d) v if ``self_self``), before out_proj.
+
+    u: (B, T, D) normed tokens; queries are ``u[:, first_query:]``, keys/values all T tokens.
+    Returns (B, T - first_query, D) with the heads concatenated, as ``out_proj`` expects.
+    """
+    batch, tokens, width = u.shape
+    heads = attn.num_heads
+    qkv = F.linear(u, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
+    return out.transpose(1, 2).reshape(batch, tokens - first_query, width)
