@@ -36,6 +36,7 @@ CLIPSelf's fork imports ``einops`` (``pip install einops``, or ``pip install --t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import statistics
 import sys
@@ -102,16 +103,18 @@ def build_clipself(*, clipself: str, model: str, size: int, batch: int, grid: in
     if not (source / "training" / "clipself.py").is_file():
         raise SystemExit(f"--clipself {clipself}: expected a CLIPSelf checkout with src/training/clipself.py")
     sys.path.insert(0, str(source))  # its open_clip fork, not the installed open_clip
-    import open_clip
-    from training.clipself import CLIPSelf
-    from training.scheduler import cosine_lr
-    from training.train import train_one_epoch
+    with contextlib.redirect_stdout(sys.stderr):  # its notes on optional packages, not into the report
+        import open_clip
+        from training.clipself import CLIPSelf
+        from training.scheduler import cosine_lr
+        from training.train import train_one_epoch
     if not str(Path(open_clip.__file__).resolve()).startswith(str(source.resolve())):
         raise RuntimeError(f"imported {open_clip.__file__}, not CLIPSelf's fork under {source}")
 
     torch.manual_seed(0)
-    student = open_clip.create_model(model, None, output_dict=True)
-    teacher = open_clip.create_model(model, None, output_dict=True)
+    with contextlib.redirect_stdout(sys.stderr):
+        student = open_clip.create_model(model, None, output_dict=True)
+        teacher = open_clip.create_model(model, None, output_dict=True)
     teacher.load_state_dict(student.state_dict())  # both start from the same CLIP, as in CLIPSelf
     # its main.py: AdamW, no weight decay on gains and biases
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
