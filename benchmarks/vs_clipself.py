@@ -20,12 +20,11 @@ Each side lives in its own long-lived worker process (spawned, so CLIPSelf's ope
 DenseRC's open_clip never meet in one interpreter), builds its models once (not timed) and warms up;
 then the main process asks each worker in turn for one step, starting each round at a different
 side. Ratios are medians over rounds of DenseRC's time / CLIPSelf's time in the same round, with
-quartiles; per phase as well as per step. Peak memory: after the timed rounds each worker resets its
-peak-RSS mark and runs one more step; the figure is the peak resident set of the process during that
-step (weights, optimizer state, activations, and the interpreter and libraries). A ViT-B step takes
-a minute on one busy core, so there is no separate memory-probe process per side as in
-``benchmarks.train_step`` (which would also double every step's time); growth above the RSS before the
-step is not reported, since memory freed to glibc's heap by the previous step hides part of it.
+quartiles; per phase as well as per step. ``--max-minutes`` ends the rounds early (after at least two)
+on a machine too busy for all of them. Peak memory is each worker's peak resident set over its whole
+life (building, warm-up and the timed steps: weights, optimizer state, activations, the interpreter and
+libraries). A ViT-B step takes a minute or more on one shared core, so there is no separate
+memory-probe process per side as in ``benchmarks.train_step``, which would double every step's time.
 
 CLIPSelf's fork imports ``einops`` (``pip install einops``, or ``pip install --target DIR einops`` and
 ``PYTHONPATH=DIR``); nothing else outside this project's environment.
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from .common import environment, markdown_table, paired_ratios, peak_rss_mib, quartiles, reset_peak_rss, setup
+from .common import environment, markdown_table, paired_ratios, peak_rss_mib, quartiles, setup
 
 CLIPSELF = "CLIPSelf"
 OURS = {"DenseRC x+v": ("x+v", "none"), "DenseRC multi-v/hsg": ("multi-v", "hsg")}
@@ -224,8 +223,8 @@ def build_side(side: str, settings: dict, output_dir: str):
 
 # ---------------------------------------------------------------------------------------- workers
 def serve(side: str, settings: dict, threads: int, warmup: int, connection) -> None:
-    """Worker process: build the side, warm up, then per request run one step ("step") or one step
-    under a reset peak-RSS mark ("memory"), until told to stop."""
+    """Worker process: build the side, warm up, then per request run one step ("step") or report the
+    process's peak RSS in MiB ("memory"), until told to stop."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as output_dir:
         try:
@@ -238,18 +237,17 @@ def serve(side: str, settings: dict, threads: int, warmup: int, connection) -> N
             raise
         while (request := connection.recv()) in ("step", "memory"):
             if request == "memory":
-                reset_peak_rss()
-                step()
                 connection.send(("memory", peak_rss_mib()))
             else:
                 connection.send(("step", step()))
 
 
-def interleaved_rounds(sides: list[str], settings: dict, *, threads: int, warmup: int,
-                       rounds: int) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
-    """Per side, the phase seconds of each round's step, and the peak RSS (MiB) of one more step.
+def interleaved_rounds(sides: list[str], settings: dict, *, threads: int, warmup: int, rounds: int,
+                       max_seconds: float) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
+    """Per side, the phase seconds of each round's step, and the worker's peak RSS (MiB).
 
-    One worker per side; one step runs at a time.
+    One worker per side; one step runs at a time. Rounds stop at ``rounds``, or once ``max_seconds``
+    have passed since the first round started (never before two rounds).
     """
     context = multiprocessing.get_context("spawn")
     workers = {}
@@ -264,12 +262,17 @@ def interleaved_rounds(sides: list[str], settings: dict, *, threads: int, warmup
             if kind == "error":
                 raise RuntimeError(f"the {side} worker failed to start: {message}")
         results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+        started = time.perf_counter()
         for round_index in range(rounds):
+            if round_index >= 2 and time.perf_counter() - started > max_seconds:
+                break
             shift = round_index % len(sides)
             for side in sides[shift:] + sides[:shift]:
                 connection = workers[side][1]
                 connection.send("step")
                 results[side].append(connection.recv()[1])
+            print(f"round {round_index + 1}: " + ", ".join(f"{side} {results[side][-1]['step']:.1f} s"
+                                                          for side in sides), file=sys.stderr, flush=True)
         peaks = {}
         for side in sides:
             workers[side][1].send("memory")
@@ -299,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=4, help="a fixed GRID x GRID grid of teacher crops per image")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timed rounds (one step per side)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--max-minutes", type=float, default=float("inf"),
+                        help="start no round after this many minutes of rounds (at least 2 rounds run)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of every worker")
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # CPU only (CLIPSelf's step is fp32)
     args = parser.parse_args(argv)
@@ -315,13 +320,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.grid}x{args.grid} grid ({args.batch * args.grid ** 2} teacher crops), fp32, cpu\n")
     print("\n".join(environment(device)))
     print(f"- CLIPSelf: {settings['clipself']} at commit {_commit(args.clipself)}")
-    print(f"- {args.warmup} warm-up steps per side, then {args.rounds} interleaved rounds of one step per side "
-          f"(long-lived worker per side); ratio = median over rounds of DenseRC / CLIPSelf in the same round "
-          f"(quartiles); memory: peak RSS of each worker during one more step after the rounds\n")
 
     results, peaks = interleaved_rounds(sides, settings, threads=args.threads, warmup=args.warmup,
-                                        rounds=args.rounds)
+                                        rounds=args.rounds, max_seconds=60 * args.max_minutes)
+    rounds = len(results[CLIPSELF])
 
+    print(f"- {args.warmup} warm-up steps per side, then {rounds} interleaved rounds of one step per side "
+          f"(long-lived worker per side); ratio = median over rounds of DenseRC / CLIPSelf in the same round "
+          f"(quartiles); memory: peak RSS of each worker process over its life (build, warm-up, timed steps)\n")
     reference = [r["step"] for r in results[CLIPSELF]]
     rows = []
     for side in sides:

@@ -160,8 +160,8 @@ class Engine:
             module = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
                                              find_unused_parameters=False)
         self.module = module
-        # fused: one kernel over all tensors; on the CPU 6x faster than the default per-tensor loop for
-        # a ViT-B tower (157 vs 979 ms a step, issue 17), on CUDA the usual choice
+        # fused: one kernel over all tensors instead of the default loop over them, on the CPU too
+        # (the optimizer phase of benchmarks/vs_clipself, RESULTS.md section 6); on CUDA the usual choice
         self.optimizer = torch.optim.AdamW(task.parameter_groups(optim.weight_decay), lr=optim.lr,
                                            betas=tuple(optim.betas), eps=optim.eps,
                                            fused=env.device.type in ("cpu", "cuda"))
