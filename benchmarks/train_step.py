@@ -11,8 +11,9 @@ belongs to that configuration alone. Per configuration:
 Phases are read off the distillation task's own pieces, never re-implemented: ``images_and_grids``
 (uint8 batch to the device, normalisation, grid boxes), ``embed_crops`` (teacher crops + forward),
 ``embed_patches`` (VFM), the student's ``encode_dense``, the loss (rest of the distillation module's forward), the
-backward pass (+ gradient norm or clipping, up to the optimizer's step pre-hook), the optimizer step, and
-"other" (zero_grad, scheduler, loss bookkeeping). The step is one micro-batch of ``--batch`` images.
+backward pass (+ clipping if on, up to the optimizer's step pre-hook; these are not logging steps, so no
+gradient norm), the optimizer step, and "other" (zero_grad, scheduler, loss bookkeeping). The step is one
+micro-batch of ``--batch`` images.
 
     python -m benchmarks.train_step                                   # tiny preset, CPU
     python -m benchmarks.train_step --preset vitb16-1024 --device cuda --precision bf16 \\
@@ -44,7 +45,7 @@ PRESETS = {
                    "vfm_kwargs": {}},
 }
 PHASES = ("data to device + grids", "teacher crops + forward", "VFM forward", "student forward", "losses",
-          "backward + grad norm", "optimizer step", "other")
+          "backward (+ clipping)", "optimizer step", "other")
 TARGET_IMAGES_PER_SECOND = 50  # ViT-B/16 @1024, bf16, one H100
 FIT_CARD_GIB = 24  # batch 4 @1024 with checkpointing must fit a 24 GB card ...
 CUDA_CONTEXT_GIB = 1  # ... which leaves about this much for the CUDA context and libraries
@@ -64,7 +65,8 @@ class PhaseClock:
         task = trainer.task
         task.images_and_grids = self._timed(task.images_and_grids, "prepare")
         task.embed_crops = self._timed(task.embed_crops, "teacher")
-        task.embed_patches = self._timed(task.embed_patches, "vfm")
+        if task.embed_patches is not None:  # None: coherence weight 0, no VFM
+            task.embed_patches = self._timed(task.embed_patches, "vfm")
         distillation = task.module
         distillation.encode_dense = self._timed(distillation.encode_dense, "student")
         distillation.register_forward_hook(lambda *_: self.mark("module end"))
@@ -90,7 +92,7 @@ class PhaseClock:
         times = {
             PHASES[0]: m["prepare end"] - m["prepare start"],
             PHASES[1]: m["teacher end"] - m["teacher start"],
-            PHASES[2]: m["vfm end"] - m["vfm start"],
+            PHASES[2]: m["vfm end"] - m["vfm start"] if "vfm end" in m else 0.0,
             PHASES[3]: m["student end"] - m["student start"],
             PHASES[4]: m["module end"] - m["student end"],
             PHASES[5]: m["optimizer start"] - m["module end"],

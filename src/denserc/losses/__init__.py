@@ -12,13 +12,20 @@ DEFAULT_COHERENCE_WEIGHT = 0.025
 
 
 def distillation_loss(dense: torch.Tensor, boxes: Sequence[torch.Tensor], teacher_embeddings: torch.Tensor,
-                      vfm_patches: torch.Tensor, patch_size: int, coherence_weight: float = DEFAULT_COHERENCE_WEIGHT,
+                      vfm_patches: torch.Tensor | None, patch_size: int,
+                      coherence_weight: float = DEFAULT_COHERENCE_WEIGHT,
                       valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Both losses and their weighted total, each returned so it can be logged on its own.
 
     ``valid``: (B,) bool, False for a placeholder of an unreadable image, which then has no weight.
+    With ``coherence_weight`` 0 there is no L_coherence to compute (pass ``vfm_patches=None``): the total
+    is L_semantics and no ``loss_coherence`` is returned.
     """
     semantics = semantics_loss(dense, boxes, teacher_embeddings, patch_size, valid)
+    if coherence_weight == 0:
+        return {"loss": semantics, "loss_semantics": semantics}
+    if vfm_patches is None:
+        raise ValueError(f"coherence_weight={coherence_weight} needs the VFM's patch features (got None)")
     coherence = coherence_loss(dense, vfm_patches, valid)
     return {"loss": semantics + coherence_weight * coherence, "loss_semantics": semantics,
             "loss_coherence": coherence}

@@ -139,6 +139,10 @@ class Tower(abc.ABC):
     def encode_global(self, x: torch.Tensor, rope: torch.Tensor | None, checkpointed: Callable) -> torch.Tensor:
         """The tower's own global embedding (B, E) from embedded tokens, blocks run through ``checkpointed``."""
 
+    @abc.abstractmethod
+    def pool_global(self, x: torch.Tensor) -> torch.Tensor:
+        """The global embedding (B, E) from the last block's output tokens (final norm, pooling, projection)."""
+
 
 class OpenCLIPTower(Tower):
     """open_clip's own pre-LN ``VisionTransformer`` (OpenAI-style CLIP ViTs)."""
@@ -236,6 +240,9 @@ class OpenCLIPTower(Tower):
         x = self.visual.patch_dropout(x)
         for block in self.blocks:
             x = checkpointed(block, x)
+        return self.pool_global(x)
+
+    def pool_global(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual.ln_post(x[:, 0]) @ self.visual.proj
 
 
@@ -385,6 +392,9 @@ class TimmViTTower(Tower):
     def encode_global(self, x: torch.Tensor, rope: torch.Tensor | None, checkpointed: Callable) -> torch.Tensor:
         for block in self.blocks:
             x = checkpointed(run_block, block, x, rope)
+        return self.pool_global(x)
+
+    def pool_global(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
 
 

@@ -59,7 +59,8 @@ What the task supplies (attributes and methods of ``Task``):
 Per optimizer step the engine takes ``accumulation`` micro-batches of ``train.batch_size`` samples
 on every process (``global_batch_size = batch_size x processes x accumulation``), runs ``prepare``
 and the module on each, scales each loss by ``1 / accumulation`` and synchronises gradients only on
-the last micro-batch, then clips (if ``optim.clip_grad_norm``), steps AdamW and the schedule.
+the last micro-batch, then clips (if ``optim.clip_grad_norm``), steps AdamW and the schedule. Metrics
+are averaged over the steps since the last record, except ``grad_norm``: the norm at the logged step.
 """
 from __future__ import annotations
 
@@ -159,8 +160,11 @@ class Engine:
             module = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
                                              find_unused_parameters=False)
         self.module = module
+        # fused: one kernel over all tensors instead of the default loop over them, on the CPU too
+        # (the optimizer phase of benchmarks/vs_clipself, RESULTS.md section 6); on CUDA the usual choice
         self.optimizer = torch.optim.AdamW(task.parameter_groups(optim.weight_decay), lr=optim.lr,
-                                           betas=tuple(optim.betas), eps=optim.eps)
+                                           betas=tuple(optim.betas), eps=optim.eps,
+                                           fused=env.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.total_steps, optim.warmup_steps, optim.min_lr / optim.lr))
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=train.precision == "fp16")
@@ -189,11 +193,13 @@ class Engine:
                           collate_fn=self.task.collate, num_workers=self.task.num_workers,
                           pin_memory=self.env.device.type == "cuda", drop_last=True, generator=generator)
 
-    def train_step(self, micro_batches: list, epoch: int) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list, epoch: int, measure_grad_norm: bool = False) -> dict[str, torch.Tensor]:
         """Forward/backward over the micro-batches (gradients synchronised on the last) and one update.
 
-        Returns the module's outputs averaged over the micro-batches, ``grad_norm`` (before clipping)
-        and the ``lr`` this step used.
+        Returns the module's outputs averaged over the micro-batches and the ``lr`` this step used, plus
+        ``grad_norm`` (before clipping) if ``measure_grad_norm``. The norm is a pass over every gradient
+        (40 ms of a ViT-B CPU step), so ``fit`` asks for it on logging steps only; clipping computes it
+        anyway. The update is the same either way.
         """
         self.module.train()
         totals: dict[str, torch.Tensor] = {}
@@ -213,9 +219,10 @@ class Engine:
         self.scaler.unscale_(self.optimizer)
         if self.config.optim.clip_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.optim.clip_grad_norm)
-        else:
+        elif measure_grad_norm:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
-        totals["grad_norm"] = grad_norm.detach()
+        if measure_grad_norm:
+            totals["grad_norm"] = grad_norm.detach()
         totals["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], device=self.env.device)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -245,12 +252,13 @@ class Engine:
                     micro_batches.append(batch)
                     if len(micro_batches) < self.accumulation:
                         continue
-                    window.add(self.train_step(micro_batches, epoch))
+                    logging_step = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.total_steps
+                    window.add(self.train_step(micro_batches, epoch, measure_grad_norm=logging_step))
                     micro_batches = []
                     self.step += 1
                     self.samples_done += train.global_batch_size
                     progress.update(1)
-                    if self.step % train.log_every == 0 or self.step == self.total_steps:
+                    if logging_step:
                         self._log(window, metrics, progress, epoch)
                     if self.step % train.checkpoint_every == 0:
                         self.save()

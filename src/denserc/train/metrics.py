@@ -19,16 +19,22 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWindow:
-    """Sums of step metrics since the last log, reduced over processes when logged."""
+    """Sums of step metrics since the last log, reduced over processes when logged.
+
+    A metric a step does not report (e.g. ``grad_norm`` outside logging steps) is averaged over the steps
+    that did report it.
+    """
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.reports: dict[str, int] = {}  # steps that reported each metric
         self.steps = 0
         self.started = time.perf_counter()
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0) + value.float()
+            self.reports[name] = self.reports.get(name, 0) + 1
         self.steps += 1
 
     def reduce(self, global_batch_size: int) -> dict[str, float]:
@@ -37,11 +43,11 @@ class MetricsWindow:
         A collective: every process calls it at the same step.
         """
         names = sorted(self.sums)
-        means = all_reduce(torch.stack([self.sums[n] for n in names]) / self.steps, op="mean").tolist()
+        means = all_reduce(torch.stack([self.sums[n] / self.reports[n] for n in names]), op="mean").tolist()
         elapsed = time.perf_counter() - self.started
         values = dict(zip(names, means))
         values["images_per_second"] = self.steps * global_batch_size / elapsed
-        self.sums, self.steps, self.started = {}, 0, time.perf_counter()
+        self.sums, self.reports, self.steps, self.started = {}, {}, 0, time.perf_counter()
         return values
 
 
