@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from .coherence import coherence_loss
+from .coherence import COHERENCE_FORMS, coherence_loss
 from .semantics import region_cosine_loss, semantics_loss
 
 DEFAULT_COHERENCE_WEIGHT = 0.025
@@ -13,13 +13,14 @@ DEFAULT_COHERENCE_WEIGHT = 0.025
 
 def distillation_loss(dense: torch.Tensor, boxes: Sequence[torch.Tensor], teacher_embeddings: torch.Tensor,
                       vfm_patches: torch.Tensor, patch_size: int,
-                      coherence_weight: float = DEFAULT_COHERENCE_WEIGHT) -> dict[str, torch.Tensor]:
+                      coherence_weight: float = DEFAULT_COHERENCE_WEIGHT,
+                      coherence_form: str = "declip") -> dict[str, torch.Tensor]:
     """Both losses and their weighted total, each returned so it can be logged on its own."""
     semantics = semantics_loss(dense, boxes, teacher_embeddings, patch_size)
-    coherence = coherence_loss(dense, vfm_patches)
+    coherence = coherence_loss(dense, vfm_patches, coherence_form)
     return {"loss": semantics + coherence_weight * coherence, "loss_semantics": semantics,
             "loss_coherence": coherence}
 
 
-__all__ = ["DEFAULT_COHERENCE_WEIGHT", "coherence_loss", "distillation_loss", "region_cosine_loss",
+__all__ = ["COHERENCE_FORMS", "DEFAULT_COHERENCE_WEIGHT", "coherence_loss", "distillation_loss", "region_cosine_loss",
            "semantics_loss"]
