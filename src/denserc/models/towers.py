@@ -65,8 +65,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], native_grid
 
     Bicubic, ``align_corners=False``, *without* antialiasing (``F.interpolate`` in CLIPSelf's
     ``VisionTransformer.rescale_positional_embedding``, src/open_clip/transformer.py, and in its EVA
-    ``eva_vit_model.py``); open_clip's ``resize_pos_embed`` and timm's dynamic size antialias, which
-    changes a 14 -> 64 upsampling by ~2.4% relative. Prefix tokens (class, registers) are kept.
+    ``eva_vit_model.py``); open_clip's ``resize_pos_embed`` and timm's dynamic size antialias (a different
+    cubic kernel even when upsampling). Prefix tokens (class, registers) are kept.
     """
     return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(native_grid),
                                   num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
