@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from open_clip import OPENAI_DATASET_MEAN
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"),
                         help="size of the generated JPEGs")
     parser.add_argument("--size", type=int, default=1024, help="training input size")
-    parser.add_argument("--aspect", choices=ASPECT_MODES, default="stretch")
+    parser.add_argument("--aspect", choices=ASPECT_MODES, default="pad")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=96, help="samples per timed pass (files repeat)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         files = list_images(root)
         mean_kib = statistics.mean(path.stat().st_size for path in files) / 1024
         dataset = TrainingImages(build_source(DataConfig(type="folder", root=str(root))),
-                                 SquareResize(args.size, args.aspect, fill=OPENAI_DATASET_MEAN))  # as the trainer pads
+                                 SquareResize(args.size, args.aspect))
         for path in files:
             path.read_bytes()  # page cache: time decoding, not the disk
         sample_ms, decode_ms, resize_ms = per_sample_split(dataset, files, args.size)

@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from denserc.data import (GeneratedSource, SquareResize, TrainingImages, UnreadableImageError, build_source,
                           grid_boxes, register_source, sample_grid_boxes, sample_grid_shape, source_types)
+from denserc.data.grid import clipself_grid_shapes
 
 
 def data_config(**values):
@@ -55,11 +57,36 @@ def test_uniform_rule_draws_every_shape_from_one_to_max():
     assert shapes == {(m, n) for m in range(1, 7) for n in range(1, 7)}
 
 
-def test_clipself_rule_limits_columns_to_half_and_double_the_rows():
-    generator = torch.Generator().manual_seed(0)
-    shapes = {sample_grid_shape("clipself", 6, generator) for _ in range(2000)}
+def test_clipself_rule_draws_each_of_its_24_pairs_uniformly():
+    """CLIPSelf's ``random.choice`` over its list: every pair 1/24 ((1, 1) no more likely than (6, 6))."""
     expected = {(m, n) for m in range(1, 7) for n in range(math.ceil(m / 2), min(2 * m, 6) + 1)}
-    assert shapes == expected
+    assert len(expected) == 24 and set(clipself_grid_shapes(6)) == expected
+    generator = torch.Generator().manual_seed(0)
+    draws = 24_000
+    counts = Counter(sample_grid_shape("clipself", 6, generator) for _ in range(draws))
+    assert set(counts) == expected
+    # 1000 expected per pair, standard deviation ~31: 5 sigma apart from uniform; drawing rows first gives
+    # (1, 1) 1/12 of the draws (2000)
+    assert all(abs(count - draws / 24) < 160 for count in counts.values()), counts
+    chi_square = sum((count - draws / 24) ** 2 / (draws / 24) for count in counts.values())
+    assert chi_square < 50  # 23 degrees of freedom: p < 0.001 beyond ~49.7
+
+
+def test_clipself_is_the_default_rule_and_keeps_at_most_max_boxes_random_cells():
+    sizes = torch.tensor([[60, 60]] * 400)
+    grids = sample_grid_boxes(range(400), sizes, epoch=0, seed=0)
+    assert max(len(g) for g in grids) == 20  # 6 x 6 = 36 and 6 x 5 = 30 cells are cut to 20
+    shapes = Counter()
+    for boxes in grids:
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        shapes[(round(60 / heights[0].item()), round(60 / widths[0].item()))] += 1
+        assert len(boxes.unique(dim=0)) == len(boxes)  # distinct cells
+    assert all(math.ceil(m / 2) <= n <= min(2 * m, 6) for m, n in shapes)
+    full = sample_grid_boxes([3], sizes[:1], epoch=0, seed=0, max_boxes=None)[0]
+    kept = grids[3]
+    assert all((full == box).all(1).any() for box in kept)  # a subset of the full grid
+    with pytest.raises(ValueError, match="max_boxes must be at least 1 or None, got 0"):
+        sample_grid_boxes([0], sizes[:1], epoch=0, seed=0, max_boxes=0)
 
 
 def test_grid_rule_and_max_are_validated():
@@ -82,24 +109,25 @@ def test_grids_depend_on_seed_epoch_and_index_only():
 
 
 def test_grids_tile_the_valid_area_of_padded_images():
-    boxes = sample_grid_boxes([0], torch.tensor([[24, 64]]), epoch=0, seed=0)[0]
+    boxes = sample_grid_boxes([0], torch.tensor([[24, 64]]), epoch=0, seed=0, max_boxes=None)[0]
     assert boxes[:, 2].max() == 64 and boxes[:, 3].max() == 24
 
 
 # ------------------------------------------------------------------------------------ transforms
 def test_stretch_resizes_to_the_square_input():
-    pixels, size = SquareResize(48)(Image.new("RGB", (100, 30), (10, 20, 30)))
+    pixels, size = SquareResize(48, aspect="stretch")(Image.new("RGB", (100, 30), (10, 20, 30)))
     assert pixels.shape == (3, 48, 48) and pixels.dtype == torch.uint8 and size == (48, 48)
     assert pixels[:, 20, 20].tolist() == [10, 20, 30]
 
 
-def test_pad_keeps_the_aspect_ratio_and_fills_with_the_mean():
-    mean = (0.5, 0.25, 0.0)
+def test_pad_is_the_default_and_keeps_the_aspect_ratio_with_black_padding():
     image = Image.new("RGB", (100, 50), (255, 255, 255))
-    pixels, size = SquareResize(64, aspect="pad", fill=mean)(image)
+    pixels, size = SquareResize(64)(image)
     assert size == (32, 64)
     assert pixels[:, :32].min() == 255
-    assert pixels[:, 32:].flatten(1).unique(dim=1).T.tolist() == [[128, 64, 0]]
+    assert pixels[:, 32:].flatten(1).unique(dim=1).T.tolist() == [[0, 0, 0]]
+    tall, size = SquareResize(64)(Image.new("RGB", (20, 80), (255, 255, 255)))
+    assert size == (64, 16) and tall[:, :, 16:].max() == 0 and tall[:, :, :16].min() == 255
 
 
 def test_transform_options_are_validated():

@@ -1,4 +1,5 @@
 """Creating, saving and loading models; the error cases users hit first."""
+import hashlib
 import json
 import time
 
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import denserc
-from denserc.models import UnsupportedModelError, hub, serialization
+from denserc.models import UnsupportedModelError, factory, hub, serialization
 
 from conftest import TINY, randomize_
 
@@ -52,6 +53,42 @@ def test_pretrained_path_loads_plain_open_clip_checkpoints(tmp_path, images, suf
         save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     model = denserc.create_model(TINY, pretrained=path).eval()
     assert torch.equal(model.encode_image(images), reference.encode_image(images))
+
+
+def test_openai_weights_from_a_hub_cache_file_under_a_gelu_name_are_refused(tmp_path):
+    """open_clip's 'openai' tag sets QuickGELU; the same weights as a file under 'ViT-B-16' would build GELU."""
+    snapshot = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    path = snapshot / "open_clip_model.safetensors"
+    path.write_bytes(b"not read: refused before loading")
+    with pytest.raises(ValueError, match=r"is the 'openai' release of ViT-B-16, trained with QuickGELU, but "
+                                         r"'ViT-B-16' builds GELU .*load it as 'ViT-B-16-quickgelu'"):
+        denserc.create_model("ViT-B-16", pretrained=path)
+    # a GELU release of the same architecture (LAION's) and any other folder pass the check
+    laion = tmp_path / "models--laion--CLIP-ViT-B-16-laion2B-s34B-b88K" / "open_clip_model.safetensors"
+    laion.parent.mkdir()
+    laion.write_bytes(b"")
+    config = open_clip.get_model_config("ViT-B-16")
+    factory._refuse_quick_gelu_release_without_quick_gelu("ViT-B-16", config, str(laion))
+    factory._refuse_quick_gelu_release_without_quick_gelu("ViT-B-16-quickgelu",
+                                                          open_clip.get_model_config("ViT-B-16-quickgelu"), str(path))
+
+
+def test_a_quick_gelu_release_is_recognised_by_the_sha256_in_its_url(tmp_path, monkeypatch, images):
+    """OpenAI's download URLs carry the file's SHA-256: a renamed copy anywhere is still recognised."""
+    reference = open_clip.create_model(TINY).eval()
+    path = tmp_path / "renamed.pt"
+    torch.save(reference.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TINY,
+                        {"openai": {"url": f"https://example.invalid/clip/{digest}/{TINY}.pt", "quick_gelu": True}})
+    with pytest.raises(ValueError, match=rf"renamed.pt is the 'openai' release of {TINY}, trained with QuickGELU.*"
+                                         r"register a model config with \"quick_gelu\": true"):
+        denserc.create_model(TINY, pretrained=path)
+    other = tmp_path / "other.pt"
+    torch.save(reference.state_dict() | {"logit_scale": torch.tensor(1.0)}, other)  # other bytes: loads
+    assert torch.equal(denserc.create_model(TINY, pretrained=other).eval().encode_image(images),
+                       reference.encode_image(images))
 
 
 def test_checkpoint_of_another_model_names_the_first_mismatching_key(tmp_path):

@@ -1,6 +1,7 @@
 """EVA-02-CLIP and SigLIP students: the dense construction checked against timm's own modules and against
 formulas written out from the weights in the test (the bundled tiny EVA02-Tiny-16 / ViT-Tiny-16-MAP)."""
 import copy
+import functools
 
 import open_clip
 import pytest
@@ -33,9 +34,19 @@ def random_model(name: str, seed: int = 0, layer_scale: bool = False) -> DenseRC
 
 
 
+@pytest.fixture(autouse=True)
+def timm_resamples_like_the_peers(monkeypatch):
+    """timm's dynamic size resamples position embeddings with antialiasing; DenseRC follows CLIPSelf/DeCLIP
+    (bicubic, no antialiasing, docs/training.md#recipe-choices), so the reference trunks here do too."""
+    peers = functools.partial(timm.layers.resample_abs_pos_embed, antialias=False)
+    for module in (timm.models.eva, timm.models.vision_transformer):
+        monkeypatch.setattr(module, "resample_abs_pos_embed", peers)
+
+
 def dynamic_trunk(model: DenseRCModel) -> nn.Module:
     """timm's own trunk of the same weights built with dynamic_img_size=True: timm resamples the position
-    embedding and rebuilds RoPE for any input size itself."""
+    embedding (made the peers' way by ``timm_resamples_like_the_peers``) and rebuilds RoPE for any input
+    size itself."""
     trunk = model.visual.trunk
     reference = timm.create_model(trunk.pretrained_cfg["architecture"], dynamic_img_size=True,
                                   num_classes=trunk.num_classes, global_pool=trunk.global_pool)

@@ -59,7 +59,32 @@ def test_coherence_hand_computed_mse():
     student = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # F F^T = I
     vfm = torch.tensor([[[2.0, 0.0, 0.0], [3.0, 0.0, 0.0]]])  # G G^T = all ones
     # (I - 1)^2 has two off-diagonal ones out of four entries
-    assert coherence_loss(student, vfm).item() == pytest.approx(0.5)
+    assert coherence_loss(student, vfm, "mse").item() == pytest.approx(0.5)
+
+
+def test_coherence_default_is_declips_mean_row_norm_hand_computed():
+    """DeCLIP's ``(T - S).norm(p=2, dim=-1).mean()`` (src/training/declip.py) on a 3-patch case."""
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])  # S rows: [1,0,1], [0,1,0], [1,0,1]
+    vfm = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])  # T = all ones
+    # T - S rows: [0,1,0], [1,0,1], [0,1,0] -> norms 1, sqrt 2, 1
+    expected = (2 + math.sqrt(2)) / 3
+    assert coherence_loss(student, vfm).item() == pytest.approx(expected)
+    assert coherence_loss(student, vfm, "declip").item() == pytest.approx(expected)
+    assert coherence_loss(student, vfm, "mse").item() == pytest.approx(4 / 9)
+    with pytest.raises(ValueError, match=r"coherence form must be one of \('declip', 'mse'\), got 'l1'"):
+        coherence_loss(student, vfm, "l1")
+
+
+@pytest.mark.parametrize("form", ["declip", "mse"])
+def test_coherence_runs_in_float32_under_bf16_autocast(form):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 64, 16, generator=generator, requires_grad=True)
+    vfm = torch.randn(2, 64, 24, generator=generator)
+    reference = coherence_loss(student, vfm, form)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = coherence_loss(student, vfm, form)
+    assert autocast.dtype == torch.float32
+    assert autocast.item() == reference.item()  # bit-identical: no bf16 matmul inside
 
 
 def test_coherence_accepts_dense_maps_in_row_major_order():
@@ -79,7 +104,9 @@ def test_total_is_semantics_plus_lambda_coherence_and_each_part_is_reported():
     losses = distillation_loss(dense, boxes, teacher, vfm, PATCH)
     assert DEFAULT_COHERENCE_WEIGHT == 0.025
     assert losses["loss_semantics"].item() == pytest.approx(semantics_loss(dense, boxes, teacher, PATCH).item())
-    assert losses["loss_coherence"].item() == pytest.approx(coherence_loss(dense, vfm).item())
+    assert losses["loss_coherence"].item() == pytest.approx(coherence_loss(dense, vfm, "declip").item())
+    mse = distillation_loss(dense, boxes, teacher, vfm, PATCH, coherence_form="mse")
+    assert mse["loss_coherence"].item() == pytest.approx(coherence_loss(dense, vfm, "mse").item())
     expected = losses["loss_semantics"] + 0.025 * losses["loss_coherence"]
     assert losses["loss"].item() == pytest.approx(expected.item())
     losses["loss"].backward()

@@ -73,15 +73,29 @@ def test_encode_image_equals_open_clip_at_native_size(tiny_model, images):
                        reference.encode_image(images, normalize=True))
 
 
-def test_encode_image_at_448_equals_open_clip_with_forced_image_size(tiny_model):
+def peers_rescaled_positional_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """CLIPSelf's ``VisionTransformer.rescale_positional_embedding`` (src/open_clip/transformer.py) written
+    out: the class row kept, the patch rows bicubically interpolated, align_corners=False, no antialiasing."""
+    native = int((pos.shape[0] - 1) ** 0.5)
+    patches = pos[1:].T.reshape(1, -1, native, native)
+    patches = F.interpolate(patches, (grid, grid), mode="bicubic", align_corners=False).reshape(pos.shape[1], -1)
+    return torch.cat([pos[:1], patches.T])
+
+
+def test_encode_image_at_448_equals_open_clip_with_the_peers_position_embedding(tiny_model):
     images = torch.randn(1, 3, 448, 448)
     reference = open_clip.create_model(TINY, force_image_size=448)
     state = dict(tiny_model.clip.state_dict())
-    open_clip.model.resize_pos_embed(state, reference)
+    state["visual.positional_embedding"] = peers_rescaled_positional_embedding(
+        state["visual.positional_embedding"], 448 // tiny_model.patch_size)
     reference.load_state_dict(state)
     reference.eval()
     torch.testing.assert_close(tiny_model.encode_image(images), reference.encode_image(images),
                                rtol=1e-5, atol=1e-5)
+    antialiased = dict(tiny_model.clip.state_dict())
+    open_clip.model.resize_pos_embed(antialiased, reference)  # open_clip's own resampling antialiases
+    assert not torch.allclose(antialiased["visual.positional_embedding"], state["visual.positional_embedding"],
+                              rtol=1e-3, atol=1e-4)
 
 
 def test_encode_text_equals_open_clip(tiny_model):

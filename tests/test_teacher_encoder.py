@@ -1,10 +1,11 @@
-"""The teacher's crop encoder: encode_image's result through SDPA blocks, in chunks, in the autocast precision."""
+"""The teacher's crop encoder: encode_image's result (on the letterboxed crops) through SDPA blocks, in chunks, in
+the autocast precision."""
 import pytest
 import torch
 
 import denserc
 from denserc.data import grid_boxes
-from denserc.models.teacher import Teacher, crop_and_resize
+from denserc.models.teacher import Teacher, letterbox_crops
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def test_crop_embeddings_equal_open_clips_encode_image_of_the_same_crops_in_any_
     height, width = 2 * model.native_size[0], model.native_size[1]
     images = torch.randn(2, 3, height, width)
     boxes = [grid_boxes(2, 2, height, width), grid_boxes(3, 1, height, width)]
-    crops = crop_and_resize(images, boxes, model.native_size)
+    crops = letterbox_crops(images, boxes, model.native_size, teacher.black)
     model.clip.eval()
     with torch.no_grad():
         expected = model.clip.encode_image(crops, normalize=True)  # open_clip's own forward

@@ -22,7 +22,26 @@ def test_defaults_are_the_papers_recipe():
     assert (config.optim.lr, config.optim.weight_decay, config.optim.warmup_steps) == (1e-5, 0.1, 1000)
     assert (config.train.epochs, config.train.global_batch_size, config.data.image_size) == (6, 16, 1024)
     assert config.loss.coherence_weight == 0.025
-    assert (config.data.grid_rule, config.data.grid_max_cells) == ("uniform", 6)
+    assert (config.data.grid_rule, config.data.grid_max_cells) == ("clipself", 6)
+
+
+def test_real_data_configs_carry_the_peers_recipe_choices():
+    """docs/training.md#recipe-choices: blocks train (stem, ln_post, proj frozen), aspect kept, CLIPSelf's grid
+    rule and 20 cells, DeCLIP's L_coherence, a 0.7 export (EVA-L: CLIPSelf's 0.95)."""
+    for name in ("vitb16_coco", "vitl14_coco", "eva02_b16_coco", "eva02_l14_coco"):
+        config = load_config(name)
+        assert not config.model.train_stem_and_head, name
+        assert (config.data.aspect, config.data.grid_rule, config.data.grid_max_cells, config.data.grid_max_boxes,
+                config.loss.coherence_form, config.loss.coherence_weight) == ("pad", "clipself", 6, 20, "declip",
+                                                                              0.025), name
+    assert [load_config(name).export.alpha for name in ("vitb16_coco", "vitl14_coco")] == [0.7, 0.7]
+    assert [load_config(name).model.unlocked_blocks for name in ("vitb16_coco", "vitl14_coco")] == [None, None]
+    testbed = load_config("testbed")
+    assert (testbed.export.alpha, testbed.data.grid_rule, testbed.loss.coherence_form) == (1.0, "clipself", "declip")
+    with pytest.raises(ConfigError, match=r"loss.coherence_form: must be one of \['declip', 'mse'\], got 'l2'"):
+        load_config("smoke", ["loss.coherence_form=l2"])
+    with pytest.raises(ConfigError, match="data.grid_max_boxes: must be at least 1 or null, got 0"):
+        load_config("smoke", ["data.grid_max_boxes=0"])
 
 
 def test_every_table5_variant_and_model_has_a_shipped_config():

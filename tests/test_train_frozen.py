@@ -1,13 +1,16 @@
 """The frozen side of training: teacher crops cut on the device, the teacher's embeddings, the VFM."""
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 
 import denserc
 from denserc.data import grid_boxes
-from denserc.models.teacher import Teacher, crop_and_resize
+from denserc.models import normalize_images
+from denserc.models.teacher import Teacher, crop_and_resize, letterbox_crops
 from denserc.models.vfm import VFM
 
 TINY_VFM = {"depth": 1, "embed_dim": 24, "num_heads": 2}
@@ -49,13 +52,66 @@ def test_crop_of_the_whole_image_upscaled_equals_bilinear_resizing():
     torch.testing.assert_close(crop, expected, rtol=0, atol=1e-5)
 
 
+def pil_letterbox(cell: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIPSelf's ``ResizeMaxSize(size, fill=0)`` written with PIL: longer side to ``size`` (bilinear), centred,
+    black padding; per channel in PIL's float mode "F", so that no uint8 rounding enters."""
+    height, width = cell.shape[-2:]
+    scale = size / max(height, width)
+    new_h, new_w = round(height * scale), round(width * scale)
+    out = torch.zeros(cell.shape[0], size, size)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    for channel in range(cell.shape[0]):
+        resized = Image.fromarray(cell[channel].numpy(), mode="F").resize((new_w, new_h), Image.Resampling.BILINEAR)
+        out[channel, top:top + new_h, left:left + new_w] = torch.from_numpy(np.array(resized))
+    return out
+
+
+@pytest.mark.parametrize("cell_size", [(20, 40), (40, 14), (28, 28), (30, 56)])
+def test_letterboxed_cell_equals_pil_letterboxing_of_the_cell_alone(student, cell_size):
+    """A cell of a larger image, letterboxed on the device, equals the cell cut out and letterboxed by PIL.
+
+    The image around the cell repeats the cell's edge pixels, so that bilinear samples falling just
+    outside the cell (roi_align) read what PIL's edge clamping reads."""
+    height, width = cell_size
+    cell = torch.rand(3, height, width, generator=torch.Generator().manual_seed(height))
+    image = F.pad(cell[None], (8, 24, 16, 4), mode="replicate")
+    box = torch.tensor([[8.0, 16.0, 8.0 + width, 16.0 + height]])
+    black = torch.tensor([-1.0, -2.0, -3.0])  # a distinct fill per channel
+    crop = letterbox_crops(image, [box], (56, 56), black)[0]
+    expected = pil_letterbox(cell, 56)
+    valid = expected.abs().sum(0) > 0  # the test cell has no all-black pixel
+    torch.testing.assert_close(crop[:, valid], expected[:, valid], rtol=0, atol=1e-5)
+    assert torch.equal(crop[:, ~valid], black[:, None].expand(3, int((~valid).sum())))
+    if height != width:  # the old behaviour, a stretched 56 x 56 crop, is far from it
+        stretched = crop_and_resize(image, [box], (56, 56))[0]
+        assert (stretched[:, valid] - expected[:, valid]).abs().max() > 0.1
+
+
+def test_teacher_embedding_of_a_non_square_cell_equals_pil_letterboxing(student):
+    teacher = Teacher(student)
+    size = student.native_size[0]
+    cell = torch.rand(3, 40, 100, generator=torch.Generator().manual_seed(0))
+    pixels = F.pad(cell[None], (0, 28, 0, 88), mode="replicate")  # a 128 x 128 image, the cell at the top left
+    images = normalize_images(pixels, student.preprocess_cfg, white=1.0)
+    boxes = [torch.tensor([[0.0, 0.0, 100.0, 40.0], [0.0, 40.0, 128.0, 128.0]])]
+    embeddings = teacher(images, boxes)
+    reference = normalize_images(pil_letterbox(cell, size), student.preprocess_cfg, white=1.0)
+    with torch.no_grad():
+        expected = student.encode_image(reference[None], normalize=True)[0]
+        stretched = student.encode_image(crop_and_resize(images, boxes[:1], (size, size)), normalize=True)[0]
+    torch.testing.assert_close(embeddings[0], expected, rtol=0, atol=2e-5)
+    assert (stretched - expected).abs().max() > 1e-3
+    black = normalize_images(torch.zeros(3, 1, 1), student.preprocess_cfg, white=1.0).flatten()
+    assert torch.equal(teacher.black, black)
+
+
 def test_teacher_embeds_each_cell_like_the_student_at_the_start(student):
     teacher = Teacher(student)
     images = torch.randn(2, 3, 64, 96)
     boxes = [grid_boxes(1, 2, 64, 96), grid_boxes(2, 1, 64, 96)]
     embeddings = teacher(images, boxes)
     assert embeddings.shape == (4, student.embed_dim)
-    crops = crop_and_resize(images, boxes, student.native_size)
+    crops = letterbox_crops(images, boxes, student.native_size, teacher.black)
     with torch.no_grad():
         expected = student.encode_image(crops, normalize=True)
     torch.testing.assert_close(embeddings, expected, rtol=1e-4, atol=1e-5)

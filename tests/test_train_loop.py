@@ -59,13 +59,42 @@ def test_only_the_image_tower_and_gate_train_and_off_path_tensors_are_frozen(tmp
     assert id(named["gate.linear.weight"]) in optimised
 
 
+STEM_AND_HEAD = ["clip.visual.conv1.weight", "clip.visual.class_embedding", "clip.visual.positional_embedding",
+                 "clip.visual.ln_pre.weight", "clip.visual.ln_pre.bias", "clip.visual.ln_post.weight",
+                 "clip.visual.ln_post.bias", "clip.visual.proj"]
+
+
+def test_a_run_leaves_stem_ln_post_proj_and_text_tower_bit_identical_in_the_export(tmp_path):
+    """The peers' 'what trains' (blocks only; CLIPSelf's VisionTransformer.lock), under their 0.7 export."""
+    trainer = make_trainer(tmp_path, "export.alpha=0.7")
+    initial = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    assert not trainable & set(STEM_AND_HEAD)
+    assert all(n.startswith(("clip.visual.transformer.resblocks.", "gate.")) for n in trainable)
+    exported = denserc.load(trainer.fit())
+    after = dict(exported.named_parameters())
+    for name in STEM_AND_HEAD + [n for n in initial if n.startswith("clip.") and not n.startswith("clip.visual.")]:
+        assert torch.equal(after[name], initial[name]), name
+    block = "clip.visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert not torch.equal(after[block], initial[block])
+
+
+def test_train_stem_and_head_trains_the_whole_image_tower(tmp_path):
+    trainer = make_trainer(tmp_path, "model.train_stem_and_head=true")
+    trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    assert set(STEM_AND_HEAD) <= trainable
+    with pytest.raises(ConfigError, match="model.train_stem_and_head=true trains the whole image tower, every block "
+                                          "included; model.unlocked_blocks must be null with it, got 2"):
+        load_config("smoke", ["model.train_stem_and_head=true", "model.unlocked_blocks=2"])
+
+
 def test_x_plus_v_uses_the_last_mlp_so_nothing_is_frozen(tmp_path):
     trainer = make_trainer(tmp_path, "model.construction=x+v", "model.gating=none", "model.num_layers=1")
     assert trainer.frozen_off_path == []
 
 
 def test_weight_decay_spares_norms_biases_embeddings_and_the_gate(tmp_path):
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, "model.train_stem_and_head=true")
     decay, no_decay = trainer.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in trainer.student.named_parameters()}
@@ -86,8 +115,11 @@ def test_warmup_then_cosine():
 
 
 def test_accumulating_two_half_batches_gives_the_full_batch_gradient(tmp_path):
-    whole = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=4")
-    halves = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=2")
+    # L_semantics averages over regions: the halves' mean equals the whole's when both halves hold as many
+    # grid cells, which the uniform rule's grids of these four images do (3 + 3)
+    same_cells = "data.grid_rule=uniform"
+    whole = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=4", same_cells)
+    halves = make_trainer(tmp_path, "train.global_batch_size=4", "train.batch_size=2", same_cells)
     assert (whole.accumulation, halves.accumulation) == (1, 2)
     micro = first_batches(halves, 2)
     full = {key: torch.cat([m[key] for m in micro]) for key in ("image", "size", "index", "valid", "skipped")}
@@ -194,7 +226,10 @@ def test_smoke_default_lowers_semantics_loss_and_exports_an_open_clip_model(tmp_
         assert torch.equal(tensor, model.clip.state_dict()[name]), name
     text = {n: t for n, t in clip.state_dict().items() if not n.startswith("visual.")}
     assert all(torch.equal(t, initial.clip.state_dict()[n]) for n, t in text.items())
-    assert not torch.equal(clip.visual.proj, initial.clip.visual.proj)  # the image tower did train
+    visual = {n: t for n, t in clip.state_dict().items() if n.startswith("visual.")}
+    blocks = [n for n in visual if n.startswith("visual.transformer.")]
+    assert any(not torch.equal(visual[n], initial.clip.state_dict()[n]) for n in blocks)  # the blocks did train
+    assert all(torch.equal(t, initial.clip.state_dict()[n]) for n, t in visual.items() if n not in blocks)
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(clip.encode_image(images), model.encode_image(images))

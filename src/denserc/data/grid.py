@@ -4,10 +4,14 @@ A grid has ``rows`` x ``cols`` cells tiling the valid image area exactly (cell e
 floats, so cells neither overlap nor leave gaps). Boxes are (x1, y1, x2, y2) in input pixels, the
 convention of ``DenseRCModel.encode_regions`` and ``torchvision.ops.roi_align``.
 
-Rules for the grid shape (docs/method.md#losses):
-    uniform   rows and cols independently uniform in 1..max_cells
-    clipself  rows uniform in 1..max_cells, cols uniform in ceil(rows/2)..min(2*rows, max_cells)
-              (CLIPSelf's rule, which avoids very elongated cells)
+Rules for the grid shape (docs/method.md#losses, docs/training.md#recipe-choices):
+    clipself  (rows, cols) uniform over the pairs with cols in ceil(rows/2)..min(2*rows, max_cells):
+              24 pairs for max_cells = 6, each drawn with probability 1/24 (CLIPSelf's ``_init_choices``
+              + ``random.choice``, src/training/data.py; avoids very elongated cells). The default.
+    uniform   rows and cols independently uniform in 1..max_cells (the paper's wording)
+
+At most ``max_boxes`` cells of a grid are kept, chosen at random without replacement (CLIPSelf's
+``--max-boxes 20`` in ``_obtain_image_crops``); None keeps them all.
 
 Each image's grid is drawn from a generator seeded by (seed, epoch, image index), so it does not
 depend on the number of processes, data-loader workers or where a run was resumed.
@@ -18,7 +22,8 @@ import math
 
 import torch
 
-GRID_RULES = ("uniform", "clipself")
+GRID_RULES = ("clipself", "uniform")
+DEFAULT_MAX_BOXES = 20
 
 
 def sample_grid_shape(rule: str, max_cells: int, generator: torch.Generator) -> tuple[int, int]:
@@ -27,12 +32,16 @@ def sample_grid_shape(rule: str, max_cells: int, generator: torch.Generator) -> 
         raise ValueError(f"grid rule must be one of {GRID_RULES}, got {rule!r}")
     if max_cells < 1:
         raise ValueError(f"max_cells must be at least 1, got {max_cells}")
-    rows = _uniform_int(1, max_cells, generator)
     if rule == "uniform":
-        cols = _uniform_int(1, max_cells, generator)
-    else:
-        cols = _uniform_int(math.ceil(rows / 2), min(2 * rows, max_cells), generator)
-    return rows, cols
+        return _uniform_int(1, max_cells, generator), _uniform_int(1, max_cells, generator)
+    pairs = clipself_grid_shapes(max_cells)
+    return pairs[_uniform_int(0, len(pairs) - 1, generator)]
+
+
+def clipself_grid_shapes(max_cells: int) -> list[tuple[int, int]]:
+    """The (rows, cols) pairs of the ``clipself`` rule: cols in ceil(rows/2)..min(2*rows, max_cells)."""
+    return [(rows, cols) for rows in range(1, max_cells + 1)
+            for cols in range(math.ceil(rows / 2), min(2 * rows, max_cells) + 1)]
 
 
 def grid_boxes(rows: int, cols: int, height: float, width: float) -> torch.Tensor:
@@ -50,14 +59,22 @@ def image_grid_seed(seed: int, epoch: int, index: int) -> int:
     return mixed % (2**63 - 1)
 
 
-def sample_grid_boxes(indices, sizes, *, epoch: int, seed: int, rule: str = "uniform",
-                      max_cells: int = 6) -> list[torch.Tensor]:
-    """One random grid per image: ``indices`` are dataset indices, ``sizes`` (B, 2) valid (h, w)."""
+def sample_grid_boxes(indices, sizes, *, epoch: int, seed: int, rule: str = "clipself", max_cells: int = 6,
+                      max_boxes: int | None = DEFAULT_MAX_BOXES) -> list[torch.Tensor]:
+    """One random grid per image: ``indices`` are dataset indices, ``sizes`` (B, 2) valid (h, w).
+
+    Each image keeps at most ``max_boxes`` of its grid's cells (a random subset, in random order).
+    """
+    if max_boxes is not None and max_boxes < 1:
+        raise ValueError(f"max_boxes must be at least 1 or None, got {max_boxes}")
     boxes = []
     for index, (height, width) in zip(torch.as_tensor(indices).tolist(), torch.as_tensor(sizes).tolist()):
         generator = torch.Generator().manual_seed(image_grid_seed(seed, epoch, index))
         rows, cols = sample_grid_shape(rule, max_cells, generator)
-        boxes.append(grid_boxes(rows, cols, height, width))
+        cells = grid_boxes(rows, cols, height, width)
+        if max_boxes is not None and len(cells) > max_boxes:
+            cells = cells[torch.randperm(len(cells), generator=generator)[:max_boxes]]
+        boxes.append(cells)
     return boxes
 
 

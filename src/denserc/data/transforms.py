@@ -4,14 +4,12 @@ Images stay uint8 until they reach the device (4x less host memory and transfer 
 the trainer scales and normalises them there with the student's mean/std.
 
 Aspect handling:
-    stretch  resize to size x size, ignoring the aspect ratio (the paper's 1024 x 1024 input)
-    pad      CLIPSelf-style: resize the longer side to ``size`` keeping the aspect ratio and pad
-             the bottom/right with the normalisation mean (a zero input after normalisation);
-             the grid then tiles only the valid (unpadded) area
+    pad      the default, as CLIPSelf's ``ResizeLongest(1024, fill=0)`` (src/open_clip/transform.py) and
+             the region evaluation: resize the longer side to ``size`` keeping the aspect ratio and pad
+             the bottom/right with black; the grid then tiles only the valid (unpadded) area
+    stretch  resize to size x size, ignoring the aspect ratio (the paper's "1024 x 1024" read literally)
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -19,20 +17,19 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from ..images import to_rgb
 
-ASPECT_MODES = ("stretch", "pad")
+ASPECT_MODES = ("pad", "stretch")
 
 
 class SquareResize:
     """PIL image -> (uint8 tensor (3, size, size), valid (height, width) before padding)."""
 
-    def __init__(self, size: int, aspect: str = "stretch", fill: Sequence[float] = (0.0, 0.0, 0.0)):
+    def __init__(self, size: int, aspect: str = "pad"):
         if aspect not in ASPECT_MODES:
             raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
         if size < 1:
             raise ValueError(f"image size must be positive, got {size}")
         self.size = size
         self.aspect = aspect
-        self.fill = tuple(round(255 * channel) for channel in fill)
 
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         image = to_rgb(image)
@@ -42,6 +39,6 @@ class SquareResize:
         scale = self.size / max(image.size)
         width = max(1, min(self.size, round(image.width * scale)))
         height = max(1, min(self.size, round(image.height * scale)))
-        canvas = Image.new("RGB", (self.size, self.size), self.fill)
+        canvas = Image.new("RGB", (self.size, self.size), (0, 0, 0))
         canvas.paste(image.resize((width, height), Image.Resampling.BICUBIC), (0, 0))
         return pil_to_tensor(canvas), (height, width)

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from .coherence import coherence_loss
+from .coherence import COHERENCE_FORMS, coherence_loss
 from .semantics import region_cosine_loss, semantics_loss
 
 DEFAULT_COHERENCE_WEIGHT = 0.025
@@ -13,7 +13,7 @@ DEFAULT_COHERENCE_WEIGHT = 0.025
 
 def distillation_loss(dense: torch.Tensor, boxes: Sequence[torch.Tensor], teacher_embeddings: torch.Tensor,
                       vfm_patches: torch.Tensor | None, patch_size: int,
-                      coherence_weight: float = DEFAULT_COHERENCE_WEIGHT,
+                      coherence_weight: float = DEFAULT_COHERENCE_WEIGHT, coherence_form: str = "declip",
                       valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Both losses and their weighted total, each returned so it can be logged on its own.
 
@@ -26,10 +26,10 @@ def distillation_loss(dense: torch.Tensor, boxes: Sequence[torch.Tensor], teache
         return {"loss": semantics, "loss_semantics": semantics}
     if vfm_patches is None:
         raise ValueError(f"coherence_weight={coherence_weight} needs the VFM's patch features (got None)")
-    coherence = coherence_loss(dense, vfm_patches, valid)
+    coherence = coherence_loss(dense, vfm_patches, coherence_form, valid)
     return {"loss": semantics + coherence_weight * coherence, "loss_semantics": semantics,
             "loss_coherence": coherence}
 
 
-__all__ = ["DEFAULT_COHERENCE_WEIGHT", "coherence_loss", "distillation_loss", "region_cosine_loss",
+__all__ = ["COHERENCE_FORMS", "DEFAULT_COHERENCE_WEIGHT", "coherence_loss", "distillation_loss", "region_cosine_loss",
            "semantics_loss"]

@@ -111,22 +111,27 @@ class DenseRCModel(nn.Module):
         return {"model_name": self.model_name, "construction": self.construction,
                 "gating": self.gating, "num_layers": self.num_layers}
 
-    def image_tower_parameters(self, unlocked_blocks: int | None = None) -> Iterator[nn.Parameter]:
-        """The parameters DenseRC trains: the image tower and the gate (the text tower stays frozen).
+    def image_tower_parameters(self, unlocked_blocks: int | None = None, *,
+                               whole_tower: bool = False) -> Iterator[nn.Parameter]:
+        """The parameters DenseRC trains: the image tower's blocks and the gate (the text tower stays frozen).
 
-        With ``unlocked_blocks`` = N only the tower's last N blocks train (and the gate); the stem, the
-        final norm and the projection stay as they are, as CLIPSelf's and DeCLIP's
-        ``--lock-image-unlocked-groups N`` does for EVA-02-CLIP.
+        By default every block trains and the stem (patch embedding, class and position embeddings,
+        ln_pre), the final norm and the projection stay as they are, as in CLIPSelf and DeCLIP
+        (``VisionTransformer.lock`` with ``ln_post``/``proj`` left out of the groups,
+        ``--lock-image-unlocked-groups``). ``unlocked_blocks`` = N: only the last N blocks (and the
+        gate). ``whole_tower``: every image tower parameter (DenseRC's earlier recipe).
         """
         blocks = self.tower.blocks
-        if unlocked_blocks is None:
+        if whole_tower:
+            if unlocked_blocks is not None:
+                raise ValueError(f"whole_tower trains every block; unlocked_blocks must be None, got {unlocked_blocks}")
             yield from self.visual.parameters()
-        elif 1 <= unlocked_blocks <= len(blocks):
-            for block in blocks[len(blocks) - unlocked_blocks:]:
+        elif unlocked_blocks is None or 1 <= unlocked_blocks <= len(blocks):
+            for block in blocks[len(blocks) - (unlocked_blocks or len(blocks)):]:
                 yield from block.parameters()
         else:
             raise ValueError(f"unlocked_blocks must be in 1..{len(blocks)} for {self.model_name} "
-                             f"({len(blocks)} blocks) or None (the whole image tower), got {unlocked_blocks}")
+                             f"({len(blocks)} blocks) or None (all blocks), got {unlocked_blocks}")
         if self.gate is not None:
             yield from self.gate.parameters()
 

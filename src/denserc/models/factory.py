@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -50,6 +51,7 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
                              "folder written by DenseRCModel.save() with denserc.load(folder)")
         if os.path.isfile(pretrained):
             weights_file = pretrained
+            _refuse_quick_gelu_release_without_quick_gelu(model_name, model_cfg, weights_file)
         else:
             tag_cfg = _pretrained_tag(model_name, pretrained)
             if not tag_cfg:
@@ -209,6 +211,44 @@ def _load_open_clip_checkpoint(clip: nn.Module, path: str, model_name: str) -> N
         state = load_state_dict(path, weights_only=True)
         load_state_dict_checked(clip, state, f"{path} (for {model_name})")
         raise error
+
+
+def _refuse_quick_gelu_release_without_quick_gelu(model_name: str, model_cfg: dict, path: str) -> None:
+    """Refuse a local file of a QuickGELU release (e.g. OpenAI's) loaded under a GELU architecture name.
+
+    open_clip's ``openai`` tag sets ``quick_gelu``; a file path does not, and ``ViT-B-16`` builds GELU,
+    which loads OpenAI's weights without error into a different network. A file is recognised as the
+    release of a ``quick_gelu`` tag of ``model_name`` when its SHA-256 is the one in the tag's URL (OpenAI's
+    download URLs carry it) or when its path names the tag's Hugging Face repository (the hub cache's
+    ``models--timm--vit_base_patch16_clip_224.openai`` folder, or a folder named after the repository).
+    """
+    if model_cfg.get("quick_gelu"):
+        return
+    releases = {}
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        if tag_cfg.get("quick_gelu"):
+            releases[tag] = tag_cfg
+    if not releases:
+        return
+    resolved = Path(path).resolve()
+    folders = {part.lower() for part in resolved.parts[:-1]}
+    digest = None
+    for tag, tag_cfg in releases.items():
+        repo = tag_cfg.get("hf_hub", "").strip("/")
+        repo_names = {repo.rpartition("/")[2].lower(), "models--" + repo.replace("/", "--").lower()} if repo else set()
+        url_hashes = {part for part in urlparse(tag_cfg.get("url", "")).path.split("/")
+                      if len(part) == 64 and all(c in "0123456789abcdef" for c in part)}
+        if url_hashes and digest is None:
+            with open(resolved, "rb") as file:
+                digest = hashlib.file_digest(file, "sha256").hexdigest()
+        if folders & repo_names or digest in url_hashes:
+            quick = f"{model_name}-quickgelu"
+            remedy = (f"load it as '{quick}'" if open_clip.get_model_config(quick) is not None else
+                      "register a model config with \"quick_gelu\": true for it")
+            raise ValueError(f"{path} is the '{tag}' release of {model_name}, trained with QuickGELU, but "
+                             f"'{model_name}' builds GELU (open_clip sets QuickGELU only for the tag); {remedy}, "
+                             f"or use pretrained='{tag}'")
 
 
 def _weights_preprocess_cfg(clip: nn.Module, model_name: str, tag_cfg: dict | None) -> dict:

@@ -1,8 +1,11 @@
 """The frozen teacher: the student's initial image tower, embedding grid cells cut from the batch.
 
 Crops are cut on the device with ``torchvision.ops.roi_align`` straight from the (normalised) batch
-tensor and resized to the teacher's native input size in the same call, batched over all cells of
-all images, so the data loader never handles crops.
+tensor and resized in the same call, batched over all cells of all images, so the data loader never
+handles crops. The teacher letterboxes each cell as CLIPSelf and DeCLIP do (``ResizeMaxSize(224,
+fill=0)`` in their src/open_clip/transform.py, applied by ``_obtain_image_crops`` in
+src/training/data.py): the cell's longer side is resized to the native input size, keeping its aspect
+ratio, the result centred and the rest filled with black (the normalised value of a zero pixel).
 
 ``sampling_ratio=-1`` (adaptive): each output pixel averages ceil(cell size / native size) x ...
 bilinear samples. A cell larger than the native size (downscaling, e.g. a 1024-px image's 1x1 cell
@@ -29,6 +32,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from .dense import DenseRCModel
+from .preprocess import normalize_images
 from .towers import run_block
 
 CROP_SAMPLING_RATIO = -1
@@ -47,6 +51,37 @@ def crop_and_resize(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: t
                      sampling_ratio=sampling_ratio, aligned=True)
 
 
+def letterbox_crops(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: tuple[int, int],
+                    fill: torch.Tensor, sampling_ratio: int = CROP_SAMPLING_RATIO) -> torch.Tensor:
+    """(sum Ki, C, *size) crops of per-image boxes, each resized keeping its aspect, centred, padded with ``fill``.
+
+    A w x h box is resized to round(w * s) x round(h * s), s = min(size_h / h, size_w / w) (Python's
+    rounding, as ``ResizeMaxSize``), placed at offsets ((size_w - new_w) // 2, (size_h - new_h) // 2).
+    One ``roi_align`` over boxes widened to the whole output square gives exactly that resize inside the
+    valid rectangle (same sample positions and, with ``sampling_ratio=-1``, the same samples per output
+    pixel as resizing the box alone); ``fill`` (C,) replaces everything outside it.
+    """
+    out_h, out_w = size
+    counts = [len(b.reshape(-1, 4)) for b in boxes]
+    cells = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=images.device, dtype=torch.float64)
+    x1, y1, x2, y2 = cells.unbind(-1)
+    width, height = x2 - x1, y2 - y1
+    scale = torch.minimum(out_h / height, out_w / width)
+    new_w = torch.round(width * scale).clamp(1, out_w)
+    new_h = torch.round(height * scale).clamp(1, out_h)
+    left, top = ((out_w - new_w) / 2).floor(), ((out_h - new_h) / 2).floor()
+    step_x, step_y = width / new_w, height / new_h  # input pixels per output pixel
+    widened = torch.stack([x1 - left * step_x, y1 - top * step_y,
+                           x1 + (out_w - left) * step_x, y1 + (out_h - top) * step_y], dim=-1)
+    crops = crop_and_resize(images, widened.split(counts), size, sampling_ratio)
+    columns = torch.arange(out_w, device=images.device)
+    rows = torch.arange(out_h, device=images.device)
+    inside_x = (columns >= left[:, None]) & (columns < (left + new_w)[:, None])
+    inside_y = (rows >= top[:, None]) & (rows < (top + new_h)[:, None])
+    inside = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+    return torch.where(inside, crops, fill.to(crops.dtype).view(1, -1, 1, 1))
+
+
 class Teacher(nn.Module):
     """A frozen copy of a DenseRC model's image tower as it is now (call before training starts)."""
 
@@ -59,6 +94,8 @@ class Teacher(nn.Module):
         self.tower = type(student.tower)(self.visual)  # the student's adapter over the frozen copy
         self.native_size = tuple(student.native_size)
         self.crops_per_chunk = crops_per_chunk
+        black = normalize_images(torch.zeros(3, 1, 1), student.preprocess_cfg, white=1.0).flatten()
+        self.register_buffer("black", black, persistent=False)  # letterbox padding: a zero pixel, normalised
         self.train(False)
 
     def train(self, mode: bool = True) -> "Teacher":
@@ -67,8 +104,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
-        """L2-normalised global embeddings (sum Ki, E) of every box's crop at the native size."""
-        crops = crop_and_resize(images, boxes, self.native_size)
+        """L2-normalised global embeddings (sum Ki, E) of every box's letterboxed crop at the native size."""
+        crops = letterbox_crops(images, boxes, self.native_size, self.black)
         embeddings = [self.encode(chunk) for chunk in crops.split(self.crops_per_chunk)]
         return F.normalize(torch.cat(embeddings).float(), dim=-1)
 

@@ -59,6 +59,19 @@ def run_block(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = Non
     return block(x) if rope is None else block(x, rope=rope)
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], native_grid: Sequence[int],
+                       num_prefix_tokens: int) -> torch.Tensor:
+    """(1, P + h*w, D) position embedding for another patch grid, as CLIPSelf and DeCLIP resample it.
+
+    Bicubic, ``align_corners=False``, *without* antialiasing (``F.interpolate`` in CLIPSelf's
+    ``VisionTransformer.rescale_positional_embedding``, src/open_clip/transformer.py, and in its EVA
+    ``eva_vit_model.py``); open_clip's ``resize_pos_embed`` and timm's dynamic size antialias (a different
+    cubic kernel even when upsampling). Prefix tokens (class, registers) are kept.
+    """
+    return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(native_grid),
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
+
+
 def tower_for(clip: nn.Module, model_name: str) -> "Tower":
     """The adapter for ``clip``'s image tower; UnsupportedModelError (naming what is supported) otherwise."""
     visual = getattr(clip, "visual", None)
@@ -203,10 +216,7 @@ class OpenCLIPTower(Tower):
     def resample_pos_embed(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if tuple(grid) == self.native_grid:
             return pos_embed  # bit-exact open_clip at the native size
-        # open_clip's resize_pos_embed settings (bicubic, antialiased, align_corners=False): a model run
-        # at 448 px equals open_clip created with force_image_size=448
-        return resample_abs_pos_embed(pos_embed[None], new_size=list(grid), old_size=list(self.native_grid),
-                                      num_prefix_tokens=1, interpolation="bicubic", antialias=True)[0]
+        return resample_pos_embed(pos_embed[None], grid, self.native_grid, num_prefix_tokens=1)[0]
 
     def embed(self, images: torch.Tensor, pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         x = self.visual.conv1(images)
@@ -324,12 +334,10 @@ class TimmViTTower(Tower):
         return self.trunk.pos_embed
 
     def resample_pos_embed(self, pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """timm's resampling (bicubic, antialiased), as its ``dynamic_img_size`` models do it."""
         if tuple(grid) == self.native_grid:
             return pos_embed
         prefix = 0 if self.trunk.no_embed_class else self.num_prefix_tokens
-        return resample_abs_pos_embed(pos_embed, new_size=list(grid), old_size=list(self.native_grid),
-                                      num_prefix_tokens=prefix)
+        return resample_pos_embed(pos_embed, grid, self.native_grid, num_prefix_tokens=prefix)
 
     def embed(self, images: torch.Tensor, pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """timm's patch embedding and ``_pos_embed`` for any grid (its strict size check bypassed)."""

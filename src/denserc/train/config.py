@@ -26,6 +26,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
     ValidationError
 
 from ..data import ASPECT_MODES, GRID_RULES
+from ..losses import COHERENCE_FORMS
 from ..models import CONSTRUCTIONS, GATINGS
 from ..models.vfm import DEFAULT_VFM
 from .shipped import CONFIG_DIR, available_configs
@@ -41,7 +42,8 @@ class ModelConfig:
     construction: str = "multi-v"
     gating: str = "hsg"
     num_layers: int | None = None  # null: 3 for multi-v, 1 for v / x+v
-    unlocked_blocks: int | None = None  # null: the whole image tower trains; N: only its last N blocks (+ gate)
+    unlocked_blocks: int | None = None  # null: every image block trains; N: only the last N blocks (+ gate)
+    train_stem_and_head: bool = False  # true: the whole image tower trains (stem, ln_post, proj too)
     grad_checkpointing: bool = False
     compile: bool = False
 
@@ -63,9 +65,10 @@ class DataConfig:
     num_images: int = 0  # generated images only
     seed: int = 0  # content seed of generated images
     image_size: int = 1024  # square training input
-    aspect: str = "stretch"  # stretch | pad (CLIPSelf-style: keep aspect, pad)
-    grid_rule: str = "uniform"  # uniform | clipself
+    aspect: str = "pad"  # pad (keep aspect, black bottom/right padding, as CLIPSelf) | stretch
+    grid_rule: str = "clipself"  # clipself (uniform over CLIPSelf's 24 pairs) | uniform (rows, cols independent)
     grid_max_cells: int = 6
+    grid_max_boxes: int | None = 20  # cells kept per image, chosen at random (CLIPSelf --max-boxes); null: all
     strict: bool = False  # unreadable image: error instead of skip-and-count
     num_workers: int = 8
     options: dict = field(default_factory=dict)  # settings of a registered custom data type
@@ -74,6 +77,7 @@ class DataConfig:
 @dataclass
 class LossConfig:
     coherence_weight: float = 0.025  # lambda in L = L_semantics + lambda * L_coherence
+    coherence_form: str = "declip"  # declip (mean row L2 norm, DeCLIP's) | mse (mean squared entry)
 
 
 @dataclass
@@ -195,6 +199,7 @@ def validate(config: Config) -> None:
                ("model.gating", config.model.gating, GATINGS),
                ("data.aspect", config.data.aspect, ASPECT_MODES),
                ("data.grid_rule", config.data.grid_rule, GRID_RULES),
+               ("loss.coherence_form", config.loss.coherence_form, COHERENCE_FORMS),
                ("train.precision", config.train.precision, PRECISIONS),
                ("train.device", config.train.device, ("auto", "cuda", "cpu"))]
     for key, value, allowed in choices:
@@ -218,6 +223,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key}: must be 0 or more, got {value}")
     if config.model.unlocked_blocks is not None and config.model.unlocked_blocks < 1:
         raise ConfigError(f"model.unlocked_blocks: must be at least 1 or null, got {config.model.unlocked_blocks}")
+    if config.model.unlocked_blocks is not None and config.model.train_stem_and_head:
+        raise ConfigError("model.train_stem_and_head=true trains the whole image tower, every block included; "
+                          f"model.unlocked_blocks must be null with it, got {config.model.unlocked_blocks}")
+    if config.data.grid_max_boxes is not None and config.data.grid_max_boxes < 1:
+        raise ConfigError(f"data.grid_max_boxes: must be at least 1 or null, got {config.data.grid_max_boxes}")
     if config.train.cpu_threads is not None and config.train.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads: must be at least 1 or null, got {config.train.cpu_threads}")
     if not 0.0 <= config.export.alpha <= 1.0:

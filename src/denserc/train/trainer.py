@@ -6,7 +6,8 @@ Per micro-batch, on every process (the engine does accumulation, DDP, autocast, 
     frozen teacher: embeddings of every grid cell, cropped from the batch tensor with roi_align
     frozen VFM: patch features on the student's patch grid (not built, not run when lambda = 0)
     DDP(DistillationModule): student dense features -> L_semantics + lambda * L_coherence
-Teacher and VFM run under no_grad outside DDP; only the student's image tower and gate train.
+Teacher and VFM run under no_grad outside DDP; only the student's image blocks and gate train (the stem,
+``ln_post``, ``proj`` and the text tower stay frozen unless ``model.train_stem_and_head``).
 
 Parameter tensors that cannot receive a gradient through ``encode_dense`` (e.g. the last block's
 MLP and ln_2 for constructions ``multi-v`` and ``v``) are found with one probe backward pass at
@@ -40,17 +41,19 @@ logger = logging.getLogger(__name__)
 class DistillationModule(nn.Module):
     """What DDP wraps: the student alone; its forward returns the losses so DDP all-reduces their gradients."""
 
-    def __init__(self, student: DenseRCModel, coherence_weight: float, compile_model: bool = False):
+    def __init__(self, student: DenseRCModel, coherence_weight: float, coherence_form: str = "declip",
+                 compile_model: bool = False):
         super().__init__()
         self.student = student
         self.coherence_weight = coherence_weight
+        self.coherence_form = coherence_form
         self.encode_dense = torch.compile(student.encode_dense) if compile_model else student.encode_dense
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], teacher_embeddings: torch.Tensor,
                 vfm_patches: torch.Tensor | None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         dense = self.encode_dense(images)
         return distillation_loss(dense, boxes, teacher_embeddings, vfm_patches, self.student.patch_size,
-                                 self.coherence_weight, valid)
+                                 self.coherence_weight, self.coherence_form, valid)
 
 
 def freeze_off_path_parameters(model: DenseRCModel) -> list[str]:
@@ -97,9 +100,7 @@ class DistillationTask(Task):
         source = build_source(config.data)  # first, so a wrong data path fails before any model loads
         torch.manual_seed(config.train.seed)  # identical initial weights on every process
         self.student, self.teacher, self.vfm = self._build_models()
-        # padding (aspect "pad") uses the normalisation mean: a zero input after normalisation
-        self.dataset = TrainingImages(source, SquareResize(config.data.image_size, config.data.aspect,
-                                                           fill=self.student.preprocess_cfg["mean"]),
+        self.dataset = TrainingImages(source, SquareResize(config.data.image_size, config.data.aspect),
                                       strict=config.data.strict)
         self.num_workers = config.data.num_workers
         if self.vfm is None:
@@ -109,7 +110,8 @@ class DistillationTask(Task):
             logger.info("froze %d parameter tensor(s) that encode_dense never uses: %s",
                         len(self.frozen_off_path), ", ".join(self.frozen_off_path))
         self.student.set_grad_checkpointing(config.model.grad_checkpointing)
-        self.module = DistillationModule(self.student, config.loss.coherence_weight, config.model.compile)
+        self.module = DistillationModule(self.student, config.loss.coherence_weight, config.loss.coherence_form,
+                                         config.model.compile)
         self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
         self.embed_patches = torch.compile(self.vfm) if config.model.compile and self.vfm else self.vfm
 
@@ -129,7 +131,8 @@ class DistillationTask(Task):
                       model_kwargs=vfm_config.model_kwargs).to(device)
         student.requires_grad_(False)
         try:
-            for parameter in student.image_tower_parameters(model.unlocked_blocks):
+            for parameter in student.image_tower_parameters(model.unlocked_blocks,
+                                                             whole_tower=model.train_stem_and_head):
                 parameter.requires_grad_(True)
         except ValueError as error:
             raise ConfigError(f"model.unlocked_blocks: {error}") from error
@@ -141,7 +144,7 @@ class DistillationTask(Task):
         pixels = batch["image"].to(self.device, non_blocking=True).float().div_(255)
         images = normalize_images(pixels, self.student.preprocess_cfg, white=1.0)
         boxes = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=self.config.train.seed,
-                                  rule=data.grid_rule, max_cells=data.grid_max_cells)
+                                  rule=data.grid_rule, max_cells=data.grid_max_cells, max_boxes=data.grid_max_boxes)
         return pixels, images, [b.to(self.device) for b in boxes]
 
     def prepare(self, batch: dict, epoch: int) -> dict:
