@@ -156,6 +156,29 @@ class Tower(abc.ABC):
     def pool_global(self, x: torch.Tensor) -> torch.Tensor:
         """The global embedding (B, E) from the last block's output tokens (final norm, pooling, projection)."""
 
+    def pooled_tokens(self) -> int | None:
+        """How many leading tokens of the last block's output ``pool_global`` reads; None: it reads them all."""
+        return None
+
+    @abc.abstractmethod
+    def attend_leading(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None,
+                       count: int) -> torch.Tensor:
+        """The block's attention before its output projection (B, count, H * d) for the first ``count`` normed
+        tokens as queries, keys and values from all tokens; queries are only projected for those tokens.
+        ``count`` is at most the number of prefix tokens (they carry no RoPE)."""
+
+    def run_block_leading(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
+                          count: int) -> torch.Tensor:
+        """The block's output (B, count, D) for its first ``count`` tokens only: ``run_block(block, x)[:, :count]``.
+
+        Every token still enters the keys and values, but the queries, attention output, output
+        projection, residuals and MLP run for ``count`` tokens: for the last block of a class-token
+        tower that is about 1/6 of the block's work instead of all of it.
+        """
+        u = self.norm1(block, x)
+        y = x[:, :count] + self.attention_out(block, self.attend_leading(block, u, rope, count))
+        return self.mlp_residual(block, y)
+
 
 class OpenCLIPTower(Tower):
     """open_clip's own pre-LN ``VisionTransformer`` (OpenAI-style CLIP ViTs)."""
@@ -254,6 +277,21 @@ class OpenCLIPTower(Tower):
 
     def pool_global(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+
+    def pooled_tokens(self) -> int:
+        return 1  # token pooling of the class token (``problems`` refuses every other pooling)
+
+    def attend_leading(self, block: ResidualAttentionBlock, u: torch.Tensor, rope: None, count: int) -> torch.Tensor:
+        attn = block.attn
+        batch, tokens, width = u.shape
+        heads = attn.num_heads
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(u[:, :count], weight[:width], None if bias is None else bias[:width])
+        kv = F.linear(u, weight[width:], None if bias is None else bias[width:])
+        q = q.view(batch, count, heads, width // heads).transpose(1, 2)
+        k, v = kv.view(batch, tokens, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(batch, count, width)
 
 
 class TimmViTTower(Tower):
@@ -405,6 +443,30 @@ class TimmViTTower(Tower):
     def pool_global(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual.head(self.trunk.forward_head(self.trunk.norm(x)))
 
+    def pooled_tokens(self) -> int | None:
+        """1 for class-token pooling; None for an attention-pool ("map") head or a reduction over the patches."""
+        trunk = self.trunk
+        if trunk.attn_pool is None and trunk.global_pool == "token" and self.num_prefix_tokens >= 1:
+            return 1
+        return None
+
+    def leading_queries_keys_values(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None,
+                                    count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, heads, count, d) queries of the first ``count`` tokens, (B, heads, T, d) keys and values."""
+        attn = block.attn
+        batch, tokens, _ = u.shape
+        size = attn.num_heads * attn.head_dim
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(u[:, :count], weight[:size], None if bias is None else bias[:size])
+        kv = F.linear(u, weight[size:], None if bias is None else bias[size:])
+        q = q.view(batch, count, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k, v = kv.view(batch, tokens, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def attend_leading(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, count: int) -> torch.Tensor:
+        q, k, v = self.leading_queries_keys_values(block, u, rope, count)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
 
 class EvaTower(TimmViTTower):
     """open_clip ``TimmModel`` over timm's ``Eva`` (EVA-02-CLIP): RoPE, inner attention LayerNorm, SwiGLU."""
@@ -451,6 +513,30 @@ class EvaTower(TimmViTTower):
             prefix = attn.num_prefix_tokens
             q, k = (torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=attn.rotate_half)],
                               dim=2).type_as(v) for t in (q, k))
+        return q, k, v
+
+    def leading_queries_keys_values(self, block: EvaBlock, u: torch.Tensor, rope: torch.Tensor | None,
+                                    count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EvaAttention's q (first ``count`` tokens: prefix tokens, no RoPE), k and v (all tokens, RoPE on k)."""
+        attn = block.attn
+        batch, tokens, _ = u.shape
+        heads = attn.num_heads
+        if attn.qkv is None:
+            q = attn.q_proj(u[:, :count])
+            k, v = attn.k_proj(u), attn.v_proj(u)
+        else:
+            size = heads * attn.head_dim
+            weight = attn.qkv.weight
+            q = F.linear(u[:, :count], weight[:size], attn.q_bias)
+            k = F.linear(u, weight[size:2 * size], attn.k_bias)
+            v = F.linear(u, weight[2 * size:], attn.v_bias)
+        q = q.reshape(batch, count, heads, -1).transpose(1, 2)
+        k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (k, v))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            prefix = attn.num_prefix_tokens
+            k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=attn.rotate_half)],
+                          dim=2).type_as(v)
         return q, k, v
 
     def attention_out(self, block: EvaBlock, values: torch.Tensor) -> torch.Tensor:
