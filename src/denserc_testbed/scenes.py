@@ -113,7 +113,7 @@ class Scene:
 
 
 def scene_caption(segments: list[Segment]) -> str:
-    """"a photo of a red star, a blue ring on grass and sand." for a scene's segments."""
+    """"a photo of a red dotted object and a blue solid object on grass and sand." for a scene's segments."""
     return caption_of([(s.category_id, s.area) for s in segments])
 
 

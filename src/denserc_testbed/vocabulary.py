@@ -30,7 +30,7 @@ SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ring", "c
 
 STUFF = ("grass", "water", "sand", "bricks", "gravel")
 
-# Prompt templates, filled with a class phrase ("a red star", "an orange ring", "grass"): used to
+# Prompt templates, filled with a class phrase ("a red striped object", "grass"): used to
 # caption crops during pretraining and averaged into the zero-shot classifiers.
 TEMPLATES = (
     "a photo of {}.",
