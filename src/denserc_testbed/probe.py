@@ -33,7 +33,7 @@ from .vocabulary import CATEGORIES, COLOURS, PATTERNS, THING_CATEGORIES
 from .zero_shot import crop_predictions
 
 PROBE_SEED = 3_000_000  # the probes' training scenes: disjoint from pretraining, distillation and evaluation
-PROBE_IMAGES = 400
+PROBE_IMAGES = 1600  # ~4000 thing segments: a 48-way probe needs ~80 examples a class
 ATTRIBUTES = {"class": len(THING_CATEGORIES), "colour": len(COLOURS), "pattern": len(PATTERNS)}
 
 
