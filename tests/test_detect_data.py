@@ -74,11 +74,11 @@ def test_letterbox_keeps_ratio_and_reports_scale(coco_folder):
     assert batch.images.shape == (1, 3, 45, 45)
 
 
-def test_testbed_split_is_36_base_12_novel_with_every_shape_and_colour_among_the_base():
+def test_testbed_split_is_36_base_12_novel_with_every_pattern_and_colour_among_the_base():
     split = ov_testbed_split(THING_CATEGORIES)
     assert len(split.base_ids) == 36 and len(split.novel_ids) == 12
     base = [c for c in THING_CATEGORIES if c["id"] in split.base_ids]
-    assert {c["shape"] for c in base} == {c["shape"] for c in THING_CATEGORIES}
+    assert {c["pattern"] for c in base} == {c["pattern"] for c in THING_CATEGORIES}
     assert {c["colour"] for c in base} == {c["colour"] for c in THING_CATEGORIES}
     with pytest.raises(ValueError, match="ov-testbed expects the testbed's thing categories"):
         ov_testbed_split([{"id": 1, "name": "person"}])

@@ -1,5 +1,6 @@
-"""DenseRC on the testbed: a short self-distillation of the shipped tiny CLIP (fixed seed) gives the zero-shot
-box classification on held-out scenes that was measured with the current recipe (docs/testbed.md#tests)."""
+"""DenseRC on the testbed: a short self-distillation of the shipped tiny CLIP (fixed seed) improves the
+zero-shot classification of held-out *thing masks* and the segmentation mIoU by the measured margins
+(docs/testbed.md#tests)."""
 import pytest
 
 from denserc_testbed.run import format_table, run
@@ -7,22 +8,25 @@ from denserc_testbed.run import format_table, run
 pytestmark = pytest.mark.slow  # a testbed run
 
 # A tiny schedule: 12 steps of 4 scenes at a high learning rate, held-out split of 40 scenes (177
-# segments). The short schedule proper takes ~2 minutes; this one ~12 s.
+# segments, 94 of them things: one thing segment is 1.06 points). The short schedule proper takes
+# minutes; this one ~20 s.
 SCHEDULE = ["data.num_images=48", "train.global_batch_size=4", "train.batch_size=4", "optim.lr=1e-3",
             "optim.warmup_steps=2"]
 EVAL_IMAGES = 40
-# Measured with the peers' recipe defaults (issue 11: blocks only, letterboxed teacher crops, CLIPSelf's grid
-# rule, DeCLIP's L_coherence at lambda 0.025); percent top-1 over the 177 held-out segments' boxes, one
-# segment is 0.56 points. At this tiny, high-lr schedule L_coherence in DeCLIP's form costs box accuracy
-# (41.8; with loss.coherence_weight=0: 45.8); the recipe before issue 11 gave 48.59.
-MEASURED_BEFORE = 44.07
-MEASURED_AFTER = 41.81
-TOLERANCE = 2.0  # points: float differences between machines may flip a few segments
+# Measured with the colour x pattern world's tiny CLIP and the recipe defaults (percent). At this
+# tiny, high-lr schedule box top-1 falls (35.6 -> 26.0: the stuff inside thing boxes dominates them),
+# while thing masks (17.0 -> 21.3) and mIoU (9.0 -> 15.1) rise: the thing-level gain asserted below.
+MEASURED = {"thing_masks_top1": (17.02, 21.28), "mIoU": (8.95, 15.07)}
+TOLERANCE = 2.2  # points: float differences between machines may flip a couple of segments
+MARGIN = {"thing_masks_top1": 2.0, "mIoU": 3.0}  # the least gain that counts as distillation working
 
 
-def test_short_distillation_gives_the_measured_box_accuracy(tmp_path):
+def test_short_distillation_improves_thing_masks_and_miou(tmp_path):
     records = run("short", ["hsg"], [0], tmp_path, eval_images=EVAL_IMAGES, overrides=SCHEDULE, progress=False)
-    before, after = records[0]["before"]["boxes_top1"], records[0]["after"]["boxes_top1"]
-    assert before == pytest.approx(MEASURED_BEFORE, abs=TOLERANCE)
-    assert after == pytest.approx(MEASURED_AFTER, abs=TOLERANCE), format_table(records)
-    assert (tmp_path / "results.md").read_text() == format_table(records)
+    table = format_table(records)
+    for metric, (before, after) in MEASURED.items():
+        measured_before, measured_after = records[0]["before"][metric], records[0]["after"][metric]
+        assert measured_before == pytest.approx(before, abs=TOLERANCE), (metric, table)
+        assert measured_after == pytest.approx(after, abs=TOLERANCE), (metric, table)
+        assert measured_after - measured_before >= MARGIN[metric], (metric, table)
+    assert (tmp_path / "results.md").read_text() == table

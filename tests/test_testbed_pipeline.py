@@ -83,7 +83,7 @@ def test_held_out_split_is_read_by_the_evaluation_suite(tmp_path):
         assert torch.equal(sample["label"], torch.from_numpy(scene.label_map))
         assert torch.equal(sample["image"], torch.from_numpy(scene.image).permute(2, 0, 1))
     names = (root / "testbed_class_names.txt").read_text().splitlines()
-    assert names[0] == "a red circle" and names[-1] == "gravel" and len(names) == 53
+    assert names[0] == "a red solid object" and names[-1] == "gravel" and len(names) == 53
 
     torch.manual_seed(0)
     model = denserc.create_model(TINY).eval()

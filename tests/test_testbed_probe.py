@@ -1,4 +1,4 @@
-"""`denserc testbed-probe`: colour/shape scoring by hand, the linear probe, and agreement with the evaluation."""
+"""`denserc testbed-probe`: colour/pattern scoring by hand, the linear probe, and agreement with the evaluation."""
 import json
 
 import pytest
@@ -14,22 +14,23 @@ from denserc_testbed.tiny_clip import pretrained_path
 
 from conftest import TINY
 
-RED_CIRCLE, ORANGE_CIRCLE, RED_SQUARE, GRASS = 0, 1, 6, 48  # labels = category id - 1, shape-major order
+RED_SOLID, ORANGE_SOLID, RED_STRIPED, GRASS = 0, 1, 8, 48  # labels = category id - 1, pattern-major order
 
 
 def test_thing_attributes_by_hand():
-    attributes = thing_attributes(torch.tensor([RED_CIRCLE, ORANGE_CIRCLE, RED_SQUARE, 47]))
-    assert attributes["colour"].tolist() == [0, 1, 0, 5]  # red, orange, red, purple
-    assert attributes["shape"].tolist() == [0, 0, 1, 7]  # circle, circle, square, crescent
+    attributes = thing_attributes(torch.tensor([RED_SOLID, ORANGE_SOLID, RED_STRIPED, 47]))
+    assert attributes["class"].tolist() == [0, 1, 8, 47]
+    assert attributes["colour"].tolist() == [0, 1, 0, 7]  # red, orange, red, pink
+    assert attributes["pattern"].tolist() == [0, 0, 1, 5]  # solid, solid, striped, hatched
     with pytest.raises(ValueError, match="every label must be a thing class"):
         thing_attributes(torch.tensor([GRASS]))
 
 
 def test_attribute_accuracy_by_hand():
-    """Four red circles predicted as: red circle, orange circle, red square, grass."""
-    labels = torch.tensor([RED_CIRCLE] * 4)
-    predicted = torch.tensor([RED_CIRCLE, ORANGE_CIRCLE, RED_SQUARE, GRASS])
-    assert attribute_accuracy(predicted, labels) == {"class": 25.0, "colour": 50.0, "shape": 50.0}
+    """Four red solid objects predicted as: red solid, orange solid, red striped, grass."""
+    labels = torch.tensor([RED_SOLID] * 4)
+    predicted = torch.tensor([RED_SOLID, ORANGE_SOLID, RED_STRIPED, GRASS])
+    assert attribute_accuracy(predicted, labels) == {"class": 25.0, "colour": 50.0, "pattern": 50.0}
 
 
 def test_linear_probe_reads_what_the_features_hold():

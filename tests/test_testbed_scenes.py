@@ -69,7 +69,7 @@ def test_objects_never_hide_more_than_allowed_of_an_earlier_object():
     circles = 0
     for index in range(20):
         for segment in render_scene(scene_rng(9, index), config).things:
-            if CATEGORY_BY_ID[segment.category_id]["shape"] == "circle":
+            if segment.shape == "circle":
                 _, _, w, h = segment.bbox
                 assert segment.area == pytest.approx(np.pi * w * h / 4, rel=0.12)
                 circles += 1
@@ -82,11 +82,38 @@ def test_scene_caption_lists_distinct_things_then_stuff_largest_first():
         mask.flat[:area] = True
         return Segment(id=category_id, category_id=category_id, mask=mask)
 
-    segments = [seg(THING_ID[("star", "red")], 3), seg(THING_ID[("ring", "orange")], 6),
-                seg(THING_ID[("star", "red")], 2), seg(STUFF_ID["sand"], 5), seg(STUFF_ID["grass"], 9)]
-    assert scene_caption(segments) == "a photo of an orange ring and a red star on grass and sand."
+    segments = [seg(THING_ID[("dotted", "red")], 3), seg(THING_ID[("zigzag", "orange")], 6),
+                seg(THING_ID[("dotted", "red")], 2), seg(STUFF_ID["sand"], 5), seg(STUFF_ID["grass"], 9)]
+    assert scene_caption(segments) == ("a photo of an orange zigzag object and a red dotted object "
+                                       "on grass and sand.")
     assert scene_caption(segments[3:]) == "a photo of grass and sand."
-    assert crop_caption(THING_ID[("cross", "blue")]) == "a photo of a blue cross."
+    assert crop_caption(THING_ID[("hatched", "blue")]) == "a photo of a blue hatched object."
+
+
+def test_every_patch_of_an_object_shows_its_pattern():
+    """The class is visible in every part of an object: each 8 x 8 patch wholly inside a patterned
+    object holds both its dark marks and its plain colour; a solid object has no marks at all."""
+    patches = {"solid": 0, "patterned": 0}
+    for index in range(30):
+        scene = render_scene(scene_rng(7, index))
+        brightness = scene.image.astype(np.float32).max(axis=2)
+        for segment in scene.things:
+            category = CATEGORY_BY_ID[segment.category_id]
+            values = brightness[segment.mask]
+            dark = values < 0.6 * np.median(values[values >= np.percentile(values, 60)])
+            if category["pattern"] == "solid":
+                assert dark.mean() < 0.02
+                patches["solid"] += 1
+                continue
+            for top in range(0, 121, 8):
+                for left in range(0, 121, 8):
+                    if segment.mask[top:top + 8, left:left + 8].all():
+                        patch = brightness[top:top + 8, left:left + 8]
+                        reference = np.median(values[values >= np.percentile(values, 60)])
+                        marks = (patch < 0.6 * reference).mean()
+                        assert 0.05 < marks < 0.95, (index, category["name"], top, left, marks)
+                        patches["patterned"] += 1
+    assert patches["solid"] >= 5 and patches["patterned"] >= 100
 
 
 def test_panoptic_id_colour_encoding():

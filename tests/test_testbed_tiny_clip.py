@@ -50,17 +50,17 @@ def test_batch_has_one_crop_per_class_then_captioned_regions(pool):
 
 
 def test_region_caption_names_what_the_box_shows():
-    """10 x 10 scene: grass, a red circle in rows/cols 0-3, a blue square in rows/cols 6-9."""
+    """10 x 10 scene: grass, a red striped object in rows/cols 0-3, a blue dotted one in rows/cols 6-9."""
     segment_map = np.zeros((1, 10, 10), dtype=np.uint8)
     segment_map[0, :4, :4] = 1
     segment_map[0, 6:, 6:] = 2
-    parts = [[(STUFF_ID["grass"], 68), (THING_ID[("circle", "red")], 16), (THING_ID[("square", "blue")], 16)]]
+    parts = [[(STUFF_ID["grass"], 68), (THING_ID[("striped", "red")], 16), (THING_ID[("dotted", "blue")], 16)]]
     pool = ScenePool(torch.zeros(1, 3, 10, 10, dtype=torch.uint8), ["scene"], torch.zeros(0, 6), segment_map, parts)
-    # the whole circle and 9/25 grass are inside; the square is not
-    assert pool.region_caption(0, (0, 0, 5, 5)) == "a photo of a red circle on grass."
-    # 1/16 of the circle (2% of the box) is not named; the square covers 16/49 of the box
-    assert pool.region_caption(0, (3, 3, 10, 10)) == "a photo of a blue square on grass."
-    assert pool.region_caption(0, (0, 0, 2, 2)) == "a photo of a red circle."
+    # the whole striped object and 9/25 grass are inside; the dotted one is not
+    assert pool.region_caption(0, (0, 0, 5, 5)) == "a photo of a red striped object on grass."
+    # 1/16 of the striped object (2% of the box) is not named; the dotted one covers 16/49 of the box
+    assert pool.region_caption(0, (3, 3, 10, 10)) == "a photo of a blue dotted object on grass."
+    assert pool.region_caption(0, (0, 0, 2, 2)) == "a photo of a red striped object."
 
 
 def test_sampler_refuses_a_pool_that_lacks_classes():

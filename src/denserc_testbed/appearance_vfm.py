@@ -45,7 +45,7 @@ class AppearanceFeatures(nn.Module):
         self.patch_embed = PatchGrid(patch_size)
         levels = (torch.arange(colour_levels, dtype=torch.float32) + 0.5) / colour_levels
         prototypes = torch.cartesian_prod(levels, levels, levels)  # (levels^3, 3) RGB
-        self.register_buffer("prototypes", prototypes.view(1, -1, 3, 1, 1), persistent=False)
+        self.register_buffer("prototypes", prototypes, persistent=False)
         sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
         self.register_buffer("sobel", torch.stack([sobel, sobel.T])[:, None], persistent=False)
         self.colour_sigma = colour_sigma
@@ -60,11 +60,14 @@ class AppearanceFeatures(nn.Module):
         if images.shape[-2] % patch or images.shape[-1] % patch:
             raise ValueError(f"{VFM_NAME}: image size {tuple(images.shape[-2:])} is not a multiple of the "
                              f"patch size {patch}")
-        distance = (images[:, None] - self.prototypes).pow(2).sum(dim=2)  # (B, K, H, W)
+        # squared distance to every prototype, |x|^2 - 2 x.p + |p|^2, as a 1 x 1 convolution (no (B, K, 3, H, W) tensor)
+        prototypes = self.prototypes.view(-1, 3, 1, 1)
+        distance = (images.square().sum(dim=1, keepdim=True) - 2 * F.conv2d(images, prototypes)
+                    + prototypes.square().sum(dim=1).view(1, -1, 1, 1))  # (B, K, H, W)
         colour = torch.softmax(-distance / (2 * self.colour_sigma ** 2), dim=1)
         gray = F.pad(images.mean(dim=1, keepdim=True), (1, 1, 1, 1), mode="replicate")
         gradient = F.conv2d(gray, self.sobel)  # (B, 2, H, W): d/dx, d/dy
-        magnitude = gradient.norm(dim=1)
+        magnitude = torch.hypot(gradient[:, 0], gradient[:, 1])  # as norm(dim=1), without its slow strided path
         angle = torch.atan2(gradient[:, 1], gradient[:, 0]) % math.pi
         bins = (angle / math.pi * self.orientations).long().clamp(max=self.orientations - 1)
         texture = F.one_hot(bins, self.orientations).permute(0, 3, 1, 2) * magnitude[:, None]

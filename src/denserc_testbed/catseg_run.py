@@ -5,7 +5,7 @@ the *seen* classes (``HELD_OUT`` pixels are 255, negatives for every training cl
 then segments held-out scenes with the full vocabulary; mIoU is reported over the seen and the
 unseen classes separately, for every CLIP given (the shipped tiny CLIP and a distilled one).
 
-The held-out classes are one colour per shape (a Latin-square pick, so every shape and colour word
+The held-out classes are one colour per pattern (a Latin-square pick, so every pattern and colour word
 still occurs in training) and one stuff class. The split is written once under ``OUTPUT/data``
 (``train`` and ``val``), training goes through ``denserc catseg train``'s task and engine with
 ``catseg_testbed.yaml``, evaluation through ``denserc catseg eval``'s code.
@@ -33,11 +33,11 @@ from .evaluation import CLASS_NAMES_FILE, DATASET, TRAIN_SPLIT, prepare_split
 from .settings import CATSEG_TRAIN_IMAGES, COMPARED_CLIPS, EVAL_IMAGES, EVAL_SEED
 from .scenes import SceneConfig
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
-from .vocabulary import CATEGORIES, COLOURS, SHAPES, STUFF_ID, THING_ID, label_of
+from .vocabulary import CATEGORIES, COLOURS, PATTERNS, STUFF_ID, THING_ID, label_of
 
 CONFIG = Path(__file__).parent / "catseg_testbed.yaml"
 TRAIN_SEED = 3_000_000  # disjoint from pretraining (0, 1_000_000), distillation and evaluation (2_000_000)
-HELD_OUT = sorted([label_of(THING_ID[(shape, list(COLOURS)[i % len(COLOURS)])]) for i, shape in enumerate(SHAPES)]
+HELD_OUT = sorted([label_of(THING_ID[(pattern, list(COLOURS)[i % len(COLOURS)])]) for i, pattern in enumerate(PATTERNS)]
                   + [label_of(STUFF_ID["gravel"])])
 
 

@@ -70,9 +70,9 @@ def register_run(subparsers) -> None:
 
 def register_probe(subparsers) -> None:
     parser = subparsers.add_parser(
-        "testbed-probe", help="how much of an object's colour and shape a testbed CLIP's features hold",
-        description="Zero-shot class/colour/shape accuracy of thing regions (dense and global) and linear "
-                    "probes of colour and shape per layer, on the testbed's held-out split (docs/testbed.md).")
+        "testbed-probe", help="how much of an object's class, colour and pattern a testbed CLIP's features hold",
+        description="Zero-shot class/colour/pattern accuracy of thing regions (dense and global) and linear "
+                    "probes of class, colour and pattern per layer, on the testbed's held-out split (docs/testbed.md).")
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="'testbed' (the shipped tiny CLIP), a weights file written by pretrain-testbed, "
                              "or a saved model folder, e.g. runs/testbed/runs/hsg-seed0/final")

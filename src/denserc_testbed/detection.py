@@ -1,8 +1,8 @@
 """The testbed's open-vocabulary detection split and its CPU experiment (``denserc testbed-detect``).
 
-Split ``ov-testbed``: the 48 shape x colour thing classes; the 12 with (shape index + colour index)
-divisible by 4 are novel, the other 36 base. Every shape and every colour occurs among the base
-classes, so a novel class ("green star") is a new combination of a seen shape and a seen colour, and
+Split ``ov-testbed``: the 48 colour x pattern thing classes; the 12 with (pattern index + colour index)
+divisible by 4 are novel, the other 36 base. Every pattern and every colour occurs among the base
+classes, so a novel class ("green dotted") is a new combination of a seen pattern and a seen colour, and
 only the text embedding can tell the detector what it looks like. Novel boxes are never used in
 training (the detection dataset drops them).
 
@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from denserc.detect.protocols import Protocol, Split
 from denserc.io import save_json
 from .coco import write_split
-from .vocabulary import COLOURS, SHAPES
+from .vocabulary import COLOURS, PATTERNS
 
 PROTOCOL = "ov-testbed"
 TRAIN_SEED = 3_000_000  # scene seeds apart from CLIP pretraining (0, 1_000_000) and evaluation (2_000_000)
@@ -32,20 +32,20 @@ COLOUR_NAMES = tuple(COLOURS)
 
 
 def is_novel(category: dict) -> bool:
-    return (SHAPES.index(category["shape"]) + COLOUR_NAMES.index(category["colour"])) % 4 == 0
+    return (PATTERNS.index(category["pattern"]) + COLOUR_NAMES.index(category["colour"])) % 4 == 0
 
 
 def ov_testbed_split(categories: Sequence[dict]) -> Split:
     """The testbed's thing categories (an ``instances_*.json`` of ``write_split``) with the novel rule."""
-    by_name = {f"{colour} {shape}": (shape, colour) for shape in SHAPES for colour in COLOUR_NAMES}
+    by_name = {f"{colour} {pattern}": (pattern, colour) for pattern in PATTERNS for colour in COLOUR_NAMES}
     unknown = [c["name"] for c in categories if c["name"] not in by_name]
     if unknown:
-        raise ValueError(f"ov-testbed expects the testbed's thing categories ('red circle', ...); got {unknown[:5]}")
+        raise ValueError(f"ov-testbed expects the testbed's thing categories ('red solid', ...); got {unknown[:5]}")
     ordered = sorted(categories, key=lambda c: c["id"])
     flags = []
     for category in ordered:
-        shape, colour = by_name[category["name"]]
-        flags.append(is_novel({"shape": shape, "colour": colour}))
+        pattern, colour = by_name[category["name"]]
+        flags.append(is_novel({"pattern": pattern, "colour": colour}))
     return Split(tuple(c["id"] for c in ordered), tuple(c["name"] for c in ordered), tuple(flags))
 
 

@@ -3,7 +3,7 @@
 The split is written in the COCO-panoptic layout that ``denserc.eval`` reads for region
 classification, and the plug-in registers ``LAYOUT`` as the segmentation dataset ``testbed`` (labels
 from ``annotations/semantic_{split}``), so both protocols run unchanged on generated scenes. Class
-queries are the phrases the tiny CLIP was pretrained with ("a red star", "an orange ring",
+queries are the phrases the tiny CLIP was pretrained with ("a red striped object", "an orange dotted object",
 "grass") and the prompt templates are the pretraining templates; both are written beside the split.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Procedural scenes: shape x colour objects on textured stuff backgrounds, with exact annotations.
+"""Procedural scenes: colour x pattern objects of random shapes on textured stuff backgrounds, with exact annotations.
 
 A scene is a pure function of its seed and ``SceneConfig``. The background is split into 1..max_stuff
 wavy regions, each filled with one stuff texture; objects are pasted on top with hard edges, so
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .vocabulary import (CATEGORY_BY_ID, COLOURS, SHAPES, STUFF, STUFF_ID, THING_ID, VOID_LABEL,
+from .vocabulary import (CATEGORY_BY_ID, COLOURS, PATTERNS, SHAPES, STUFF, STUFF_ID, THING_ID, VOID_LABEL,
                          label_of, phrase)
 
 MAX_SEGMENT_ID = 2 ** 24 - 1  # a panoptic PNG stores ids as R + 256 G + 256^2 B
@@ -60,6 +60,7 @@ class Segment:
     id: int
     category_id: int
     mask: np.ndarray  # (H, W) bool
+    shape: str | None = None  # an object's outline (not part of its class); None for stuff
 
     @property
     def isthing(self) -> bool:
@@ -112,7 +113,7 @@ class Scene:
 
 
 def scene_caption(segments: list[Segment]) -> str:
-    """"a photo of a red star, a blue ring on grass and sand." for a scene's segments."""
+    """"a photo of a red dotted object and a blue solid object on grass and sand." for a scene's segments."""
     return caption_of([(s.category_id, s.area) for s in segments])
 
 
@@ -152,28 +153,33 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
         image[regions == index] = texture[regions == index]
 
     objects: list[tuple[int, np.ndarray, np.ndarray]] = []  # (category id, full mask, visible mask)
+    shapes: list[str] = []
     for _ in range(int(rng.integers(config.min_objects, config.max_objects + 1))):
         placed = _place_object(rng, config, objects)
         if placed is None:
             continue
-        category_id, mask = placed
+        category_id, shape, mask, angle, diameter = placed
         for i, (other_id, other_full, other_visible) in enumerate(objects):
             objects[i] = (other_id, other_full, other_visible & ~mask)
         objects.append((category_id, mask, mask.copy()))
-        colour = CATEGORY_BY_ID[category_id]["colour"]
-        image[mask] = _object_appearance(rng, COLOURS[colour], mask)[mask]
+        shapes.append(shape)
+        category = CATEGORY_BY_ID[category_id]
+        appearance = _object_appearance(rng, COLOURS[category["colour"]], mask)
+        marks = _pattern_marks(rng, category["pattern"], mask, angle, diameter)
+        appearance[marks] *= MARK_DARKNESS
+        image[mask] = appearance[mask]
 
     covered = np.zeros((size, size), dtype=bool)
     pieces = []
-    for category_id, _, visible in objects:
-        pieces.append((category_id, visible))
+    for (category_id, _, visible), shape in zip(objects, shapes):
+        pieces.append((category_id, visible, shape))
         covered |= visible
     for index, stuff_id in enumerate(stuff_ids):
         visible = (regions == index) & ~covered
         if visible.any():
-            pieces.append((stuff_id, visible))
+            pieces.append((stuff_id, visible, None))
     ids = rng.choice(MAX_SEGMENT_ID, size=len(pieces), replace=False) + 1
-    segments = [Segment(int(i), category_id, mask) for i, (category_id, mask) in zip(ids, pieces)]
+    segments = [Segment(int(i), *piece) for i, piece in zip(ids, pieces)]
     return Scene(np.clip(np.rint(image), 0, 255).astype(np.uint8), segments)
 
 
@@ -199,10 +205,12 @@ def _stuff_layout(rng: np.random.Generator, config: SceneConfig) -> tuple[list[i
                        f"{config.min_stuff_fraction:.0%} each in 100 tries; lower min_stuff_fraction")
 
 
-def _place_object(rng, config: SceneConfig, objects) -> tuple[int, np.ndarray] | None:
-    """A random object whose mask leaves each earlier object ``min_visible`` visible, or None."""
+def _place_object(rng, config: SceneConfig, objects) -> tuple[int, str, np.ndarray, float, float] | None:
+    """A random object (category id, shape, mask, angle, diameter) whose mask leaves each earlier
+    object ``min_visible`` visible, or None."""
     size = config.image_size
     shape = SHAPES[rng.integers(len(SHAPES))]
+    pattern = PATTERNS[rng.integers(len(PATTERNS))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     for _ in range(config.placement_tries):
         diameter = rng.uniform(config.min_object_size, config.max_object_size)
@@ -213,7 +221,7 @@ def _place_object(rng, config: SceneConfig, objects) -> tuple[int, np.ndarray] |
         if not mask.any():
             continue
         if all((visible & ~mask).sum() >= config.min_visible * full.sum() for _, full, visible in objects):
-            return THING_ID[(shape, colour)], mask
+            return THING_ID[(pattern, colour)], shape, mask, angle, diameter
     return None
 
 
@@ -278,6 +286,42 @@ def _object_appearance(rng, rgb, mask: np.ndarray) -> np.ndarray:
     shading = 1.0 + rng.uniform(0.0, 0.25) * ((grid_x - cx) * direction[0] + (grid_y - cy) * direction[1]) / extent
     noise = rng.normal(0.0, 6.0, size=(size, size, 3)).astype(np.float32)
     return base * shading[..., None] + noise
+
+
+# ---------------------------------------------------------------------------------- patterns
+MARK_DARKNESS = 0.35  # a pattern's marks are the object's own colour at this brightness
+MARKS_PER_OBJECT = (5.5, 7.5)  # pattern periods across the object's diameter: marks scale with the object
+
+
+def _pattern_marks(rng, pattern: str, mask: np.ndarray, angle: float, diameter: float) -> np.ndarray:
+    """(H, W) bool: the pixels of a pattern's marks, in the object's rotated frame with a random phase.
+
+    The period is the object's diameter over ``MARKS_PER_OBJECT`` (4-13 px at the default sizes), so
+    every 8 x 8 patch of an object shows its pattern and a crop resized to the CLIP's input shows it
+    at about the same scale whatever the object's size.
+    """
+    if pattern == "solid":
+        return np.zeros_like(mask)
+    period = diameter / rng.uniform(*MARKS_PER_OBJECT)
+    size = mask.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    cos, sin = math.cos(angle), math.sin(angle)
+    u = (cos * xs + sin * ys) / period + rng.uniform(0, 1)  # period units along the object's own axes
+    v = (-sin * xs + cos * ys) / period + rng.uniform(0, 1)
+    frac_u, frac_v = u - np.floor(u), v - np.floor(v)
+    if pattern == "striped":
+        return frac_u < 0.5
+    if pattern == "dotted":
+        return (frac_u - 0.5) ** 2 + (frac_v - 0.5) ** 2 < 0.3 ** 2
+    if pattern == "checkered":
+        return (np.floor(2 * u) + np.floor(2 * v)) % 2 == 0
+    if pattern == "zigzag":
+        chevron = u + np.abs(frac_v - 0.5)
+        return chevron - np.floor(chevron) < 0.45
+    if pattern == "hatched":
+        diagonal_a, diagonal_b = (u + v) / 1.414, (u - v) / 1.414
+        return (diagonal_a - np.floor(diagonal_a) < 0.22) | (diagonal_b - np.floor(diagonal_b) < 0.22)
+    raise KeyError(f"unknown pattern {pattern!r} (expected one of {PATTERNS})")
 
 
 # ---------------------------------------------------------------------------------- textures

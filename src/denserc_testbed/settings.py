@@ -18,12 +18,12 @@ CATSEG_TRAIN_IMAGES = 1000
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 1200
     train_scenes: int = 5000
     held_out_scenes: int = 400
     regions_per_batch: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
-    eval_every: int = 250
+    eval_every: int = 300
     threads: int = 1  # CPU threads; one thread is several times faster than two on a shared 2-core machine

@@ -1,4 +1,8 @@
-"""The testbed's class vocabulary: shape x colour "thing" classes and textured "stuff" backgrounds.
+"""The testbed's class vocabulary: colour x surface-pattern "thing" classes and textured "stuff" backgrounds.
+
+A thing's class is its colour and its surface pattern, both visible in every part of it (as a real
+object's class shows in its parts: fur, wheels, leaves); its outline shape is drawn at random from
+``SHAPES`` and is not part of its class.
 
 Category ids are contiguous from 1 (things first, then stuff), as listed in ``CATEGORIES``; the
 per-pixel label maps use the 0-based position in that list (``label = category_id - 1``) and 255
@@ -6,7 +10,8 @@ for void, like COCO-Stuff's label PNGs.
 """
 from __future__ import annotations
 
-SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ring", "crescent")
+# Surface patterns of the thing classes (docs/testbed.md draws them): dark marks on the object's colour.
+PATTERNS = ("solid", "striped", "dotted", "checkered", "zigzag", "hatched")
 
 # Base colours (RGB) of the thing classes; each object jitters hue, saturation and brightness.
 COLOURS = {
@@ -14,13 +19,18 @@ COLOURS = {
     "orange": (245, 140, 20),
     "yellow": (240, 220, 40),
     "green": (40, 185, 70),
+    "cyan": (30, 200, 200),
     "blue": (40, 80, 225),
     "purple": (150, 55, 205),
+    "pink": (240, 90, 180),
 }
+
+# Outline shapes: an attribute of every object, drawn at random, not part of its class.
+SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ring", "crescent")
 
 STUFF = ("grass", "water", "sand", "bricks", "gravel")
 
-# Prompt templates, filled with a class phrase ("a red star", "an orange ring", "grass"): used to
+# Prompt templates, filled with a class phrase ("a red striped object", "grass"): used to
 # caption crops during pretraining and averaged into the zero-shot classifiers.
 TEMPLATES = (
     "a photo of {}.",
@@ -34,10 +44,10 @@ VOID_LABEL = 255
 
 def _build_categories() -> list[dict]:
     categories = []
-    for shape in SHAPES:
+    for pattern in PATTERNS:
         for colour, rgb in COLOURS.items():
-            categories.append({"id": len(categories) + 1, "name": f"{colour} {shape}", "supercategory": shape,
-                               "isthing": 1, "color": list(rgb), "shape": shape, "colour": colour})
+            categories.append({"id": len(categories) + 1, "name": f"{colour} {pattern}", "supercategory": pattern,
+                               "isthing": 1, "color": list(rgb), "pattern": pattern, "colour": colour})
     stuff_colours = {"grass": (70, 140, 50), "water": (40, 100, 180), "sand": (215, 190, 140),
                      "bricks": (165, 70, 50), "gravel": (130, 130, 125)}
     for name in STUFF:
@@ -50,7 +60,7 @@ CATEGORIES = _build_categories()
 THING_CATEGORIES = [c for c in CATEGORIES if c["isthing"]]
 STUFF_CATEGORIES = [c for c in CATEGORIES if not c["isthing"]]
 CATEGORY_BY_ID = {c["id"]: c for c in CATEGORIES}
-THING_ID = {(c["shape"], c["colour"]): c["id"] for c in THING_CATEGORIES}
+THING_ID = {(c["pattern"], c["colour"]): c["id"] for c in THING_CATEGORIES}
 STUFF_ID = {c["name"]: c["id"] for c in STUFF_CATEGORIES}
 CLASS_NAMES = [c["name"] for c in CATEGORIES]
 
@@ -61,12 +71,12 @@ def coco_category(category: dict) -> dict:
 
 
 def phrase(category_id: int) -> str:
-    """The class as a caption phrase: "a red star", "an orange ring", or a stuff name ("grass")."""
+    """The class as a caption phrase: "a red striped object", "an orange dotted object", or a stuff name."""
     category = CATEGORY_BY_ID[category_id]
     if not category["isthing"]:
         return category["name"]
     article = "an" if category["name"][0] in "aeiou" else "a"
-    return f"{article} {category['name']}"
+    return f"{article} {category['name']} object"
 
 
 def label_of(category_id: int) -> int:
