@@ -22,8 +22,8 @@ def test_our_side_runs_a_fixed_grid_without_a_vfm_and_its_phases_add_up_to_the_s
     monkeypatch.setattr(denserc.train.trainer, "sample_grid_boxes", denserc.train.trainer.sample_grid_boxes)
     crops = []
     monkeypatch.setattr(denserc.train.trainer.Teacher, "encode",
-                        lambda self, chunk, original=denserc.train.trainer.Teacher.encode:
-                        crops.append(len(chunk)) or original(self, chunk))
+                        lambda self, chunk, workspace=None, original=denserc.train.trainer.Teacher.encode:
+                        crops.append(len(chunk)) or original(self, chunk, workspace))
     monkeypatch.setattr(denserc.train.trainer, "VFM", lambda *a, **k: pytest.fail("a VFM was built"))
     step = build_ours(construction="x+v", gating="none", model=TINY, size=64, batch=2, grid=3, batches=2,
                       output_dir=str(tmp_path))
