@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import sys
 import time
 from pathlib import Path
@@ -59,11 +58,9 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
+    from ..distributed import run_training_command
     from ..train.checkpoint import resume_checkpoint
     from ..train.config import ConfigError, dump_config
-    from ..distributed import cleanup_distributed, setup_distributed
     from ..train.engine import Engine
     from .config import load_config
     from .task import CATSegTask
@@ -74,24 +71,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    output_dir = Path(config.train.output_dir or Path("runs") / Path(args.config).name.removesuffix(".yaml"))
+    def fit(env, output_dir):
+        checkpoint = resume_checkpoint(output_dir, args.resume, env)
+        return Engine(CATSegTask(config, env), config, env, output_dir).fit(checkpoint)
+
     try:
-        env = setup_distributed(config.train.device)
-    except RuntimeError as error:
+        env, final = run_training_command(config, args.config, fit)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:  # bad config, data or weights
         return _report("train", error)
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
-    try:
-        try:
-            checkpoint = resume_checkpoint(output_dir, args.resume, env)
-            engine = Engine(CATSegTask(config, env), config, env, output_dir)
-        except (ValueError, RuntimeError, FileNotFoundError) as error:  # bad config, data or weights
-            return _report("train", error)
-        with logging_redirect_tqdm():
-            final = engine.fit(checkpoint)
-    finally:
-        cleanup_distributed()
     if env.is_main:
         print(f"denserc catseg train: done; segmenter in {final} (denserc catseg eval --model {final} ...)")
     return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -66,11 +65,8 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from ..train.config import ConfigError
-    from ..distributed import cleanup_distributed, setup_distributed
-    from ..train.config import dump_config
+    from ..distributed import run_training_command
+    from ..train.config import ConfigError, dump_config
     from .config import load_detect_config
     try:
         config = load_detect_config(args.config, args.overrides)
@@ -79,22 +75,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    output_dir = Path(config.train.output_dir or Path("runs") / Path(args.config).name.removesuffix(".yaml"))
-    try:
-        env = setup_distributed(config.train.device)
-    except RuntimeError as error:
-        return _fail("train", str(error))
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
     from .task import train_detector
     try:
-        with logging_redirect_tqdm():
-            final = train_detector(config, env, output_dir, args.resume)
+        env, final = run_training_command(config, args.config, lambda env, output_dir: train_detector(
+            config, env, output_dir, args.resume))
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         return _fail("train", str(error))
-    finally:
-        cleanup_distributed()
     if not env.is_main:
         return 0
     print(f"denserc detect train: done; detector in {final} (load with denserc.detect.load('{final}'))")

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
 from .shipped import available_configs
 
@@ -41,9 +39,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm.contrib.logging import logging_redirect_tqdm  # here, not at the top: `--help` stays free of torch
-
-    from ..distributed import cleanup_distributed, setup_distributed
+    from ..distributed import run_training_command  # here, not at the top: `--help` stays free of torch
     from .config import ConfigError, dump_config, load_config
     from .trainer import train
     name, overrides = args.config, list(args.overrides)
@@ -62,22 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    output_dir = Path(config.train.output_dir or Path("runs") / Path(name).name.removesuffix(".yaml"))
     try:
-        env = setup_distributed(config.train.device)
-    except RuntimeError as error:
-        return _report(error)
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
-    try:
-        with logging_redirect_tqdm():
-            final = train(config, env, output_dir, args.resume)
+        env, final = run_training_command(config, name, lambda env, output_dir: train(config, env, output_dir,
+                                                                                    args.resume))
     # bad config, data or weights, an unreadable image under data.strict=true: the message names the problem
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         return _report(error)
-    finally:
-        cleanup_distributed()
     if env.is_main:
         print(f"denserc train: done; model in {final} (load with denserc.load('{final}'))")
     return 0
