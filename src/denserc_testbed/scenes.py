@@ -152,17 +152,15 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
         texture = TEXTURES[CATEGORY_BY_ID[stuff_id]["name"]](rng, size)
         image[regions == index] = texture[regions == index]
 
-    objects: list[tuple[int, np.ndarray, np.ndarray]] = []  # (category id, full mask, visible mask)
-    shapes: list[str] = []
+    objects: list[tuple[int, str, np.ndarray, np.ndarray]] = []  # (category id, shape, full mask, visible mask)
     for _ in range(int(rng.integers(config.min_objects, config.max_objects + 1))):
         placed = _place_object(rng, config, objects)
         if placed is None:
             continue
         category_id, shape, mask, angle, diameter = placed
-        for i, (other_id, other_full, other_visible) in enumerate(objects):
-            objects[i] = (other_id, other_full, other_visible & ~mask)
-        objects.append((category_id, mask, mask.copy()))
-        shapes.append(shape)
+        for i, (*other, other_visible) in enumerate(objects):
+            objects[i] = (*other, other_visible & ~mask)
+        objects.append((category_id, shape, mask, mask.copy()))
         category = CATEGORY_BY_ID[category_id]
         appearance = _object_appearance(rng, COLOURS[category["colour"]], mask)
         marks = _pattern_marks(rng, category["pattern"], mask, angle, diameter)
@@ -171,7 +169,7 @@ def render_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) 
 
     covered = np.zeros((size, size), dtype=bool)
     pieces = []
-    for (category_id, _, visible), shape in zip(objects, shapes):
+    for category_id, shape, _, visible in objects:
         pieces.append((category_id, visible, shape))
         covered |= visible
     for index, stuff_id in enumerate(stuff_ids):
@@ -220,7 +218,7 @@ def _place_object(rng, config: SceneConfig, objects) -> tuple[int, str, np.ndarr
         mask = _shape_mask(shape, centre, diameter, angle, size)
         if not mask.any():
             continue
-        if all((visible & ~mask).sum() >= config.min_visible * full.sum() for _, full, visible in objects):
+        if all((visible & ~mask).sum() >= config.min_visible * full.sum() for *_, full, visible in objects):
             return THING_ID[(pattern, colour)], shape, mask, angle, diameter
     return None
 
