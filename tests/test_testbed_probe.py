@@ -8,7 +8,8 @@ import denserc
 from denserc.cli import main
 from denserc_testbed.crops import ScenePool
 from denserc_testbed.evaluation import SPLIT, evaluate
-from denserc_testbed.probe import attribute_accuracy, linear_probe, load_testbed_model, probe, thing_attributes
+from denserc_testbed.probe import (attribute_accuracy, linear_probe, load_testbed_model, probe, select_weight_decay,
+                                   thing_attributes)
 from denserc_testbed.run import EVAL_SEED
 from denserc_testbed.tiny_clip import pretrained_path
 
@@ -42,6 +43,22 @@ def test_linear_probe_reads_what_the_features_hold():
     constant = torch.ones(90, 4)
     train, test = torch.tensor([2] * 40 + [0] * 20), torch.tensor([2] * 3 + [1] * 7)
     assert linear_probe(constant[:60], train, constant[:10], test, 3) == pytest.approx(30.0)
+
+
+def test_the_probe_strength_is_chosen_on_training_examples_only():
+    """Ten separable classes, half the examples in class 0: a strong penalty leaves the probe predicting
+    class 0 alone, a weak one separates them; the choice follows the training examples' validation fifth."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 40, generator=generator)
+    labels = torch.cat([torch.zeros(150, dtype=torch.long), torch.arange(1, 10).repeat(15)])
+    labels = labels[torch.randperm(len(labels), generator=generator)]
+    features = centres[labels] + 0.5 * torch.randn(len(labels), 40, generator=generator)
+    train_x, train_y, test_x, test_y = features[:200], labels[:200], features[200:], labels[200:]
+    majority = 100 * (test_y == 0).float().mean().item()
+    assert linear_probe(train_x, train_y, test_x, test_y, 10, weight_decay=1e3) == pytest.approx(majority)
+    assert select_weight_decay(train_x, train_y, 10, (1e3, 1e-4)) == 1e-4
+    assert select_weight_decay(train_x, train_y, 10, (1e-4, 1e3)) == 1e-4
+    assert linear_probe(train_x, train_y, test_x, test_y, 10) == 100.0
 
 
 @pytest.mark.slow
