@@ -279,6 +279,18 @@ def test_eva_qq_is_self_self_attention_with_rope_on_both_sides(eva, images):
     torch.testing.assert_close(dense, to_grid(expected, 14, 14), rtol=1e-4, atol=1e-5)
 
 
+def test_eva_queries_for_some_patches_are_refused(eva, images):
+    """Leading queries skip RoPE, so they may only be the prefix (class) tokens or every token."""
+    tower = variant(eva, construction="v", gating="qq").tower
+    block = eva.visual.trunk.blocks[-1]
+    x, rope = block_inputs(eva.visual.trunk, images)[-1]
+    with torch.no_grad():
+        q, k, v = tower.queries_keys_values(block, block.norm1(x), rope, 1)
+        assert q.shape[2] == 1 and k.shape[2] == v.shape[2] == x.shape[1]
+        with pytest.raises(ValueError, match="queries for 3 of 197 tokens: only the 1 prefix tokens or all"):
+            tower.queries_keys_values(block, block.norm1(x), rope, 3)
+
+
 def test_eva_x_plus_v_is_clipselfs_forward_without_attn(eva, images):
     """CLIPSelf's EVA ``forward_without_attn``: x + gamma_1 * proj(norm(v(norm1 x))), then the MLP residual."""
     block = eva.visual.trunk.blocks[-1]

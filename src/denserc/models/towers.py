@@ -132,9 +132,19 @@ class Tower(abc.ABC):
         """Per-head values of normed tokens, heads concatenated: (B, T, H * d)."""
 
     @abc.abstractmethod
+    def queries_keys_values(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None,
+                            count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of normed tokens as the block's attention makes them (q/k norms, RoPE): (B, heads, count, d)
+        queries of the first ``count`` tokens (all when None; only those are projected), (B, heads, T, d)
+        keys and values. A ``count`` short of all tokens is at most the prefix tokens (they carry no RoPE)."""
+
     def attend(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, *, self_self: bool,
                first_query: int) -> torch.Tensor:
-        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``) for queries ``u[:, first_query:]``."""
+        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``) for queries ``u[:, first_query:]``,
+        before the output projection, heads concatenated."""
+        q, k, v = self.queries_keys_values(block, u, rope)
+        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
+        return out.transpose(1, 2).flatten(2)
 
     @abc.abstractmethod
     def attention_out(self, block: nn.Module, values: torch.Tensor) -> torch.Tensor:
@@ -160,12 +170,12 @@ class Tower(abc.ABC):
         """How many leading tokens of the last block's output ``pool_global`` reads; None: it reads them all."""
         return None
 
-    @abc.abstractmethod
     def attend_leading(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None,
                        count: int) -> torch.Tensor:
         """The block's attention before its output projection (B, count, H * d) for the first ``count`` normed
-        tokens as queries, keys and values from all tokens; queries are only projected for those tokens.
-        ``count`` is at most the number of prefix tokens (they carry no RoPE)."""
+        tokens as queries, keys and values from all tokens."""
+        q, k, v = self.queries_keys_values(block, u, rope, count)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
     def run_block_leading(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
                           count: int) -> torch.Tensor:
@@ -256,9 +266,9 @@ class OpenCLIPTower(Tower):
         width = u.shape[-1]
         return F.linear(u, block.attn.in_proj_weight[2 * width:], block.attn.in_proj_bias[2 * width:])
 
-    def attend(self, block: ResidualAttentionBlock, u: torch.Tensor, rope: None, *, self_self: bool,
-               first_query: int) -> torch.Tensor:
-        return _mha_attention(block.attn, u, self_self=self_self, first_query=first_query)
+    def queries_keys_values(self, block: ResidualAttentionBlock, u: torch.Tensor, rope: None,
+                            count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _mha_queries_keys_values(block.attn, u, count)
 
     def attention_out(self, block: ResidualAttentionBlock, values: torch.Tensor) -> torch.Tensor:
         return block.ls_1(block.attn.out_proj(values))
@@ -280,18 +290,6 @@ class OpenCLIPTower(Tower):
 
     def pooled_tokens(self) -> int:
         return 1  # token pooling of the class token (``problems`` refuses every other pooling)
-
-    def attend_leading(self, block: ResidualAttentionBlock, u: torch.Tensor, rope: None, count: int) -> torch.Tensor:
-        attn = block.attn
-        batch, tokens, width = u.shape
-        heads = attn.num_heads
-        weight, bias = attn.in_proj_weight, attn.in_proj_bias
-        q = F.linear(u[:, :count], weight[:width], None if bias is None else bias[:width])
-        kv = F.linear(u, weight[width:], None if bias is None else bias[width:])
-        q = q.view(batch, count, heads, width // heads).transpose(1, 2)
-        k, v = kv.view(batch, tokens, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(batch, count, width)
 
 
 class TimmViTTower(Tower):
@@ -407,19 +405,19 @@ class TimmViTTower(Tower):
         bias = attn.qkv.bias[2 * size:] if attn.qkv.bias is not None else None
         return F.linear(u, attn.qkv.weight[2 * size:], bias)
 
-    def queries_keys_values(self, block: nn.Module, u: torch.Tensor,
-                            rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, heads, T, d) q, k, v as the block's attention makes them (q/k norms included)."""
+    def queries_keys_values(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None,
+                            count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """timm's fused qkv projection split in two, so that queries can be made for the leading tokens only."""
         attn = block.attn
         batch, tokens, _ = u.shape
-        q, k, v = attn.qkv(u).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        count = tokens if count is None else count
+        size = attn.num_heads * attn.head_dim
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(u[:, :count], weight[:size], None if bias is None else bias[:size])
+        kv = F.linear(u, weight[size:], None if bias is None else bias[size:])
+        q = q.view(batch, count, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k, v = kv.view(batch, tokens, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         return attn.q_norm(q), attn.k_norm(k), v
-
-    def attend(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, *, self_self: bool,
-               first_query: int) -> torch.Tensor:
-        q, k, v = self.queries_keys_values(block, u, rope)
-        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
-        return out.transpose(1, 2).flatten(2)
 
     def attention_out(self, block: nn.Module, values: torch.Tensor) -> torch.Tensor:
         return block.ls1(block.attn.proj(block.attn.norm(values)))
@@ -450,23 +448,6 @@ class TimmViTTower(Tower):
             return 1
         return None
 
-    def leading_queries_keys_values(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None,
-                                    count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, heads, count, d) queries of the first ``count`` tokens, (B, heads, T, d) keys and values."""
-        attn = block.attn
-        batch, tokens, _ = u.shape
-        size = attn.num_heads * attn.head_dim
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(u[:, :count], weight[:size], None if bias is None else bias[:size])
-        kv = F.linear(u, weight[size:], None if bias is None else bias[size:])
-        q = q.view(batch, count, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k, v = kv.view(batch, tokens, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        return attn.q_norm(q), attn.k_norm(k), v
-
-    def attend_leading(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, count: int) -> torch.Tensor:
-        q, k, v = self.leading_queries_keys_values(block, u, rope, count)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-
 
 class EvaTower(TimmViTTower):
     """open_clip ``TimmModel`` over timm's ``Eva`` (EVA-02-CLIP): RoPE, inner attention LayerNorm, SwiGLU."""
@@ -496,47 +477,34 @@ class EvaTower(TimmViTTower):
         size = attn.num_heads * attn.head_dim
         return F.linear(u, attn.qkv.weight[2 * size:], attn.v_bias)
 
-    def queries_keys_values(self, block: EvaBlock, u: torch.Tensor,
-                            rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """EvaAttention's q, k, v: separate or fused projections, q/k norms, RoPE on the non-prefix tokens."""
+    def queries_keys_values(self, block: EvaBlock, u: torch.Tensor, rope: torch.Tensor | None,
+                            count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EvaAttention's separate or fused projections, q/k norms, RoPE on the non-prefix tokens."""
         attn = block.attn
         batch, tokens, _ = u.shape
-        if attn.qkv is None:
-            q, k, v = (proj(u).reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2)
-                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        else:
-            bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = F.linear(u, attn.qkv.weight, bias).reshape(batch, tokens, 3, attn.num_heads, -1)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        if rope is not None:
-            prefix = attn.num_prefix_tokens
-            q, k = (torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=attn.rotate_half)],
-                              dim=2).type_as(v) for t in (q, k))
-        return q, k, v
-
-    def leading_queries_keys_values(self, block: EvaBlock, u: torch.Tensor, rope: torch.Tensor | None,
-                                    count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """EvaAttention's q (first ``count`` tokens: prefix tokens, no RoPE), k and v (all tokens, RoPE on k)."""
-        attn = block.attn
-        batch, tokens, _ = u.shape
-        heads = attn.num_heads
+        count = tokens if count is None else count
         if attn.qkv is None:
             q = attn.q_proj(u[:, :count])
             k, v = attn.k_proj(u), attn.v_proj(u)
         else:
-            size = heads * attn.head_dim
+            size = attn.num_heads * attn.head_dim
             weight = attn.qkv.weight
             q = F.linear(u[:, :count], weight[:size], attn.q_bias)
             k = F.linear(u, weight[size:2 * size], attn.k_bias)
             v = F.linear(u, weight[2 * size:], attn.v_bias)
-        q = q.reshape(batch, count, heads, -1).transpose(1, 2)
-        k, v = (t.reshape(batch, tokens, heads, -1).transpose(1, 2) for t in (k, v))
+        q = q.reshape(batch, count, attn.num_heads, -1).transpose(1, 2)
+        k, v = (t.reshape(batch, tokens, attn.num_heads, -1).transpose(1, 2) for t in (k, v))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
             prefix = attn.num_prefix_tokens
-            k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=attn.rotate_half)],
-                          dim=2).type_as(v)
+            if prefix < count < tokens:
+                raise ValueError(f"queries for {count} of {tokens} tokens: only the {prefix} prefix tokens or all")
+
+            def rotate(t: torch.Tensor) -> torch.Tensor:
+                return torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=attn.rotate_half)],
+                                 dim=2).type_as(v)
+            k = rotate(k)
+            q = rotate(q) if count == tokens else q
         return q, k, v
 
     def attention_out(self, block: EvaBlock, values: torch.Tensor) -> torch.Tensor:
@@ -561,16 +529,24 @@ def attention_pool_one_token(pool: AttentionPoolLatent, tokens: torch.Tensor) ->
     return x if pool.mlp is None else x + pool.mlp(pool.norm(x))
 
 
-def _mha_attention(attn: nn.MultiheadAttention, u: torch.Tensor, *, self_self: bool = False,
-                   first_query: int = 0) -> torch.Tensor:
-    """Per-head softmax(q k^T / sqrt d) v (softmax(q q^T / sqrt d) v if ``self_self``), before out_proj.
-
-    u: (B, T, D) normed tokens; queries are ``u[:, first_query:]``, keys/values all T tokens.
-    Returns (B, T - first_query, D) with the heads concatenated, as ``out_proj`` expects.
-    """
+def _mha_queries_keys_values(attn: nn.MultiheadAttention, u: torch.Tensor,
+                             count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, heads, count, d) queries of the first ``count`` normed tokens (all when None; only those are
+    projected) and (B, heads, T, d) keys and values, from the attention's packed in-projection."""
     batch, tokens, width = u.shape
     heads = attn.num_heads
-    qkv = F.linear(u, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
-    return out.transpose(1, 2).reshape(batch, tokens - first_query, width)
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if count is None:  # one matmul for all three: the path every trunk block runs
+        q, k, v = F.linear(u, weight, bias).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+    q = F.linear(u[:, :count], weight[:width], None if bias is None else bias[:width])
+    kv = F.linear(u, weight[width:], None if bias is None else bias[width:])
+    q = q.view(batch, count, heads, width // heads).transpose(1, 2)
+    k, v = kv.view(batch, tokens, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _mha_attention(attn: nn.MultiheadAttention, u: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt d) v per head of (B, T, D) normed tokens, before out_proj, heads concatenated."""
+    q, k, v = _mha_queries_keys_values(attn, u)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
