@@ -31,7 +31,7 @@ def test_attribute_accuracy_by_hand():
     """Four red solid objects predicted as: red solid, orange solid, red striped, grass."""
     labels = torch.tensor([RED_SOLID] * 4)
     predicted = torch.tensor([RED_SOLID, ORANGE_SOLID, RED_STRIPED, GRASS])
-    assert attribute_accuracy(predicted, labels) == {"class": 25.0, "colour": 50.0, "pattern": 50.0}
+    assert attribute_accuracy(predicted, labels) == {"class": 25.0, "colour": 50.0, "pattern": 50.0, "stuff": 25.0}
 
 
 def test_linear_probe_reads_what_the_features_hold():
@@ -78,6 +78,10 @@ def test_probe_agrees_with_the_testbed_evaluation(tmp_path, capsys):
     assert result["zero_shot"]["boxes"]["class"] == pytest.approx(reference["thing_boxes_top1"])
     assert result["zero_shot"]["masks"]["class"] == pytest.approx(reference["thing_masks_top1"])
     assert result["zero_shot"]["global, object crops"]["class"] == pytest.approx(reference["crop_things_top1"])
+    for pooling in ("boxes", "masks"):  # a right thing class stays the best of the things alone
+        alone = result["zero_shot"][f"{pooling}, thing classes only"]
+        assert alone["stuff"] == 0.0
+        assert alone["class"] >= result["zero_shot"][pooling]["class"]
 
     capsys.readouterr()
     assert main(["testbed-probe", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 1

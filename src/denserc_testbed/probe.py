@@ -4,7 +4,9 @@ how much of it they show to text.
 A testbed thing class is a colour and a surface pattern, so a wrong class can still be half right.
 For each model this measures, on the held-out split:
 1. zero-shot, dense: the class predicted for every thing box and thing mask (the testbed
-   evaluation's pooling and class queries), scored for class, colour and pattern separately;
+   evaluation's pooling and class queries), scored for class, colour and pattern separately, with the
+   share predicted as a stuff class; and again with the 48 thing classes alone as the vocabulary, which
+   separates "the object is misread" from "the stuff around it wins";
 2. zero-shot, global: the cls-path embedding of the held-out object crops, scored the same way;
 3. linear probes: the class (48-way), its colour (8-way) and its pattern (6-way) read out of the
    patch tokens averaged over each object's mask, at every block's input, at the tower's output and
@@ -37,6 +39,7 @@ PROBE_SEED = 3_000_000  # the probes' training scenes: disjoint from pretraining
 PROBE_IMAGES = 1600  # ~4000 thing segments: a 48-way probe needs ~80 examples a class
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # the probe's L2 strengths (a penalty on the summed squared weights)
 VALIDATION_SHARE = 5  # one in this many training examples validates the L2 strength
+ZERO_SHOT_POOLINGS = ("boxes", "masks", "boxes, thing classes only", "masks, thing classes only")
 ATTRIBUTES = {"class": len(THING_CATEGORIES), "colour": len(COLOURS), "pattern": len(PATTERNS)}
 
 
@@ -52,10 +55,8 @@ def thing_attributes(labels: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def attribute_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Percent of thing segments whose predicted class is right, has the right colour, the right pattern.
-
-    A prediction of a stuff class counts as wrong for all three.
-    """
+    """Percent of thing segments whose predicted class is right, has the right colour, the right pattern,
+    and percent predicted as a stuff class (wrong for all three)."""
     is_thing = torch.tensor([bool(CATEGORIES[int(p)]["isthing"]) for p in predicted], dtype=torch.bool)
     truth = thing_attributes(labels[is_thing])
     guessed = thing_attributes(predicted[is_thing])
@@ -64,6 +65,7 @@ def attribute_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[st
         right = torch.zeros(len(labels), dtype=torch.bool)
         right[is_thing] = guessed[name] == truth[name]
         result[name] = 100 * right.float().mean().item()
+    result["stuff"] = 100 * (~is_thing).float().mean().item()
     return result
 
 
@@ -118,7 +120,7 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
     data = PanopticRegions(root, SPLIT, image_size=SceneConfig().image_size, patch_size=model.patch_size)
     blocks = model.visual.transformer.resblocks
     layers = [f"block {i} input" for i in range(len(blocks))] + ["tower output", "dense features"]
-    collected = {"labels": [], "boxes": [], "masks": [], **{layer: [] for layer in layers}}
+    collected = {"labels": [], **{pooling: [] for pooling in ZERO_SHOT_POOLINGS}, **{layer: [] for layer in layers}}
     for index in range(len(data)):
         sample = data[index]
         things = data.is_thing[sample["labels"]]
@@ -144,7 +146,10 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
         if classifier is not None:
             for pooling, pooled in (("boxes", pool_boxes(dense, [sample["boxes"][things]], model.patch_size)),
                                     ("masks", pool_masks(dense, [sample["coverage"][things]]))):
-                collected[pooling].append(classifier.class_scores(pooled @ classifier.embeddings.T).argmax(1))
+                scores = classifier.class_scores(pooled @ classifier.embeddings.T)
+                collected[pooling].append(scores.argmax(1))
+                collected[f"{pooling}, thing classes only"].append(scores.masked_fill(~data.is_thing, -torch.inf)
+                                                                   .argmax(1))
     return {key: torch.cat(value) for key, value in collected.items() if value}
 
 
@@ -159,22 +164,23 @@ def probe(model, tokenizer, output: str | Path = "runs/testbed", eval_images: in
                                        load_templates(root / TEMPLATES_FILE))
     held_out = _thing_segments(model, root, classifier)
     probe_train = _thing_segments(model, probe_root)
-    zero_shot = {pooling: attribute_accuracy(held_out[pooling], held_out["labels"]) for pooling in ("boxes", "masks")}
+    zero_shot = {pooling: attribute_accuracy(held_out[pooling], held_out["labels"]) for pooling in ZERO_SHOT_POOLINGS}
     predicted, labels = crop_predictions(model, tokenizer, ScenePool.render(EVAL_SEED, eval_images), isthing=1)
     zero_shot["global, object crops"] = attribute_accuracy(predicted - 1, labels - 1)
     train_attributes, test_attributes = thing_attributes(probe_train["labels"]), thing_attributes(held_out["labels"])
     probes = {layer: {name: linear_probe(probe_train[layer], train_attributes[name], held_out[layer],
                                          test_attributes[name], classes)
                       for name, classes in ATTRIBUTES.items()}
-              for layer in held_out if layer not in ("labels", "boxes", "masks")}
+              for layer in held_out if layer not in ("labels", *ZERO_SHOT_POOLINGS)}
     return {"zero_shot": zero_shot, "linear_probes": probes, "thing_segments": len(held_out["labels"]),
             "probe_train_segments": len(probe_train["labels"])}
 
 
 def format_report(name: str, result: dict) -> str:
     """Markdown: the zero-shot table and the linear-probe table of one model."""
-    lines = [f"### {name}", "", "| zero-shot, things | class | colour | pattern |", "|---|---|---|---|"]
-    lines += [f"| {pooling} | {r['class']:.1f} | {r['colour']:.1f} | {r['pattern']:.1f} |"
+    lines = [f"### {name}", "", "| zero-shot, things | class | colour | pattern | predicted stuff |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {pooling} | {r['class']:.1f} | {r['colour']:.1f} | {r['pattern']:.1f} | {r['stuff']:.1f} |"
               for pooling, r in result["zero_shot"].items()]
     lines += ["", "| linear probe, mask-averaged | class | colour | pattern |", "|---|---|---|---|"]
     lines += [f"| {layer} | {r['class']:.1f} | {r['colour']:.1f} | {r['pattern']:.1f} |"
