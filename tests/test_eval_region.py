@@ -134,6 +134,25 @@ def test_sharded_region_counts_sum_to_the_one_process_result(tmp_path, monkeypat
     assert sharded == single
 
 
+def test_missing_files_stop_the_evaluation_before_any_image(tmp_path, monkeypatch):
+    """Three images; the last one's PNG and the second one's image are gone: the run stops up front, naming the
+    first missing file and counting the rest, unless ``limit`` leaves those images out."""
+    ids = np.full((32, 32), 1)
+    root = write_panoptic(tmp_path / "coco", [(np.full((32, 32, 3), 100 * i, np.uint8), ids, {1: 0}) for i in range(3)])
+    (root / "val2017" / "000000000140.jpg").unlink()
+    (root / "annotations" / "panoptic_val2017" / "000000000141.png").unlink()
+    model, tokenizer = tiny_model(), denserc.get_tokenizer(TINY)
+    monkeypatch.setattr(region, "build_text_classifier", lambda *args, **kwargs: pytest.fail("text encoded first"))
+    with pytest.raises(DatasetLayoutError, match=rf"{root / 'val2017' / '000000000140.jpg'} does not exist "
+                                                 r"\(and 1 more file\(s\) listed in .*panoptic_val2017\.json\)"):
+        evaluate_regions(model, tokenizer, root, image_size=32, workers=0, progress=False)
+    monkeypatch.undo()
+    templates = write_templates(tmp_path / "templates.txt", "{}")
+    result = evaluate_regions(model, tokenizer, root, templates=str(templates), image_size=32, workers=0,
+                              progress=False, limit=1)
+    assert result["num_images"] == 1
+
+
 def test_class_names_must_match_the_categories(tmp_path):
     root = _geometry_fixture(tmp_path / "coco")
     model, tokenizer = tiny_model(), denserc.get_tokenizer(TINY)

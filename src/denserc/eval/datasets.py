@@ -441,13 +441,22 @@ class PanopticRegions(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        image_name, png_name, _, _ = self.entries[index]
+        return self.image_dir / image_name, self.png_dir / png_name
+
+    def check_files(self, indices: Sequence[int]) -> None:
+        """Stop before any image is evaluated if an image or panoptic PNG of ``indices`` is missing, naming
+        the first and counting them all, rather than after the images before it (minutes to hours in)."""
+        missing = [path for index in indices for path in self._paths(index) if not path.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more file(s) listed in {self.json_path})" if len(missing) > 1 else ""
+            raise DatasetLayoutError(self._message(f"{missing[0]} does not exist{more}"))
+
     def __getitem__(self, index: int) -> dict:
-        image_name, png_name, image_id, segments = self.entries[index]
-        image_path = self.image_dir / image_name
-        png_path = self.png_dir / png_name
-        for path in (image_path, png_path):
-            if not path.is_file():
-                raise DatasetLayoutError(self._message(f"{path} does not exist"))
+        _, _, image_id, segments = self.entries[index]
+        image_path, png_path = self._paths(index)
+        self.check_files([index])
         try:
             image = load_image(image_path, upright=False)
         except ImageReadError as error:

@@ -57,6 +57,8 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
     dtype = next(model.parameters()).dtype
     image_size = image_size or default_image_size(model)
     data = PanopticRegions(root, split, image_size=image_size, patch_size=model.patch_size)
+    indices = shard.indices(len(data) if limit is None else min(limit, len(data)))
+    data.check_files(indices)
     names = ([[name] for name in data.category_names] if class_names == DATASET_CLASS_NAMES
              else load_class_names(class_names))
     if len(names) != len(data.category_names):
@@ -65,8 +67,7 @@ def evaluate_regions(model, tokenizer, root: str | os.PathLike, *, split: str = 
                          f"--class-names {DATASET_CLASS_NAMES} to use the JSON's names")
     classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir,
                                        progress=progress and shard.is_main)
-    count = len(data) if limit is None else min(limit, len(data))
-    loader = DataLoader(Subset(data, shard.indices(count)), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(Subset(data, indices), batch_size=batch_size, num_workers=workers,
                         collate_fn=list)
     counts = region_counts(classifier.num_classes, device)
     totals = torch.zeros(3, dtype=torch.long, device=device)  # images, skipped segments, unreadable images
