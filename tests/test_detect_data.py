@@ -48,6 +48,16 @@ def test_training_set_drops_novel_crowd_and_out_of_split_boxes_and_empty_images(
     assert len(evaluation) == 3 and evaluation[0]["labels"].tolist() == [0, 1]
 
 
+def test_images_missing_from_the_folder_are_named_before_any_sample_is_read(coco_folder):
+    annotations, images = coco_folder
+    (images / "2.png").unlink()
+    (images / "3.png").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{annotations} lists {images / '2.png'} and 1 more of its 3 "
+                                                rf"images, which do not exist under the image folder {images}"):
+        DetectionDataset(annotations, images, SPLIT, base_only=False)
+    assert len(DetectionDataset(annotations, images, SPLIT, base_only=True)) == 1  # needs image 1 only
+
+
 def test_augmentation_is_seeded_per_image_and_epoch_and_boxes_follow_the_pixels(coco_folder):
     annotations, images = coco_folder
     sample = DetectionDataset(annotations, images, SPLIT, base_only=True)[0]

@@ -64,6 +64,12 @@ class DetectionDataset(Dataset):
             self.records = self.records[:max_images]
         if not self.records:
             raise ValueError(f"{self.annotations}: no images with annotations of the split's classes")
+        missing = [image for image, _ in self.records if not (self.images / image_file(image)).is_file()]
+        if missing:  # stop now, not when the loader reaches the file hours into training or evaluation
+            more = f" and {len(missing) - 1} more of its {len(self.records)} images" if len(missing) > 1 else ""
+            verb = "do" if more else "does"
+            raise FileNotFoundError(f"{self.annotations} lists {self.images / image_file(missing[0])}{more}, "
+                                    f"which {verb} not exist under the image folder {self.images}")
 
     def __len__(self) -> int:
         return len(self.records)
