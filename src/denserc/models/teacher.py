@@ -31,13 +31,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torchvision.ops import roi_align
 
 from .dense import DenseRCModel
 from .preprocess import normalize_images
 from .towers import run_block
-from open_clip.transformer import ResidualAttentionBlock
 
 CROP_SAMPLING_RATIO = -1
 CROPS_PER_CHUNK = 32  # ViT-B/16: 32 x 197 tokens, 4.6 MiB per 768-wide fp32 activation, 19 MiB for the MLP's
