@@ -20,6 +20,8 @@ are combined at each patch:
     none  A = 1
     qk    each head's values attended with the block's own softmax(q k^T / sqrt(d)) (vanilla CLIP)
     qq    each head's values attended with softmax(q q^T / sqrt(d)) (DeCLIP/SCLIP self-self)
+    declip  DeCLIP's released content attention: softmax(q q^T) without the 1/sqrt(d) scale and without
+          RoPE (xiaomoguhz/DeCLIP src/open_clip/eva_clip/eva_vit_model.py, ``Attention.ss_attn``)
 
 ``ls_1`` is the block's LayerScale (identity for CLIP models without it), kept so the value branch
 is exactly the block's own attention branch with the attention weights replaced. Written once for
@@ -163,6 +165,13 @@ class DenseRCModel(nn.Module):
         """Dense features (B, E, H/p, W/p) in the joint image-text space, not normalised."""
         return self.encode_dense_with_taps(images, ())[0]
 
+    def encode_dense_with_queries(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_dense`` plus the last block's queries of the patch tokens (B, H * d, H/p, W/p), heads
+        concatenated, before any RoPE: the features of DeCLIP's context stream (``ss_attn`` returns
+        ``q[:, 1:]``), in the same pass."""
+        dense, _, queries = self._dense_pass(images, (), queries=True)
+        return dense, queries
+
     def encode_dense_with_taps(self, images: torch.Tensor,
                                taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``encode_dense`` plus the patch tokens after the image blocks ``taps`` (0-based), in one pass.
@@ -175,6 +184,13 @@ class DenseRCModel(nn.Module):
         (``F-ViT/models/evaclip_vit.py``, ``forward``: ``blocks[-1].forward_without_attn``); the others tap
         the last block's own output.
         """
+        dense, tapped, _ = self._dense_pass(images, taps)
+        return dense, tapped
+
+    def _dense_pass(self, images: torch.Tensor, taps: Sequence[int], queries: bool = False
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """One pass of the trunk: dense features, the tapped block outputs and (optionally) the last block's
+        patch queries."""
         tower = self.tower
         blocks = tower.blocks
         depth = tower.depth
@@ -208,9 +224,11 @@ class DenseRCModel(nn.Module):
                 y = y + self._value_branch(blocks[index + 1], x, rope)
             if depth - 1 in taps:  # the dense path itself never needs the last block's full output
                 advance(depth - 1, x)
-        y = tower.to_joint(y)
-        dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
-        return dense, [tapped[t] for t in taps]
+        last_queries = None
+        if queries:  # x is the last block's input on every path above
+            q = tower.queries_keys_values(blocks[-1], tower.norm1(blocks[-1], x), None)[0]
+            last_queries = to_map(q[:, :, prefix:].transpose(1, 2).flatten(2))
+        return to_map(tower.to_joint(y)), [tapped[t] for t in taps], last_queries
 
     def encode_regions(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised region embeddings (K, E): RoIAlign 1x1 (aligned) on normalised dense features.
@@ -281,6 +299,8 @@ class DenseRCModel(nn.Module):
                 gates = self.gate(patches)
                 values = values.view(batch, tokens, self.heads, size // self.heads) * gates.unsqueeze(-1)
                 values = values.reshape(batch, tokens, size)
+        elif self.gating == "declip":
+            values = tower.attend(block, u, None, self_self=True, first_query=prefix, scale=1.0)
         else:
             values = tower.attend(block, u, rope, self_self=self.gating == "qq", first_query=prefix)
         return tower.attention_out(block, values)

@@ -160,11 +160,11 @@ class Tower(abc.ABC):
         keys and values. A ``count`` short of all tokens is at most the prefix tokens (they carry no RoPE)."""
 
     def attend(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, *, self_self: bool,
-               first_query: int) -> torch.Tensor:
-        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``) for queries ``u[:, first_query:]``,
-        before the output projection, heads concatenated."""
+               first_query: int, scale: float | None = None) -> torch.Tensor:
+        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``; ``scale`` instead of 1/sqrt d when given)
+        for queries ``u[:, first_query:]``, before the output projection, heads concatenated."""
         q, k, v = self.queries_keys_values(block, u, rope)
-        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
+        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v, scale=scale)
         return out.transpose(1, 2).flatten(2)
 
     @abc.abstractmethod

@@ -1,7 +1,7 @@
 """The dense-construction variants by name (no torch here: the command line offers them as choices)."""
 
 CONSTRUCTIONS = ("multi-v", "v", "x+v", "cls+v")  # cls+v: CAT-Seg's own last block, not a Table 5 row
-GATINGS = ("hsg", "none", "qk", "qq")
+GATINGS = ("hsg", "none", "qk", "qq", "declip")  # declip: DeCLIP's content attention, not a Table 5 row
 # The paper's Table 5 by the names its rows use: what to extract (x+v, v, multi-v, all without gating),
 # then how multi-v combines its heads. "multi-v" is multi-v with gating "none".
 TABLE5_VARIANTS = {"x+v": ("x+v", "none"), "v": ("v", "none"), "multi-v": ("multi-v", "none"),

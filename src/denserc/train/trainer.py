@@ -42,26 +42,32 @@ class DistillationModule(nn.Module):
     """What DDP wraps: the student alone; its forward returns the losses so DDP all-reduces their gradients."""
 
     def __init__(self, student: DenseRCModel, coherence_weight: float, coherence_form: str = "declip",
-                 compile_model: bool = False):
+                 compile_model: bool = False, coherence_features: str = "dense"):
         super().__init__()
         self.student = student
         self.coherence_weight = coherence_weight
         self.coherence_form = coherence_form
-        self.encode_dense = torch.compile(student.encode_dense) if compile_model else student.encode_dense
+        # DeCLIP's two streams need the last block's queries from the same pass; one stream, the dense features
+        self.two_streams = coherence_features == "queries" and coherence_weight != 0
+        encode = student.encode_dense_with_queries if self.two_streams else student.encode_dense
+        self.encode = torch.compile(encode) if compile_model else encode
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], teacher_embeddings: torch.Tensor,
                 vfm_patches: torch.Tensor | None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        dense = self.encode_dense(images)
+        dense, context = self.encode(images) if self.two_streams else (self.encode(images), None)
         return distillation_loss(dense, boxes, teacher_embeddings, vfm_patches, self.student.patch_size,
-                                 self.coherence_weight, self.coherence_form, valid)
+                                 self.coherence_weight, self.coherence_form, valid, coherence_features=context)
 
 
-def freeze_off_path_parameters(model: DenseRCModel) -> list[str]:
-    """Freeze trainable parameters that ``encode_dense`` never uses; returns their names."""
+def freeze_off_path_parameters(model: DenseRCModel, with_queries: bool = False) -> list[str]:
+    """Freeze trainable parameters that ``encode_dense`` (and, ``with_queries``, the last block's queries of
+    DeCLIP's context stream) never uses; returns their names."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     side = 2 * model.patch_size
     probe = torch.randn(1, 3, side, side, device=trainable[0][1].device, dtype=trainable[0][1].dtype)
-    gradients = torch.autograd.grad(model.encode_dense(probe).sum(), [p for _, p in trainable], allow_unused=True)
+    outputs = model.encode_dense_with_queries(probe) if with_queries else (model.encode_dense(probe),)
+    gradients = torch.autograd.grad(sum(output.sum() for output in outputs), [p for _, p in trainable],
+                                    allow_unused=True)
     frozen = [name for (name, p), gradient in zip(trainable, gradients) if gradient is None]
     for name, p in trainable:
         if name in frozen:
@@ -105,13 +111,13 @@ class DistillationTask(Task):
         self.num_workers = config.data.num_workers
         if self.vfm is None:
             self.progress_fields = {"sem": "loss_semantics"}
-        self.frozen_off_path = freeze_off_path_parameters(self.student)
+        self.module = DistillationModule(self.student, config.loss.coherence_weight, config.loss.coherence_form,
+                                         config.model.compile, config.loss.coherence_features)
+        self.frozen_off_path = freeze_off_path_parameters(self.student, self.module.two_streams)
         if self.frozen_off_path and env.is_main:
-            logger.info("froze %d parameter tensor(s) that encode_dense never uses: %s",
+            logger.info("froze %d parameter tensor(s) that no loss reaches: %s",
                         len(self.frozen_off_path), ", ".join(self.frozen_off_path))
         self.student.set_grad_checkpointing(config.model.grad_checkpointing)
-        self.module = DistillationModule(self.student, config.loss.coherence_weight, config.loss.coherence_form,
-                                         config.model.compile)
         self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
         self.embed_patches = torch.compile(self.vfm) if config.model.compile and self.vfm else self.vfm
 
