@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import SquareResize, TrainingImages, build_source, sample_grid_boxes
+from ..data import ProposalSource, SquareResize, TrainingImages, build_source, sample_grid_boxes, sample_proposal_boxes
 from ..losses import distillation_loss
 from ..models import DenseRCModel, create_model, load_state_dict_checked, normalize_images
 from ..models.teacher import Teacher
@@ -104,6 +104,8 @@ class DistillationTask(Task):
         self.config = config
         self.device = env.device
         source = build_source(config.data)  # first, so a wrong data path fails before any model loads
+        # a source with region proposals replaces the grids (CLIPSelf's region-proposal recipe)
+        self.proposals = source if isinstance(source, ProposalSource) else None
         torch.manual_seed(config.train.seed)  # identical initial weights on every process
         self.student, self.teacher, self.vfm = self._build_models()
         self.dataset = TrainingImages(source, SquareResize(config.data.image_size, config.data.aspect),
@@ -144,20 +146,29 @@ class DistillationTask(Task):
             raise ConfigError(f"model.unlocked_blocks: {error}") from error
         return student.to(device), teacher.to(device), vfm
 
-    def images_and_grids(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(pixels in [0, 1], normalised images, per-image grid boxes) on the device."""
-        data = self.config.data
+    def images_and_grids(self, batch: dict, epoch: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(pixels in [0, 1], normalised images, per-image student boxes, per-image teacher crops) on the device.
+
+        Grid cells are both; a proposal's teacher crop is the proposal enlarged 1.5x (``data/proposals.py``).
+        """
+        data, seed = self.config.data, self.config.train.seed
         pixels = batch["image"].to(self.device, non_blocking=True).float().div_(255)
         images = normalize_images(pixels, self.student.preprocess_cfg, white=1.0)
-        boxes = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=self.config.train.seed,
-                                  rule=data.grid_rule, max_cells=data.grid_max_cells, max_boxes=data.grid_max_boxes)
-        return pixels, images, [b.to(self.device) for b in boxes]
+        if self.proposals is not None:
+            boxes, crops = sample_proposal_boxes(self.proposals, batch["index"], batch["size"], epoch=epoch,
+                                                 seed=seed, max_boxes=data.grid_max_boxes)
+        else:
+            boxes = crops = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=seed,
+                                              rule=data.grid_rule, max_cells=data.grid_max_cells,
+                                              max_boxes=data.grid_max_boxes)
+        return pixels, images, [b.to(self.device) for b in boxes], [c.to(self.device) for c in crops]
 
     def prepare(self, batch: dict, epoch: int) -> dict:
-        """Images, grids and the frozen targets: teacher embeddings of every cell, VFM patch features (or None)."""
-        pixels, images, boxes = self.images_and_grids(batch, epoch)
+        """Images, regions and the frozen targets: teacher embeddings of every region, VFM patch features (or None)."""
+        pixels, images, boxes, crops = self.images_and_grids(batch, epoch)
         grid = (self.config.data.image_size // self.student.patch_size,) * 2
-        teacher_embeddings = self.embed_crops(images, boxes)
+        teacher_embeddings = self.embed_crops(images, crops)
         vfm_patches = self.embed_patches(pixels, grid) if self.vfm is not None else None
         return {"images": images, "boxes": boxes, "teacher_embeddings": teacher_embeddings,
                 "vfm_patches": vfm_patches, "valid": batch["valid"].to(self.device, non_blocking=True)}
