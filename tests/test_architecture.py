@@ -21,6 +21,7 @@ ALLOWED = {
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
     "detect": {"models", "eval", "viz", "train", "io", "distributed", "plugins", "images"},
     "catseg": {"models", "eval", "train", "io", "distributed", "__version__"},
+    "analysis": {"models", "losses", "data", "eval", "train", "io", "images", "distributed", "plugins", "__version__"},
     "cli": {"plugins", "__version__"},
     "__main__": {"cli"},
     "__init__": {"models", "viz"},

@@ -18,15 +18,18 @@ DEFAULT_CONFIG = "testbed"
 
 
 def register() -> None:
-    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the dataset and the detection split."""
+    """Add the tiny CLIP and its tag, the appearance VFM, the data type, the dataset, the detection split and the
+    analysis data."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from timm.models import register_model
 
+    from denserc.analysis import register_analysis_data
     from denserc.data import register_source
     from denserc.detect.protocols import register_protocol
     from denserc.eval import register_segmentation_dataset
     from denserc.models import register_pretrained
 
+    from .analysis_data import build_analysis_data
     from .appearance_vfm import testbed_appearance
     from .detection import OV_TESTBED
     from .evaluation import LAYOUT, protocol
@@ -40,6 +43,7 @@ def register() -> None:
     register_source("testbed")(build_testbed_source)
     register_segmentation_dataset(LAYOUT, protocol(SceneConfig().image_size))
     register_protocol(OV_TESTBED)
+    register_analysis_data(MODEL_NAME, build_analysis_data)
 
 
 def add_commands(subparsers) -> None:

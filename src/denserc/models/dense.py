@@ -230,6 +230,40 @@ class DenseRCModel(nn.Module):
             last_queries = to_map(q[:, :, prefix:].transpose(1, 2).flatten(2))
         return to_map(tower.to_joint(y)), [tapped[t] for t in taps], last_queries
 
+    def block_inputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple[int, int]]:
+        """The residual stream entering every image block, for analyses (``denserc analyze``).
+
+        Returns ``depth + 1`` tensors (B, P + h*w, D): the input of block 0, 1, ..., and the last block's
+        output; then the grid's RoPE table (or None) and the patch grid (h, w).
+        """
+        x, rope, grid = self._embed(images)
+        states = [x]
+        for block in self.tower.blocks:
+            x = self._block(block, x, rope)
+            states.append(x)
+        return states, rope, grid
+
+    def dense_from_block_inputs(self, inputs: Sequence[torch.Tensor], grid: tuple[int, int],
+                                rope: torch.Tensor | None = None) -> torch.Tensor:
+        """X_dense (B, E, h, w) from the inputs of its value blocks, the trunk between them left out.
+
+        ``inputs``: the inputs of the last ``num_layers`` blocks, oldest first (``block_inputs(images)[0]
+        [depth - num_layers:depth]``); with those, the result equals ``encode_dense(images)``. A gradient
+        through it reaches each input through the construction alone (the value branch, the gating or
+        attention, and for x+v / cls+v the last block's residual and MLP), not through the trunk.
+        """
+        tower = self.tower
+        if len(inputs) != self.num_layers:
+            raise ValueError(f"expected the inputs of the last {self.num_layers} block(s), got {len(inputs)}")
+        blocks = tower.blocks[tower.depth - self.num_layers:]
+        if self.construction in ("x+v", "cls+v"):
+            x, prefix = inputs[-1], tower.num_prefix_tokens
+            residual = x[:, prefix:] if self.construction == "x+v" else x[:, :1]
+            y = tower.mlp_residual(blocks[-1], residual + self._value_branch(blocks[-1], x, rope))
+        else:
+            y = sum(self._value_branch(block, x, rope) for block, x in zip(blocks, inputs))
+        return tower.to_joint(y).transpose(1, 2).reshape(y.shape[0], -1, *grid)
+
     def encode_regions(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised region embeddings (K, E): RoIAlign 1x1 (aligned) on normalised dense features.
 
