@@ -11,7 +11,7 @@ import denserc
 from denserc.analysis import AnalysisData, Segment, register_analysis_data
 from denserc.analysis.decomposition import delta_l_monte_carlo
 from denserc.analysis.internals import (block_branches, class_embedding_without_head, class_token_decomposition,
-                                        mean_attention_distance)
+                                        mean_attention_distance, patch_distances)
 from denserc.analysis.stats import class_separation, concentration, gate_statistics, gini, top_share
 from denserc.analysis.sweeps import run_name, trained_model
 from denserc.analysis.variants import GRADIENT_VARIANTS, same_weights
@@ -168,7 +168,8 @@ def tiny_data(num_images, workdir, progress):
     return AnalysisData("tiny generated images", images, torch.rand(6, 3, 224, 224, generator=generator),
                         [[name] for name in NAMES], ["a photo of a {}."], crop_labels=torch.tensor([0, 1, 2, 0, 1, 2]),
                         segments=segments, segment_classes=NAMES,
-                        evaluate=lambda model: {"score": 10.0 * model.num_layers}, metrics=("score",))
+                        evaluate=lambda model: {"score": 10.0 * model.num_layers}, metrics=("score",),
+                        training_config="smoke")
 
 
 @pytest.fixture
@@ -206,6 +207,7 @@ def test_heads_command_reports_gates_removal_and_locality(tmp_path, tiny_provide
     assert np.allclose(report["gate_mean"], 0.5) and report["between_image_correlation"] is None  # uniform gate
     assert np.array(report["zero_shot_change_without_head"]).shape == (depth, heads)
     assert np.array(report["mean_attention_distance"]).shape == (depth, heads)
+    assert report["uniform_attention_distance"] == pytest.approx(patch_distances((4, 4)).mean().item())
     assert report["zero_shot_measure"] == "accuracy" and (tmp_path / "h.png").is_file()
 
 
@@ -223,6 +225,13 @@ def test_decomposition_consistency_and_layers_commands(tmp_path, tiny_provider):
     summary = json.loads((tmp_path / "l.json").read_text())["summary"]
     assert [(s["num_layers"], s["score"]) for s in summary] == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 40.0)]
     assert (tmp_path / "l.png").is_file()
+    tiny = denserc.create_model(TINY)
+    tiny.save(tmp_path / "runs" / "L3-lambda0.05-seed0" / "final")
+    run_cli("lambda", "--model", TINY, "--runs", str(tmp_path / "runs"), "--values", "0", "0.05", "--existing-only",
+            "--out", str(tmp_path / "lam.json"))  # trains nothing: evaluates the one point there is
+    report = json.loads((tmp_path / "lam.json").read_text())
+    assert [(r["lambda"], r["seed"], r["reused"]) for r in report["rows"]] == [(0.05, 0, True)]
+    assert report["not_trained"] == ["L3-lambda0-seed0", "L3-lambda0-seed1", "L3-lambda0.05-seed1"]
 
 
 def test_delta_l_command(tmp_path):

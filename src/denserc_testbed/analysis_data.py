@@ -18,7 +18,8 @@ from .vocabulary import CATEGORIES, TEMPLATES, THING_CATEGORIES, phrase
 from .zero_shot import eval_crops
 
 # what the sweeps report (keys of ``evaluation.evaluate``), as docs/testbed.md's tables name them
-SWEEP_METRICS = ("boxes_top1", "thing_boxes_top1", "thing_masks_top1", "stuff_masks_top1", "mIoU", "crop_things_top1")
+SWEEP_METRICS = {"boxes_top1": "boxes", "thing_boxes_top1": "thing boxes", "thing_masks_top1": "thing masks",
+                 "stuff_masks_top1": "stuff masks", "mIoU": "mIoU", "crop_things_top1": "global: object crops"}
 
 
 def build_analysis_data(num_images: int, workdir: Path, progress: bool = True) -> AnalysisData:
@@ -38,7 +39,8 @@ def build_analysis_data(num_images: int, workdir: Path, progress: bool = True) -
         f"{num_images} held-out testbed scenes (seed {EVAL_SEED}), {int(things.sum())} object crops",
         pool.images.float() / 255, crops[things].float() / 255, [[phrase(i)] for i in thing_ids], list(TEMPLATES),
         crop_labels=labels, segments=segments, segment_classes=[phrase(c["id"]) for c in CATEGORIES],
-        evaluate=functools.partial(_evaluate, Path(workdir) / "data", pool.image_size), metrics=SWEEP_METRICS,
+        evaluate=functools.partial(_evaluate, Path(workdir) / "data", pool.image_size),
+        metrics=tuple(SWEEP_METRICS), metric_labels=SWEEP_METRICS,
         training_config=SCHEDULES["short"])
 
 

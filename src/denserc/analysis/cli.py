@@ -63,6 +63,8 @@ def register(subparsers) -> None:
         sweep.add_argument("--runs", type=Path, default=Path("runs/analysis/trained"),
                            help="folder of the trained points; a point whose final/ exists is reused (default: %(default)s)")
         sweep.add_argument("--seeds", type=int, nargs="+", default=[0, 1] if name == "lambda" else [0])
+        sweep.add_argument("--existing-only", action="store_true",
+                           help="evaluate the trained points already in --runs, train none (the report lists the rest)")
         sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more training-config overrides")
         if name == "layers":
             sweep.add_argument("--layers", type=int, nargs="+", default=None, help="L values (default: 1..depth)")
@@ -195,7 +197,8 @@ def run_heads(args) -> int:
             for layer in range(len(change))]
     heads = range(len(change[0]))
     print(f"zero-shot top-1 ({report['zero_shot_measure']}) of the class token: {report['zero_shot_top1']:.1f}; "
-          f"between-image gate correlation: {report['between_image_correlation']}")
+          f"between-image gate correlation: {report['between_image_correlation']}; attention distance under "
+          f"uniform attention: {report['uniform_attention_distance']:.2f} patches")
     print(_table(["block", *(f"Δ h{h}" for h in heads), *(f"dist h{h}" for h in heads)], rows))
     print(f"\nwrote {out} and {picture}")
     return 0
@@ -247,7 +250,7 @@ def run_sweep(args) -> int:
     device = _device(args)
     model = _load(args.model, device)
     evaluate, metrics, labels, description, config = _evaluation(args, model)
-    rows = []
+    rows, missing = [], []
     if args.sweep == "layers":
         layers = args.layers or list(range(1, model.depth + 1))
         rows += [r for r in sweeps.layer_sweep_training_free(model, evaluate, not args.no_progress)
@@ -260,14 +263,18 @@ def run_sweep(args) -> int:
     if points:
         if config is None:
             raise ValueError("trained points need --config (a training config; no plug-in provides one here)")
-        rows += sweeps.trained_sweep(points, config, args.runs, evaluate, args.overrides, not args.no_progress)
+        trained, missing = sweeps.trained_sweep(points, config, args.runs, evaluate, args.overrides,
+                                                not args.no_progress, args.existing_only)
+        rows += trained
     summary = sweeps.summarise(rows, key, metrics)
     picture = sweep_plot(summary, key, metrics, labels, _out(args).with_suffix(".png"),
                          f"{args.model}: {args.sweep} sweep, {description}")
     table = sweeps.markdown(summary, key, metrics, labels)
     out = _write(args, {"model": args.model, "data": description, "config": config, "rows": rows,
-                        "summary": summary, "table": table, "picture": str(picture)})
+                        "summary": summary, "table": table, "not_trained": missing, "picture": str(picture)})
     print(table)
+    if missing:
+        print(f"not trained yet (--existing-only), left out: {', '.join(missing)}")
     print(f"wrote {out} and {picture}")
     return 0
 
@@ -278,17 +285,18 @@ def _evaluation(args, model):
         data = _data(args, model, _device(args))
         if data.evaluate is None:
             raise ValueError(f"the analysis data for {model.model_name} has no evaluation; pass --data COCO_ROOT")
-        return data.evaluate, data.metrics, {}, data.description, args.config or data.training_config
+        return data.evaluate, data.metrics, data.metric_labels, data.description, args.config or data.training_config
     from ..eval.region import evaluate_regions
     from ..models import get_tokenizer
     tokenizer = get_tokenizer(model.model_name)
     metrics = ("boxes_thing", "masks_thing", "masks_stuff")
+    labels = {"boxes_thing": "thing boxes", "masks_thing": "thing masks", "masks_stuff": "stuff masks"}
 
     def evaluate(variant):
         result = evaluate_regions(variant, tokenizer, args.data, limit=args.images, image_size=args.image_size,
                                   progress=not args.no_progress, workers=2)
         return {m: result[m]["top1"] for m in metrics}
-    return evaluate, metrics, {}, f"COCO-panoptic val2017 under {args.data}, {args.images} images", args.config
+    return evaluate, metrics, labels, f"COCO-panoptic val2017 under {args.data}, {args.images} images", args.config
 
 
 def run_delta_l(args) -> int:

@@ -41,6 +41,7 @@ class AnalysisData:
     segment_classes: list[str] = field(default_factory=list)
     evaluate: Callable | None = None
     metrics: tuple[str, ...] = ()
+    metric_labels: dict[str, str] = field(default_factory=dict)  # column titles of the sweep tables
     training_config: str | None = None
 
 

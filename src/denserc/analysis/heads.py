@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from ..models import normalize_images
 from .internals import (attention_probabilities, class_embedding_without_head, mean_attention_distance,
-                        zero_shot_predictions)
+                        patch_distances, zero_shot_predictions)
 from .stats import gate_statistics
 
 BATCH = 32
@@ -36,7 +36,8 @@ def image_gates(model, pixels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def attention_locality(model, pixels: torch.Tensor) -> dict:
     """Per block and head (lists of depth lists of H), over the images: the mean attention distance of patch
-    queries to patch keys (in patches) and the share of their attention on prefix tokens."""
+    queries to patch keys (in patches) and the share of their attention on prefix tokens; for scale, the
+    distance under uniform attention over the grid."""
     distances, prefix_shares = [], []
     for images in _batches(pixels, model, 8):
         states, rope, grid = model.block_inputs(images)
@@ -46,7 +47,8 @@ def attention_locality(model, pixels: torch.Tensor) -> dict:
         distances.append(torch.stack([d for d, _ in per_block], 1))
         prefix_shares.append(torch.stack([s for _, s in per_block], 1))
     return {"mean_attention_distance": torch.cat(distances).mean(0).tolist(),
-            "prefix_attention_share": torch.cat(prefix_shares).mean(0).tolist()}
+            "prefix_attention_share": torch.cat(prefix_shares).mean(0).tolist(),
+            "uniform_attention_distance": patch_distances(grid).mean().item()}
 
 
 @torch.no_grad()

@@ -52,14 +52,18 @@ def layer_sweep_training_free(model, evaluate: Callable, progress: bool = True) 
 
 
 def trained_sweep(points, config_name: str, runs: Path, evaluate: Callable, overrides=(),
-                  progress: bool = True) -> list[dict]:
-    """``points``: (num_layers, lambda, seed) triples; each distilled (or reused) and evaluated."""
-    rows = []
+                  progress: bool = True, existing_only: bool = False) -> tuple[list[dict], list[str]]:
+    """``points``: (num_layers, lambda, seed) triples; each distilled (or reused) and evaluated. With
+    ``existing_only`` a point not trained yet is skipped; returns the rows and the skipped points' run names."""
+    rows, missing = [], []
     for num_layers, weight, seed in tqdm(list(points), desc="trained points", disable=not progress):
+        if existing_only and not (Path(runs) / run_name(num_layers, weight, seed) / "final").is_dir():
+            missing.append(run_name(num_layers, weight, seed))
+            continue
         final, reused = trained_model(config_name, runs, num_layers, weight, seed, overrides)
         rows.append({"num_layers": num_layers, "lambda": weight, "seed": seed, "trained": True, "run": str(final),
                      "reused": reused, "metrics": evaluate(load(final))})
-    return rows
+    return rows, missing
 
 
 def summarise(rows: list[dict], key: str, metrics) -> list[dict]:
