@@ -122,8 +122,8 @@ def test_dense_from_block_inputs_equals_encode_dense(tiny, images, name):
     model = variant(tiny, construction=GRADIENT_VARIANTS[name][0], gating=GRADIENT_VARIANTS[name][1])
     states, rope, grid = model.block_inputs(images[:, :, :64, :96])
     inputs = states[model.depth - model.num_layers:model.depth]
-    torch.testing.assert_close(model.dense_from_block_inputs(inputs, grid, rope), model.encode_dense(images[:, :, :64, :96]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.dense_from_block_inputs(inputs, grid, rope),
+                               model.encode_dense(images[:, :, :64, :96]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, local", [("none", True), ("hsg", True), ("x+v", True), ("qk", False), ("qq", False)])
@@ -244,3 +244,30 @@ def test_without_data_or_plugin_data_the_error_says_what_to_pass(capsys):
     assert main(["analyze", "heads", "--model", "ViT-Tiny-16-MAP", "--no-progress"]) == 1
     assert "no --data given and no plug-in provides analysis images for ViT-Tiny-16-MAP; pass --data" in \
         capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_layers_command_evaluates_on_a_coco_panoptic_root(tmp_path):
+    from eval_fixtures import grey_image, grey_levels, write_panoptic, write_templates
+    ids = np.zeros((64, 96), np.int64)
+    ids[:, :48], ids[:, 48:] = 1, 2
+    label_map = np.where(ids == 1, 0, 80).astype(np.uint8)
+    root = write_panoptic(tmp_path / "coco", [(grey_image(label_map, grey_levels([0, 80])), ids, {1: 0, 2: 80})])
+    templates = write_templates(tmp_path / "templates.txt", "a photo of a {}.")
+    run_cli("layers", "--model", TINY, "--data", str(root), "--images", "1", "--image-size", "96", "--layers", "1", "3",
+            "--templates", str(templates), "--out", str(tmp_path / "l.json"))
+    summary = json.loads((tmp_path / "l.json").read_text())["summary"]
+    assert [s["num_layers"] for s in summary] == [1, 3]
+    assert all(0 <= s[m] <= 100 for s in summary for m in ("boxes_thing", "masks_thing", "masks_stuff"))
+
+
+def test_analyze_help_loads_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom denserc.cli import main\nfor argv in (['analyze', '--help'], ['analyze', 'gradients', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'timm', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "delta-l" in result.stdout and "--variants" in result.stdout

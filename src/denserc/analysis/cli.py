@@ -294,6 +294,7 @@ def _evaluation(args, model):
 
     def evaluate(variant):
         result = evaluate_regions(variant, tokenizer, args.data, limit=args.images, image_size=args.image_size,
+                                  class_names=args.class_names, templates=args.templates,
                                   progress=not args.no_progress, workers=2)
         return {m: result[m]["top1"] for m in metrics}
     return evaluate, metrics, labels, f"COCO-panoptic val2017 under {args.data}, {args.images} images", args.config

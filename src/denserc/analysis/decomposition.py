@@ -38,10 +38,9 @@ def decomposition_analysis(model, crops: torch.Tensor, classifier, labels: torch
         pieces = class_token_decomposition(model, states, rope)
         rebuilt = pieces["embedding"] + pieces["attention"].sum(1) + pieces["mlp"].sum(1)
         errors.append(((rebuilt - pieces["output"]).norm(dim=-1) / pieces["output"].norm(dim=-1)).max())
-        joint = lambda tokens: tower.to_joint(tokens[:, None])[:, 0]  # noqa: E731
         parts["global"].append(tower.pool_global(states[-1]))
-        parts["value_paths_last_L"].append(joint(pieces["attention"][:, -num_layers:].sum(1)))
-        parts["value_paths_all"].append(joint(pieces["attention"].sum(1)))
+        parts["value_paths_last_L"].append(tower.to_joint(pieces["attention"][:, -num_layers:].sum(1, keepdim=True))[:, 0])
+        parts["value_paths_all"].append(tower.to_joint(pieces["attention"].sum(1, keepdim=True))[:, 0])
         parts["dense_mean"].append(dense_model.encode_dense(images).mean((2, 3)))
     parts = {name: F.normalize(torch.cat(values).float(), dim=-1) for name, values in parts.items()}
     predicted = {name: zero_shot_predictions(classifier, values) for name, values in parts.items()}

@@ -70,8 +70,9 @@ def head_removal(model, crops: torch.Tensor, classifier, labels: torch.Tensor | 
     with tqdm(total=model.depth * model.heads, desc="heads removed", disable=not progress) as bar:
         for layer in range(model.depth):
             for head in range(model.heads):
-                removed = torch.cat([zero_shot_predictions(classifier, class_embedding_without_head(model, s, layer, head, rope))
-                                     for s in states])
+                removed = torch.cat([
+                    zero_shot_predictions(classifier, class_embedding_without_head(model, s, layer, head, rope))
+                    for s in states])
                 change[layer, head] = (removed == reference).float().mean().item() * 100 - baseline
                 bar.update()
     return {"zero_shot_measure": "accuracy" if labels is not None else "agreement with the intact model",
