@@ -271,3 +271,15 @@ def test_analyze_help_loads_no_torch():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert "delta-l" in result.stdout and "--variants" in result.stdout
+
+
+def test_the_testbed_registers_its_held_out_scenes_as_analysis_data(tmp_path):
+    from denserc.analysis import analysis_data
+    model = denserc.create_model("ViT-Testbed-P8", pretrained="testbed")
+    data = analysis_data(model, None, 2, workdir=tmp_path, progress=False)  # found through the plug-in
+    assert data.images.shape == (2, 3, 128, 128) and 0 <= data.images.min() and data.images.max() <= 1
+    assert data.crops.shape[1:] == (3, 48, 48) and len(data.crop_labels) == len(data.crops)
+    assert len(data.class_names) == 48 and int(data.crop_labels.max()) < 48
+    coverage = torch.stack([segment.mask for segment in data.segments[0]]).sum(0)
+    assert (coverage == 1).all()  # every pixel in exactly one segment
+    assert len(data.segment_classes) == 53 and data.training_config == "testbed"
