@@ -283,3 +283,19 @@ def test_the_testbed_registers_its_held_out_scenes_as_analysis_data(tmp_path):
     coverage = torch.stack([segment.mask for segment in data.segments[0]]).sum(0)
     assert (coverage == 1).all()  # every pixel in exactly one segment
     assert len(data.segment_classes) == 53 and data.training_config == "testbed"
+
+
+@pytest.mark.slow
+def test_heads_on_an_image_folder_measure_agreement_with_the_intact_model(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    (tmp_path / "classes.txt").write_text("dog\ncat\ngrass\n")
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+    run_cli("heads", "--model", TINY, "--data", str(folder), "--image-size", "64", "--images", "2",
+            "--class-names", str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"),
+            "--out", str(tmp_path / "h.json"))
+    report = json.loads((tmp_path / "h.json").read_text())
+    assert report["zero_shot_measure"] == "agreement with the intact model"
+    assert report["zero_shot_top1"] == 100.0 and report["crops"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 
@@ -53,23 +54,25 @@ def head_maps(report: dict, path: Path, title: str) -> Path:
 
 
 def sweep_plot(summary: list[dict], key: str, metrics, labels: dict, path: Path, title: str) -> Path:
-    """One line per metric against the swept value (trained and training-free points as separate lines)."""
-    figure = Figure(figsize=(7, 4.2))
+    """One colour per metric against the swept value: trained points solid, training-free ones dashed."""
+    figure = Figure(figsize=(8.5, 4.2))
     axes = figure.subplots()
+    colours = colormaps["tab10"].colors
     for trained in (False, True):
         points = [s for s in summary if s["trained"] == trained]
         if not points:
             continue
         x = [s[key] for s in points]
-        for metric in metrics:
+        for metric, colour in zip(metrics, colours):
             y = [s[metric] for s in points]
             error = [s[f"{metric}_std"] or 0 for s in points]
-            axes.errorbar(x, y, yerr=error, marker="o" if trained else "s", linestyle="-" if trained else "--",
+            axes.errorbar(x, y, yerr=error, color=colour, marker="o" if trained else "s",
+                          linestyle="-" if trained else "--",
                           label=f"{labels.get(metric, metric)}{' (trained)' if trained else ' (training-free)'}")
     axes.set_xlabel("L (value layers)" if key == "num_layers" else "lambda (L_coherence weight)")
     axes.set_ylabel("%")
     axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
