@@ -9,6 +9,7 @@ import json
 import math
 import re
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -22,6 +23,7 @@ from denserc.models.peers import DECLIP_MISSING, dense_settings
 from denserc.models.serialization import CLIP_WEIGHTS, DENSERC_CONFIG
 
 from conftest import randomize_
+from eval_fixtures import grey_image, grey_levels, write_panoptic, write_templates
 
 EVA = "EVA02-Tiny-16"
 # open_clip EVA02 (timm Eva) -> EVA-CLIP names, inside visual.blocks.N (written from eva_vit_model.py's modules)
@@ -42,7 +44,7 @@ def eva_clip_name(open_clip_key: str) -> str:
 
 
 def eva_clip_rope_tables(head_dim: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EVA-CLIP's `VisionRotaryEmbeddingFast` buffers (CLIPSelf src/open_clip/eva_clip/rope.py), (grid*grid, head_dim)."""
+    """EVA-CLIP's `VisionRotaryEmbeddingFast` tables, (grid * grid, head_dim) each (CLIPSelf eva_clip/rope.py)."""
     dim = head_dim // 2
     freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[:dim // 2].float() / dim))
     t = torch.arange(grid) / grid * PT_SEQ_LEN
@@ -279,3 +281,22 @@ def test_python_api_refuses_a_gate_it_cannot_have_and_unknown_peers():
     with pytest.raises(ValueError, match="unknown peer 'maskclip'"):
         dense_settings("maskclip", None, None, None)
     assert dense_settings("plain", "multi-v", None, 2) == {"construction": "multi-v", "gating": "none", "num_layers": 2}
+
+
+def test_eval_region_runs_the_converted_clipself_model_on_its_dense_path(eva_clip, tmp_path):
+    """`denserc eval region` on the folder evaluates CLIPSelf's x+v path, and its features are the folder's."""
+    clip, state = eva_clip
+    save_as_clipself_training(state, tmp_path / "epoch_6.pt")
+    convert_checkpoint(tmp_path / "epoch_6.pt", tmp_path / "clipself", EVA, peer="clipself")
+    ids = np.zeros((64, 96), np.int64)
+    ids[:, :48], ids[:, 48:] = 1, 2
+    label_map = np.where(ids == 1, 0, 80).astype(np.uint8)
+    root = write_panoptic(tmp_path / "coco", [(grey_image(label_map, grey_levels([0, 80])), ids, {1: 0, 2: 80})])
+    templates = write_templates(tmp_path / "templates.txt", "a photo of {article} {}.")
+    out = tmp_path / "region.json"
+    assert main(["eval", "region", "--model", str(tmp_path / "clipself"), "--data", str(root), "--image-size", "96",
+                 "--templates", str(templates), "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    [result] = json.loads(out.read_text())["results"]
+    assert result["config"] == {"model_name": EVA, "construction": "x+v", "gating": "none", "num_layers": 1}
+    assert result["boxes"]["segments"] == 2
