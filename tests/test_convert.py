@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import denserc
 from denserc.cli import main
@@ -192,14 +192,33 @@ def test_plain_open_clip_checkpoint_module_prefixed_and_wrapped(tmp_path):
     assert (loaded.construction, loaded.gating, loaded.num_layers, loaded.gate) == ("multi-v", "qq", 2, None)
 
 
-def test_half_precision_checkpoint_widens_exactly(tmp_path):
+def test_half_precision_legacy_format_checkpoint_widens_exactly(tmp_path):
     torch.manual_seed(1)
     clip = randomize_(denserc.create_model("ViT-Tiny-16").clip, seed=7)
     state = {key: tensor.half() for key, tensor in clip.state_dict().items()}
-    torch.save(state, tmp_path / "half.pt")
+    torch.save({"model": state}, tmp_path / "half.pt", _use_new_zipfile_serialization=False)  # no mmap
     convert_checkpoint(tmp_path / "half.pt", tmp_path / "folder", "ViT-Tiny-16", construction="v")
     written = load_file(tmp_path / "folder" / CLIP_WEIGHTS)
     assert all(written[key].dtype == torch.float32 and torch.equal(written[key], state[key].float()) for key in state)
+
+
+def test_safetensors_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    clip = randomize_(denserc.create_model("ViT-Tiny-16").clip, seed=8)
+    state = {key: tensor.clone() for key, tensor in clip.state_dict().items()}
+    save_file(state, tmp_path / "open_clip_model.safetensors")
+    convert_checkpoint(tmp_path / "open_clip_model.safetensors", tmp_path / "folder", "ViT-Tiny-16", construction="x+v")
+    written = load_file(tmp_path / "folder" / CLIP_WEIGHTS)
+    assert written.keys() == state.keys() and all(torch.equal(written[key], state[key]) for key in state)
+
+
+def test_openai_release_under_a_gelu_name_is_refused(tmp_path):
+    """As `create_model` refuses it: the hub's folder names the QuickGELU release of ViT-B-16."""
+    release = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "open_clip_pytorch_model.bin"
+    release.parent.mkdir()
+    torch.save({"logit_scale": torch.ones(())}, release)
+    with pytest.raises(ValueError, match="trained with QuickGELU"):
+        convert_checkpoint(release, tmp_path / "out", "ViT-B-16", construction="x+v")
 
 
 def test_the_error_names_missing_unexpected_and_misshapen_keys(eva_clip, tmp_path, capsys):
@@ -266,13 +285,16 @@ def test_non_empty_output_folder_and_unreadable_file_are_refused(tmp_path):
 
 def test_command_line_writes_the_folder(eva_clip, tmp_path, capsys):
     _, state = eva_clip
+    state = dict(state)
+    state["text.logit_scale"] = state.pop("logit_scale")  # where some EVA-CLIP releases keep it
     save_as_clipself_training(state, tmp_path / "epoch_6.pt")
     assert main(["convert", str(tmp_path / "epoch_6.pt"), str(tmp_path / "clipself"), "--model", EVA,
                  "--peer", "clipself"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {tmp_path / 'clipself'}: {EVA} from a EVA-CLIP checkpoint")
     assert "construction x+v, gating none, num_layers 1" in out
-    assert denserc.load(tmp_path / "clipself").construction == "x+v"
+    loaded = denserc.load(tmp_path / "clipself")
+    assert loaded.construction == "x+v" and torch.equal(loaded.clip.logit_scale, state["text.logit_scale"])
 
 
 def test_python_api_refuses_a_gate_it_cannot_have_and_unknown_peers():
