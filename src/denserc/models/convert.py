@@ -17,8 +17,8 @@ Two layouts are read, every tensor is written unchanged (float16/bfloat16 widen 
 - **open_clip**: any checkpoint of an open_clip model, bare, ``module.``-prefixed (DDP) or wrapped in
   ``{"state_dict": ...}`` as open_clip's training writes it.
 
-The folder records the dense path the peer evaluates its model with (``peers.PEERS``), so ``denserc eval region``,
-``denserc detect`` and ``denserc catseg`` run the peer's path on it.
+The folder records the dense path the peer evaluates its model with (``peers.PEERS``), so the commands that
+take a model folder (``denserc eval``, ``denserc catseg``, ``denserc detect``) run the peer's path on it.
 """
 from __future__ import annotations
 
