@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 import denserc
 from denserc.cli import main
 from denserc.models.convert import convert_checkpoint, read_checkpoint
-from denserc.models.peers import DECLIP_MISSING, dense_settings
+from denserc.models.peers import dense_settings
 from denserc.models.serialization import CLIP_WEIGHTS, DENSERC_CONFIG
 
 from conftest import randomize_
@@ -253,13 +253,13 @@ def test_eva_clip_checkpoint_needs_an_eva_model(eva_clip, tmp_path):
         convert_checkpoint(tmp_path / "eva.pt", tmp_path / "out", "ViT-Tiny-16", peer="clipself")
 
 
-def test_declip_is_refused_naming_the_missing_construction(tmp_path, capsys):
-    (tmp_path / "declip.pt").write_bytes(b"")
+def test_declip_records_its_content_stream(eva_clip, tmp_path):
+    _, state = eva_clip
+    save_as_clipself_training(state, tmp_path / "declip.pt")  # DeCLIP's training writes the same layout
     assert main(["convert", str(tmp_path / "declip.pt"), str(tmp_path / "out"), "--model", EVA,
-                 "--peer", "declip"]) == 1
-    error = capsys.readouterr().err
-    assert error == f"denserc convert: error: {DECLIP_MISSING}\n"
-    assert "without the 1/sqrt(d) scale and without RoPE" in error
+                 "--peer", "declip"]) == 0
+    assert denserc.load(tmp_path / "out").config == {"model_name": EVA, "construction": "v", "gating": "declip",
+                                                      "num_layers": 1}
 
 
 @pytest.mark.parametrize("options, message", [

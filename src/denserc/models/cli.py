@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                         help="open_clip model the weights belong to: EVA02-B-16, EVA02-L-14-336 for the peers' "
                              "EVA-CLIP checkpoints; ViT-B-16 and the like for open_clip ones")
     parser.add_argument("--peer", choices=sorted(PEERS), default=None,
-                        help="record that peer's dense path: clipself = construction x+v, gating none; declip is "
-                             "refused (its dense path is not a DenseRC construction yet); plain = the one "
+                        help="record that peer's dense path: clipself = construction x+v, gating none; declip = "
+                             "construction v, gating declip (its unscaled, RoPE-free q-q attention); plain = the one "
                              "--construction/--gating/--num-layers give")
     parser.add_argument("--construction", choices=CONSTRUCTIONS, default=None,
                         help="dense construction the folder records (instead of --peer)")

@@ -2,23 +2,20 @@
 command line offers the peers as choices)."""
 from __future__ import annotations
 
+from .variants import GATINGS
+
 # peer -> the construction, gating and num_layers it evaluates its model with; None: no preset.
 PEERS = {
     # `EVAVisionTransformer.encode_dense`: the last block's `forward_without_attn` (x + proj(v), then the MLP
     # residual), the final norm and the head (CLIPSelf `src/open_clip/eva_clip/eva_vit_model.py`).
     "clipself": {"construction": "x+v", "gating": "none", "num_layers": 1},
-    # Refused (DECLIP_MISSING): its dense path is no DenseRC construction.
-    "declip": None,
+    # `EVAVisionTransformer.encode_dense(mode="qq")`: the last block's `forward_without_rcffn`, i.e. `ss_attn`'s
+    # softmax(q q^T) v without the 1/sqrt(d) scale and without RoPE, no residual, no MLP, then the final norm and
+    # head (DeCLIP `src/open_clip/eva_clip/eva_vit_model.py`): construction v with gating declip.
+    "declip": {"construction": "v", "gating": "declip", "num_layers": 1},
     # A checkpoint used as it is: the dense path comes from --construction/--gating/--num-layers.
     "plain": None,
 }
-DECLIP_MISSING = (
-    "--peer declip: DeCLIP's dense path (its content stream: the last block's q-q attention without the "
-    "1/sqrt(d) scale and without RoPE on q, no residual and no MLP, then the final norm and head; "
-    "xiaomoguhz/DeCLIP src/open_clip/eva_clip/eva_vit_model.py, Attention.ss_attn) is not a DenseRC "
-    "construction yet: the nearest, construction multi-v with gating qq and num_layers 1, scales by "
-    "1/sqrt(d) and rotates q; to convert DeCLIP's weights under an existing construction, pass "
-    "--construction/--gating/--num-layers instead of --peer declip")
 
 
 def dense_settings(peer: str | None, construction: str | None, gating: str | None,
@@ -30,8 +27,6 @@ def dense_settings(peer: str | None, construction: str | None, gating: str | Non
     """
     if peer is not None and peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; choose one of {sorted(PEERS)}")
-    if peer == "declip":
-        raise ValueError(DECLIP_MISSING)
     explicit = {"construction": construction, "gating": gating, "num_layers": num_layers}
     given = [f"--{key.replace('_', '-')}" for key, value in explicit.items() if value is not None]
     preset = PEERS.get(peer)
@@ -45,5 +40,5 @@ def dense_settings(peer: str | None, construction: str | None, gating: str | Non
                          "(with --gating and --num-layers) for a plain checkpoint")
     if gating == "hsg":
         raise ValueError("--gating hsg needs a trained Head Selection Gate, which a converted checkpoint does not "
-                         "have; choose none, qk or qq")
+                         f"have; choose one of {[g for g in GATINGS if g != 'hsg']}")
     return {"construction": construction, "gating": gating or "none", "num_layers": num_layers}
