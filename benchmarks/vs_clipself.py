@@ -210,8 +210,8 @@ def build_ours(*, construction: str, gating: str, model: str, size: int, batch: 
     from denserc.train.config import from_dict
     from torch.utils.data import default_collate
 
-    initial = convert_checkpoint(weights_file, Path(output_dir) / "initial", model, construction=construction,
-                                 gating=gating).directory
+    # only the CLIP weights file is read from the folder; the trainer builds its own construction on it
+    initial = convert_checkpoint(weights_file, Path(output_dir) / "initial", model, construction="x+v").directory
     converted = str(initial / CLIP_WEIGHTS)
 
     # every image gets the same grid (the benchmark's identical work), not a random one
