@@ -68,7 +68,7 @@ class PhaseClock:
         if task.embed_patches is not None:  # None: coherence weight 0, no VFM
             task.embed_patches = self._timed(task.embed_patches, "vfm")
         distillation = task.module
-        distillation.encode_dense = self._timed(distillation.encode_dense, "student")
+        distillation.encode = self._timed(distillation.encode, "student")
         distillation.register_forward_hook(lambda *_: self.mark("module end"))
         trainer.optimizer.register_step_pre_hook(lambda *_: self.mark("optimizer start"))
         trainer.optimizer.register_step_post_hook(lambda *_: self.mark("optimizer end"))

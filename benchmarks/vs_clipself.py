@@ -202,7 +202,7 @@ def build_ours(*, construction: str, gating: str, model: str, size: int, batch: 
     marks = Marks()
     task.images_and_grids = marks.wrap(task.images_and_grids, "prepare")
     task.embed_crops = marks.wrap(task.embed_crops, "teacher")
-    task.module.encode_dense = marks.wrap(task.module.encode_dense, "student")
+    task.module.encode = marks.wrap(task.module.encode, "student")
     task.module.register_forward_hook(lambda *_: marks.mark("module end"))
     marks.hook_optimizer(trainer.optimizer)
     counter = iter(range(10 ** 9))

@@ -77,3 +77,22 @@ def test_import_denserc_and_every_core_module_import_no_plugin():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+TOWER_INTERNALS = {"resblocks", "trunk", "in_proj_weight", "MultiheadAttention", "transformer"}
+
+
+def test_no_module_outside_models_reaches_into_a_tower():
+    """Detection, CAT-Seg, the testbed and the rest ask the ``Tower`` adapters (docs/architecture.md, one home
+    per idea); an attribute access such as ``visual.transformer.resblocks`` outside ``models/`` is a bug for
+    the families that do not have it (EVA, SigLIP)."""
+    offenders = []
+    for root in (CORE, CORE.parent / "denserc_testbed"):
+        for path in sorted(root.rglob("*.py")):
+            if path.is_relative_to(CORE / "models"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+                if name in TOWER_INTERNALS:
+                    offenders.append(f"{path.relative_to(root.parent)}:{node.lineno} .{name}")
+    assert not offenders, offenders

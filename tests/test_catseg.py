@@ -13,11 +13,13 @@ from denserc.catseg.aggregator import (PADDED_CLASS_LOGIT, ClassAggregation, Cos
 from denserc.catseg.data import TrainingCrops, training_label_map
 from denserc.catseg.evaluate import SlidingWindowProtocol, evaluate_catseg, sliding_window_scores
 from denserc.catseg.export import load_catseg, save_catseg
-from denserc.models import get_tokenizer
+import denserc
+from denserc.models import PEER_PATHS, get_tokenizer
 
 from conftest import TINY, randomize_
 from eval_fixtures import write_segmentation_dataset
 
+EVA, SIGLIP = "EVA02-Tiny-16", "ViT-Tiny-16-MAP"
 SMALL_HEAD = dict(hidden_dim=32, guidance_proj_dim=16, text_guidance_proj_dim=16, decoder_dims=[32, 16],
                   decoder_guidance_dims=[32, 16], decoder_guidance_proj_dims=[16, 8], window=7, pad_len=8,
                   intermediate_blocks=[0, 1])
@@ -160,6 +162,56 @@ def test_only_query_and_value_projections_of_both_towers_train(tiny_model):
     text = "clip.transformer.resblocks.0.attn.in_proj_weight"
     assert not torch.equal(trained[last][128:], before[last][128:])
     assert not torch.equal(trained[text][:64], before[text][:64])
+
+
+def _trained_rows(model):
+    """{parameter name: rows whose gradient survives one backward of a loss touching every weight}."""
+    trained = dict(fine_tuned_clip_parameters(model))
+    loss = sum((p.float() ** 2).sum() for p in trained.values())
+    loss.backward()
+    return {name: (p.grad.abs().sum(1) > 0).nonzero().flatten().tolist() for name, p in trained.items()}
+
+
+def test_eva_tunes_q_and_v_projections_and_the_whole_text_in_proj():
+    """DeCLIP's CAT-Seg branch (configs/eva_vitb_384.yaml, ``frozen_backbone``) on EVA-CLIP: the image tower's
+    q_proj/v_proj weights, the text tower's whole in_proj_weight."""
+    torch.manual_seed(0)
+    model = denserc.create_model(EVA, **PEER_PATHS["CAT-Seg"])
+    rows = _trained_rows(model)
+    image = sorted(n for n in rows if n.startswith("clip.visual."))
+    assert image == sorted(f"clip.visual.trunk.blocks.{i}.attn.{p}_proj.weight"
+                           for i in range(model.depth) for p in ("q", "v"))
+    text = [n for n in rows if n.startswith("clip.text.")]
+    assert len(text) == 2 and all(rows[n] == list(range(3 * 64)) for n in text)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(rows)
+
+
+def test_siglip_tunes_the_query_and_value_rows_of_its_fused_projection():
+    torch.manual_seed(0)
+    model = denserc.create_model(SIGLIP, **PEER_PATHS["F-ViT"])
+    rows = _trained_rows(model)
+    image = [n for n in rows if n.startswith("clip.visual.")]
+    assert len(image) == model.depth
+    assert all(rows[n] == list(range(64)) + list(range(128, 192)) for n in image)
+
+
+def test_a_tower_without_query_or_value_weights_is_refused(tiny_model, monkeypatch):
+    monkeypatch.setattr(type(tiny_model.tower), "query_value_weights", lambda self: [])
+    with pytest.raises(ValueError, match="fine-tunes the image tower's query and value projections, and "
+                                         "ViT-Tiny-16 \\(open_clip ViT\\) has none"):
+        fine_tuned_clip_parameters(tiny_model)
+
+
+def test_segmenter_trains_on_a_plain_eva_clip():
+    torch.manual_seed(0)
+    clip = denserc.create_model(EVA, **PEER_PATHS["CAT-Seg"])
+    segmenter = CATSeg(clip, HeadConfig(**SMALL_HEAD), prompts=1, clip_resolution=224)
+    trained = dict(fine_tuned_clip_parameters(clip))
+    embeddings = segmenter.encode_classes(class_tokens(get_tokenizer(EVA), [["cat"], ["sky"]], ["{}"]))
+    logits = segmenter(torch.randn(1, 3, 224, 224), embeddings)
+    segmentation_loss(logits, torch.randint(0, 2, (1, 224, 224))).backward()
+    idle = {name for name, p in trained.items() if p.grad is None or not p.grad.abs().sum() > 0}
+    assert idle == {"clip.visual.trunk.blocks.3.attn.q_proj.weight"}  # cls+v never uses the last block's queries
 
 
 class _Pairs(torch.utils.data.Dataset):

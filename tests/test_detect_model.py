@@ -7,6 +7,7 @@ import torch
 import denserc
 from denserc.detect.model import (DetectorConfig, FViT, FViTHeads, StridedAnchorGenerator, classification_loss,
                                   ensemble_scores)
+from denserc.models import PEER_PATHS
 from torchvision.models.detection.image_list import ImageList
 
 from conftest import TINY, randomize_
@@ -103,11 +104,42 @@ def test_detector_outputs_and_mask_head(tiny_model):
     assert "loss_mask" in detector.heads(maps, [(128, 128)] * 2, targets)
 
 
-def test_taps_must_be_four_blocks_of_the_tower(tiny_model):
-    heads = _heads(tiny_model)
+@pytest.mark.parametrize("name", [TINY, "EVA02-Tiny-16"])
+def test_taps_must_be_blocks_of_the_tower(name):
+    tower = denserc.create_model(name)
+    heads = _heads(tower)
     heads.config.taps = [0, 1, 2, 9]
-    with pytest.raises(ValueError, match=r"model.taps must name 4 block indices in 0..3 for ViT-Tiny-16"):
-        FViT(tiny_model, heads)
+    with pytest.raises(ValueError, match=rf"model.taps must be block indices in 0..3 for {name} \(4 blocks\)"):
+        FViT(tower, heads)
+
+
+@pytest.mark.parametrize("name", ["EVA02-Tiny-16", "ViT-Tiny-16-MAP"])
+def test_fvit_trains_and_detects_on_eva_and_siglip_towers(name):
+    """A plain tower of each timm family, on CLIPSelf's path, through a training step and inference."""
+    torch.manual_seed(0)
+    tower = randomize_(denserc.create_model(name, **PEER_PATHS["F-ViT"])).eval()
+    detector = FViT(tower, _heads(tower, score_threshold=0.0)).train()
+    torch.manual_seed(1)
+    losses = detector(torch.randn(2, 3, 128, 128), [(128, 128)] * 2, _targets())
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert all(p.grad is None for p in tower.parameters())  # frozen
+    assert detector.heads.classifier.temperature.grad is not None
+    with torch.no_grad():
+        out = detector.eval()(torch.randn(1, 3, 128, 160), [(128, 160)])
+    assert len(out[0]["boxes"]) > 0 and out[0]["labels"].max() < len(NOVEL)
+
+
+def test_background_is_the_fixed_text_embedding_in_both_softmaxes(tiny_model):
+    """CLIPSelf's learn_bg=False: no background parameter; the CLIP-score softmax sees the same vector."""
+    heads = _heads(tiny_model)
+    classifier = heads.classifier
+    assert "background" not in dict(heads.named_parameters()) and "roi_heads.box_predictor.background" in heads.state_dict()
+    background = torch.randn(tiny_model.embed_dim, generator=torch.Generator().manual_seed(5))
+    classifier.background = torch.nn.functional.normalize(background, dim=-1)
+    torch.testing.assert_close(classifier.embeddings()[0], classifier.background)
+    region = background[None] * 3
+    assert classifier(region).argmax(-1).item() == 0  # the background column is that exact vector
 
 
 def test_rpn_convs_carry_batch_norm_in_the_lvis_configs_only(tiny_model):

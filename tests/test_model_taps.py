@@ -7,15 +7,17 @@ import denserc
 from conftest import TINY, randomize_
 
 
-@pytest.mark.parametrize("construction,num_layers", [("multi-v", 3), ("multi-v", 1), ("x+v", 1)])
-def test_taps_match_open_clip_intermediates_and_dense_is_encode_dense(construction, num_layers, images):
+@pytest.mark.parametrize("construction,num_layers,taps", [("multi-v", 3, [3, 0, 2]), ("multi-v", 1, [3, 0, 2]),
+                                                          ("v", 1, [3, 0, 2]), ("x+v", 1, [2, 0, 1])])
+def test_taps_match_open_clip_intermediates_and_dense_is_encode_dense(construction, num_layers, taps, images):
+    """Any order; the last block's own output for constructions that keep it (x+v replaces it: its last tap is
+    the value-path block, tests/test_peer_paths.py)."""
     torch.manual_seed(0)
     model = randomize_(denserc.create_model(TINY, construction=construction, num_layers=num_layers)).eval()
-    taps = [3, 0, 2]  # any order, the last block included
     with torch.no_grad():
         dense, maps = model.encode_dense_with_taps(images, taps)
-        reference = model.visual.forward_intermediates(images, indices=[0, 2, 3], intermediates_only=True)
-        expected = dict(zip([0, 2, 3], reference["image_intermediates"]))
+        reference = model.visual.forward_intermediates(images, indices=sorted(taps), intermediates_only=True)
+        expected = dict(zip(sorted(taps), reference["image_intermediates"]))
         torch.testing.assert_close(dense, model.encode_dense(images), rtol=0, atol=0)
     assert [tuple(m.shape) for m in maps] == [(2, model.width, 14, 14)] * 3
     for tap, tapped in zip(taps, maps):

@@ -52,6 +52,11 @@ def test_every_table5_variant_and_model_has_a_shipped_config():
         config = load_config(name)
         assert (config.model.construction, config.model.gating) == (construction, gating), name
         assert config.optim.lr == 1e-5 and config.data.image_size == 1024, name  # inherited recipe
+        eva = load_config(name.replace("ablation_", "ablation_eva02_"))  # Table 5 on the detection backbone
+        assert (eva.model.name, eva.model.construction, eva.model.gating, eva.model.num_layers) == (
+            "EVA02-B-16", construction, gating, config.model.num_layers), name
+        assert eva.model.unlocked_blocks == 12 and eva.export.alpha == 0.7, name
+    assert load_config("eva02_l14_coco").vfm.name == "vit_large_patch14_reg4_dinov2"  # DeCLIP's L/14 VFM
     large = load_config("vitl14_coco")
     assert (large.model.name, large.data.image_size % 14, large.train.global_batch_size) == ("ViT-L-14", 0, 16)
 

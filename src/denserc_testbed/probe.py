@@ -118,7 +118,7 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
     """Per thing segment of the split: labels, mask-averaged tokens per layer, and (with a classifier)
     the zero-shot class of its box and mask."""
     data = PanopticRegions(root, SPLIT, image_size=SceneConfig().image_size, patch_size=model.patch_size)
-    blocks = model.visual.transformer.resblocks
+    blocks = model.tower.blocks  # through the tower adapter: any family
     layers = [f"block {i} input" for i in range(len(blocks))] + ["tower output", "dense features"]
     collected = {"labels": [], **{pooling: [] for pooling in ZERO_SHOT_POOLINGS}, **{layer: [] for layer in layers}}
     for index in range(len(data)):
@@ -139,7 +139,8 @@ def _thing_segments(model, root: Path, classifier=None) -> dict:
         dense = F.normalize(model.encode_dense(images), dim=1)
         coverage = sample["coverage"][things].flatten(1)
         weights = coverage / coverage.sum(1, keepdim=True)
-        patch_tokens = [t[0, 1:] for t in tokens] + [dense[0].flatten(1).T]
+        prefix = model.tower.num_prefix_tokens
+        patch_tokens = [t[0, prefix:] for t in tokens] + [dense[0].flatten(1).T]
         for layer, features in zip(layers, patch_tokens):
             collected[layer].append(weights @ features)
         collected["labels"].append(sample["labels"][things])

@@ -7,7 +7,8 @@ cosine decay without warm-up, full-model gradient clipping at norm 0.01, the sin
 
 The CLIP is one key, ``clip.model``: an open_clip ``NAME:TAG`` / ``NAME:FILE`` (e.g. ``ViT-B-16:openai``,
 the plain CLIP) or a DenseRC checkpoint folder. ``clip.construction: null`` means CAT-Seg's own dense
-path (``x+v``) for a plain CLIP and the folder's saved construction for a DenseRC folder.
+path (``cls+v``, gating ``none``: ``model_vpt.py`` ``forward_dense``) for a plain CLIP and the folder's
+saved construction for a DenseRC folder.
 
 The schedule is counted in iterations, as CAT-Seg's is: one pass over ``iterations x global batch``
 draws of the training images (each image recurs with fresh augmentation), so ``train.epochs`` is 1.
@@ -29,7 +30,7 @@ from .model import HeadConfig
 @dataclass
 class ClipConfig:
     model: str = "ViT-B-16:openai"  # open_clip NAME:TAG / NAME:FILE, or a DenseRC checkpoint folder
-    construction: str | None = None  # null: x+v (CAT-Seg's dense path) for open_clip, the saved one for a folder
+    construction: str | None = None  # null: cls+v / none (CAT-Seg's dense path) for open_clip, the saved one for a folder
     gating: str | None = None
     num_layers: int | None = None
 

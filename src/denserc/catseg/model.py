@@ -13,9 +13,9 @@ Following ``cvlab-kaist/CAT-Seg`` ``cat_seg/cat_seg_model.py`` and ``cat_seg_pre
 - the loss is a per-class binary cross-entropy over all pixels of the crop (logits upsampled to
   the label size); pixels labelled 255 are negatives for every class, as in CAT-Seg.
 
-With a plain OpenAI CLIP, ``construction="x+v"`` reproduces CAT-Seg's own dense path (the last
-block with attention replaced by its value path, residual and MLP kept); a DenseRC folder brings
-its own construction.
+A plain CLIP runs CAT-Seg's own dense path, ``construction="cls+v"`` (``PEER_PATHS["CAT-Seg"]``: the last
+block's value path plus the class token's residual, then the MLP residual, ``model_vpt.py``
+``forward_dense``); a DenseRC folder brings its own construction.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from torch import nn
 
 from ..eval.metrics import IGNORE_INDEX
 from ..eval.text import render
-from ..models import DenseRCModel
+from ..models import DenseRCModel, text_attention_weights
+from ..models.towers import EvaTower
 from .aggregator import CostAggregator
 
 
@@ -110,24 +111,38 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def fine_tuned_clip_parameters(clip: DenseRCModel) -> list[tuple[str, nn.Parameter]]:
-    """CAT-Seg's ``CLIP_FINETUNE: attention``: the query and value projection weights of every block.
+    """The CLIP weights CAT-Seg fine-tunes (``CLIP_FINETUNE: attention``), found through the tower adapters.
 
-    CAT-Seg splits ``in_proj_weight`` into ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` and
-    trains q and v of both towers; here the (3D, D) ``in_proj_weight`` trains with its key rows'
-    gradient zeroed by a hook (biases, output projections, MLPs, norms and embeddings stay frozen).
-    Every CLIP parameter's ``requires_grad`` is set accordingly; returns the trainable ones by name.
+    - Image tower: every block's query and value projection weights (``Tower.query_value_weights``). CAT-Seg
+      (``cat_seg/third_party/model_vpt.py``) splits open_clip's ``in_proj_weight`` into q/k/v and trains q
+      and v; here a packed weight trains with its key rows' gradient zeroed by a hook. EVA-CLIP has separate
+      ``q_proj``/``v_proj``, trained whole, as DeCLIP's CAT-Seg branch does (``configs/eva_vitb_384.yaml``,
+      ``frozen_backbone``).
+    - Text tower: every block's ``in_proj_weight``, query and value rows (CAT-Seg); on EVA-CLIP the whole
+      weight, keys included (DeCLIP's CAT-Seg branch).
+
+    Biases, output projections, MLPs, norms and embeddings stay frozen. Every CLIP parameter's
+    ``requires_grad`` is set accordingly; returns the trainable ones by name. A tower that yields no image
+    weight is refused: nothing of it would train.
     """
     for parameter in clip.parameters():
         parameter.requires_grad_(False)
+    tower = clip.tower
+    image = [(f"clip.visual.{name}", weight, frozen) for name, weight, frozen in tower.query_value_weights()]
+    if not image:
+        raise ValueError(f"CAT-Seg fine-tunes the image tower's query and value projections, and {clip.model_name} "
+                         f"({tower.family}) has none that can be found")
+    whole_text = isinstance(tower, EvaTower)
+    text = [(f"clip.{name}", weight, None if whole_text else frozen)
+            for name, weight, frozen in text_attention_weights(clip.clip)]
     trained = []
-    for name, module in clip.clip.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            weight = module.in_proj_weight
-            weight.requires_grad_(True)
-            keys = torch.ones_like(weight[:, :1])
-            keys[module.embed_dim:2 * module.embed_dim] = 0
-            weight.register_hook(lambda grad, keep=keys: grad * keep.to(grad.dtype))
-            trained.append((f"clip.{name}.in_proj_weight", weight))
+    for name, weight, frozen in image + text:
+        weight.requires_grad_(True)
+        if frozen is not None:
+            keep = torch.ones_like(weight[:, :1])
+            keep[frozen] = 0
+            weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
+        trained.append((name, weight))
     return trained
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..eval.text import load_class_names
-from ..models import from_spec, get_tokenizer, load_state_dict_checked
+from ..models import PEER_PATHS, from_spec, get_tokenizer, load_state_dict_checked
 from ..train.config import ConfigError
 from ..distributed import DistributedEnv
 from ..train.engine import Task
@@ -67,8 +67,8 @@ def build_segmenter(config: CATSegConfig, device) -> tuple[CATSeg, object]:
     """The (DenseRC or plain) CLIP named by ``clip.model`` under a fresh CAT-Seg head, and its tokenizer."""
     spec = config.clip.model
     is_folder = Path(spec).is_dir()
-    construction = config.clip.construction or (None if is_folder else "x+v")
-    clip = from_spec(spec, construction=construction, gating=config.clip.gating, num_layers=config.clip.num_layers)
+    clip = from_spec(spec, plain_path=PEER_PATHS["CAT-Seg"], construction=config.clip.construction,
+                     gating=config.clip.gating, num_layers=config.clip.num_layers)
     tokenizer = get_tokenizer(spec if is_folder else clip.model_name)
     segmenter = CATSeg(clip, config.head, prompts=len(config.templates), clip_resolution=config.clip_resolution)
     return segmenter.to(device), tokenizer

@@ -1,4 +1,4 @@
-"""Training data: image sources (COCO, image folder, generated), square resizing and grid sampling."""
+"""Training data: image sources (COCO, image folder, generated, proposals), square resizing, grid and proposal sampling."""
 from ..lazy import lazy_exports
 
 # name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
@@ -7,5 +7,6 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "TrainingImages": ".datasets", "UnreadableImageError": ".datasets", "build_source": ".datasets",
     "list_images": ".datasets", "register_source": ".datasets", "source_types": ".datasets", "GRID_RULES": ".grid",
     "grid_boxes": ".grid", "sample_grid_boxes": ".grid", "sample_grid_shape": ".grid",
-    "ASPECT_MODES": ".transforms", "SquareResize": ".transforms",
+    "ASPECT_MODES": ".transforms", "SquareResize": ".transforms", "ProposalSource": ".proposals",
+    "sample_proposal_boxes": ".proposals",
 })

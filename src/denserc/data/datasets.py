@@ -227,3 +227,6 @@ def build_generated_source(data_config) -> GeneratedSource:
 def _require(value, key: str, kind: str) -> None:
     if not value:
         raise ValueError(f"{key} must be set for data.type={kind!r}")
+
+
+from . import proposals  # noqa: E402,F401  (registers data.type "proposals"; it builds on the classes above)

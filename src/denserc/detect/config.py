@@ -25,7 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BackboneConfig:
     """The frozen tower: a folder written by DenseRCModel.save / ``denserc train``, or NAME[:TAG|:FILE]."""
     model: str = "ViT-B-16:openai"
-    construction: Optional[str] = None  # null: the folder's own (or multi-v for an open_clip name)
+    construction: Optional[str] = None  # null: the folder's own; an open_clip name: CLIPSelf's x+v, gating none
     gating: Optional[str] = None
     num_layers: Optional[int] = None
 

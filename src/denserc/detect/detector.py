@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..io import save_json, save_tensors
-from ..models import load_state_dict_checked
+from ..models import PEER_PATHS, load_state_dict_checked
 from ..models.factory import from_spec, get_tokenizer, load as load_tower
 from ..images import load_image
 from .config import DetectConfig
@@ -37,9 +37,10 @@ EXPORT_FORMAT = 1
 
 
 def build_tower(config: DetectConfig):
+    """The frozen tower: a DenseRC folder as trained, a plain CLIP as CLIPSelf's F-ViT runs it (``PEER_PATHS``)."""
     settings = {"construction": config.backbone.construction, "gating": config.backbone.gating,
                 "num_layers": config.backbone.num_layers}
-    return from_spec(config.backbone.model, **settings)
+    return from_spec(config.backbone.model, plain_path=PEER_PATHS["F-ViT"], **settings)
 
 
 def class_embeddings(tower, names: Sequence[str], templates) -> torch.Tensor:
@@ -55,7 +56,7 @@ def class_embeddings(tower, names: Sequence[str], templates) -> torch.Tensor:
 
 
 def build_heads(config: DetectConfig, tower, split: Split) -> FViTHeads:
-    """Fresh heads over the split's vocabulary; the background embedding starts as the text "background"."""
+    """Fresh heads over the split's vocabulary and the fixed text embedding of "background"."""
     embeddings = class_embeddings(tower, split.names, config.text.templates)
     background = class_embeddings(tower, ["background"], config.text.templates)[0]
     return FViTHeads(config.model, tower.width, tower.patch_size, embeddings.cpu(), background.cpu(),

@@ -7,7 +7,7 @@ Settings follow CLIPSelf's ``F-ViT/models`` and ``F-ViT/configs/ov_coco``/``ov_l
     neck       torchvision FPN, 256 channels, plus a max-pooled 5th level
     RPN        torchvision RPN, 2 convs, anchors of 8 strides, ratios 0.5/1/2, NMS 0.7, 2000 -> 1000
     RoI head   RoIAlign 7x7 -> 4 convs (BN) -> 2 FCs -> a cosine classifier against the classes' text
-               embeddings plus a learned background embedding, learnable temperature (init 50);
+               embeddings plus the fixed text embedding of "background", learnable temperature (init 50);
                class-agnostic box deltas (std 0.1, 0.1, 0.2, 0.2); optional class-agnostic mask head
     training   cross-entropy whose class weights are 0 for novel classes (their logits are masked to
                -inf, so they never reach the loss) and ``background_weight`` for the background
@@ -201,8 +201,10 @@ class BoxHead(nn.Module):
 class CosineClassifier(nn.Module):
     """Logits (N, 1 + C) = temperature x cos(region, [background; class text embeddings]).
 
-    The class embeddings are a buffer (the vocabulary, replaceable at inference); the background
-    embedding and the temperature are learned.
+    The class embeddings are a buffer (the vocabulary, replaceable at inference); so is the background's,
+    the text embedding of "background", as CLIPSelf's ``FViTBBoxHead`` keeps it with ``learn_bg=False``
+    (``F-ViT/models/fvit_head.py``: the last column of ``all_embeddings``, a buffer, in the detector's logits
+    and in the CLIP-score softmax alike). Only the temperature is learned.
     """
 
     def __init__(self, class_embeddings: torch.Tensor, background: torch.Tensor, novel: torch.Tensor,
@@ -210,7 +212,7 @@ class CosineClassifier(nn.Module):
         super().__init__()
         self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
         self.register_buffer("novel", novel.bool().clone())
-        self.background = nn.Parameter(F.normalize(background.float(), dim=-1).clone())
+        self.register_buffer("background", F.normalize(background.float(), dim=-1).clone())
         self.temperature = nn.Parameter(torch.tensor(float(temperature)))
 
     def set_vocabulary(self, class_embeddings: torch.Tensor, novel: torch.Tensor) -> None:
@@ -223,7 +225,7 @@ class CosineClassifier(nn.Module):
 
     def embeddings(self) -> torch.Tensor:
         """(1 + C, E) normalised: background first."""
-        return torch.cat([F.normalize(self.background, dim=-1)[None], self.class_embeddings])
+        return torch.cat([self.background[None], self.class_embeddings])
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         return self.temperature * F.normalize(regions.float(), dim=-1) @ self.embeddings().T
@@ -330,13 +332,6 @@ class FViTRoIHeads(RoIHeads):
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-def check_taps(tower: DenseRCModel, taps: list[int]) -> None:
-    depth = len(tower.visual.transformer.resblocks)
-    if len(taps) != NUM_PYRAMID_INPUTS or not all(0 <= t < depth for t in taps):
-        raise ValueError(f"model.taps must name {NUM_PYRAMID_INPUTS} block indices in 0..{depth - 1} for "
-                         f"{tower.model_name} ({depth} blocks), got {list(taps)}")
-
-
 class FViTHeads(nn.Module):
     """Everything of F-ViT that trains: pyramid, FPN, RPN and RoI heads, fed the frozen tower's outputs.
 
@@ -403,7 +398,7 @@ class FViT(nn.Module):
 
     def __init__(self, tower: DenseRCModel, heads: FViTHeads):
         super().__init__()
-        check_taps(tower, heads.config.taps)
+        tower.tower.check_block_indices(heads.config.taps, "model.taps", tower.model_name)
         self.tower = tower.requires_grad_(False).eval()
         self.heads = heads
 

@@ -13,11 +13,15 @@ are combined at each patch:
     multi-v  X[n] = proj(ln_post(sum_{last L blocks} ls_1(sum_h A[n,h] o_h[n] + b_o)))
     v        the same with L = 1 (DeCLIP-style single value path)
     x+v      CLIPSelf-style last block: x' = x + ls_1(value branch), x'' = x' + ls_2(mlp(ln_2 x'))
+    cls+v    CAT-Seg's last block: x' = x_cls + ls_1(value branch) (the class token's residual at
+             every patch), x'' = x' + ls_2(mlp(ln_2 x'))
 
     hsg   A = sigmoid(ln_1(x) @ W_H^T + b_H), one gate per token and head (no token mixing)
     none  A = 1
     qk    each head's values attended with the block's own softmax(q k^T / sqrt(d)) (vanilla CLIP)
     qq    each head's values attended with softmax(q q^T / sqrt(d)) (DeCLIP/SCLIP self-self)
+    declip  DeCLIP's released content attention: softmax(q q^T) without the 1/sqrt(d) scale and without
+          RoPE (xiaomoguhz/DeCLIP src/open_clip/eva_clip/eva_vit_model.py, ``Attention.ss_attn``)
 
 ``ls_1`` is the block's LayerScale (identity for CLIP models without it), kept so the value branch
 is exactly the block's own attention branch with the attention weights replaced. Written once for
@@ -59,7 +63,10 @@ class DenseRCModel(nn.Module):
             raise ValueError(f"construction {construction!r} uses the last block only: num_layers must "
                              f"be 1 (got {num_layers}); use construction='multi-v' for more layers")
         self.tower: Tower = tower_for(clip, model_name)
-        depth = len(self.tower.blocks)
+        depth = self.tower.depth
+        if construction == "cls+v" and self.tower.num_prefix_tokens < 1:
+            raise ValueError(f"construction 'cls+v' adds the class token's residual, and {model_name} has no class "
+                             "token; use 'x+v' or 'v'")
         if not 1 <= num_layers <= depth:
             raise ValueError(f"num_layers must be in 1..{depth} for {model_name} ({depth} blocks), "
                              f"got {num_layers}")
@@ -96,6 +103,11 @@ class DenseRCModel(nn.Module):
     @property
     def width(self) -> int:
         return self.tower.width
+
+    @property
+    def depth(self) -> int:
+        """Number of image-tower blocks (taps are 0-based indices below it)."""
+        return self.tower.depth
 
     @property
     def heads(self) -> int:
@@ -153,6 +165,13 @@ class DenseRCModel(nn.Module):
         """Dense features (B, E, H/p, W/p) in the joint image-text space, not normalised."""
         return self.encode_dense_with_taps(images, ())[0]
 
+    def encode_dense_with_queries(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_dense`` plus the last block's queries of the patch tokens (B, H * d, H/p, W/p), heads
+        concatenated, before any RoPE: the features of DeCLIP's context stream (``ss_attn`` returns
+        ``q[:, 1:]``), in the same pass."""
+        dense, _, queries = self._dense_pass(images, (), queries=True)
+        return dense, queries
+
     def encode_dense_with_taps(self, images: torch.Tensor,
                                taps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``encode_dense`` plus the patch tokens after the image blocks ``taps`` (0-based), in one pass.
@@ -160,42 +179,56 @@ class DenseRCModel(nn.Module):
         Returns the dense features and, in the order of ``taps``, one (B, D, H/p, W/p) map per tapped
         block output (its residual stream, prefix tokens dropped, no norm): the intermediate features
         that downstream heads build on (F-ViT's pyramid taps blocks 3, 5, 7, 11 of a ViT-B; CAT-Seg's
-        decoder taps earlier blocks).
+        decoder taps earlier blocks). The constructions that replace the last block (``x+v``, ``cls+v``)
+        tap that replaced block for the last index, as CLIPSelf's F-ViT backbone does
+        (``F-ViT/models/evaclip_vit.py``, ``forward``: ``blocks[-1].forward_without_attn``); the others tap
+        the last block's own output.
         """
+        dense, tapped, _ = self._dense_pass(images, taps)
+        return dense, tapped
+
+    def _dense_pass(self, images: torch.Tensor, taps: Sequence[int], queries: bool = False
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """One pass of the trunk: dense features, the tapped block outputs and (optionally) the last block's
+        patch queries."""
         tower = self.tower
         blocks = tower.blocks
-        depth = len(blocks)
-        bad = [t for t in taps if not 0 <= t < depth]
-        if bad:
-            raise ValueError(f"taps must be block indices in 0..{depth - 1} for {self.model_name} "
-                             f"({depth} blocks), got {list(taps)}")
+        depth = tower.depth
+        tower.check_block_indices(taps, "taps", self.model_name)
         x, rope, (h, w) = self._embed(images)
         tapped: dict[int, torch.Tensor] = {}
         prefix = tower.num_prefix_tokens
 
+        def to_map(patches: torch.Tensor) -> torch.Tensor:
+            return patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)
+
         def advance(index: int, tokens: torch.Tensor) -> torch.Tensor:
             tokens = self._checkpointed(self._block, blocks[index], tokens, rope)
             if index in taps:
-                tapped[index] = tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+                tapped[index] = to_map(tokens[:, prefix:])
             return tokens
 
         first = depth - self.num_layers
         for index in range(first):
             x = advance(index, x)
-        if self.construction == "x+v":
+        if self.construction in ("x+v", "cls+v"):
             block = blocks[-1]
-            y = x[:, prefix:] + self._value_branch(block, x, rope)
-            y = tower.mlp_residual(block, y)
+            residual = x[:, prefix:] if self.construction == "x+v" else x[:, :1]
+            y = tower.mlp_residual(block, residual + self._value_branch(block, x, rope))
+            if depth - 1 in taps:
+                tapped[depth - 1] = to_map(y)
         else:
             y = self._value_branch(blocks[first], x, rope)
             for index in range(first, depth - 1):
                 x = advance(index, x)
                 y = y + self._value_branch(blocks[index + 1], x, rope)
-        if depth - 1 in taps:  # the dense path itself never needs the last block's full output
-            advance(depth - 1, x)
-        y = tower.to_joint(y)
-        dense = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
-        return dense, [tapped[t] for t in taps]
+            if depth - 1 in taps:  # the dense path itself never needs the last block's full output
+                advance(depth - 1, x)
+        last_queries = None
+        if queries:  # x is the last block's input on every path above
+            q = tower.queries_keys_values(blocks[-1], tower.norm1(blocks[-1], x), None)[0]
+            last_queries = to_map(q[:, :, prefix:].transpose(1, 2).flatten(2))
+        return to_map(tower.to_joint(y)), [tapped[t] for t in taps], last_queries
 
     def encode_regions(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised region embeddings (K, E): RoIAlign 1x1 (aligned) on normalised dense features.
@@ -266,6 +299,8 @@ class DenseRCModel(nn.Module):
                 gates = self.gate(patches)
                 values = values.view(batch, tokens, self.heads, size // self.heads) * gates.unsqueeze(-1)
                 values = values.reshape(batch, tokens, size)
+        elif self.gating == "declip":
+            values = tower.attend(block, u, None, self_self=True, first_query=prefix, scale=1.0)
         else:
             values = tower.attend(block, u, rope, self_self=self.gating == "qq", first_query=prefix)
         return tower.attention_out(block, values)

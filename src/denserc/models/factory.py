@@ -74,12 +74,15 @@ def create_model(model_name: str, pretrained: str | os.PathLike | None = None, *
     return _to(model, device, precision)
 
 
-def from_spec(spec: str | os.PathLike, seed: int = 0, **settings) -> DenseRCModel:
+def from_spec(spec: str | os.PathLike, seed: int = 0, *, plain_path: dict | None = None,
+              **settings) -> DenseRCModel:
     """Build a model from a command-line spec: a saved DenseRC folder, ``NAME``, ``NAME:TAG`` or ``NAME:FILE``.
 
     ``settings`` (construction, gating, num_layers, device, precision) apply to both kinds; for a
-    saved folder, construction settings rebuild its weights under another variant. A bare ``NAME`` has
-    random weights, drawn after ``torch.manual_seed(seed)``: the same model (and text cache) in every run.
+    saved folder, construction settings rebuild its weights under another variant. ``plain_path`` (a
+    ``PEER_PATHS`` entry) is what a plain CLIP runs when ``settings`` name no construction: a downstream
+    task's own computation; a folder always runs as saved. A bare ``NAME`` has random weights, drawn after
+    ``torch.manual_seed(seed)``: the same model (and text cache) in every run.
     """
     spec = str(spec)
     if Path(spec).is_dir():
@@ -89,6 +92,8 @@ def from_spec(spec: str | os.PathLike, seed: int = 0, **settings) -> DenseRCMode
         raise ValueError(f"model spec {spec!r} is neither a folder written by DenseRCModel.save() nor "
                          "NAME[:TAG|:FILE] with an open_clip model NAME (e.g. ViT-B-16:openai)")
     construction = {k: v for k, v in settings.items() if v is not None}
+    if plain_path and "construction" not in construction:
+        construction = {**plain_path, **construction}
     if random_weights(spec):
         torch.manual_seed(seed)
     return create_model(name, pretrained or None, **construction)

@@ -110,6 +110,27 @@ class Tower(abc.ABC):
     def __init__(self, visual: nn.Module):
         self.visual = visual
 
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.blocks)
+
+    def check_block_indices(self, indices: Sequence[int], what: str, model_name: str) -> None:
+        """One error line when ``indices`` are not 0-based block indices of this tower."""
+        bad = [i for i in indices if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"{what} must be block indices in 0..{self.depth - 1} for {model_name} "
+                             f"({self.depth} blocks), got {list(indices)}")
+
+    @abc.abstractmethod
+    def query_value_weights(self) -> list[tuple[str, nn.Parameter, slice | None]]:
+        """Every block's query and value projection weights, for fine-tuning them alone (CAT-Seg).
+
+        One entry per parameter: its name under the image tower, the parameter, and the rows of it that are
+        *not* query or value (the key rows of a packed q/k/v projection, whose gradient must stay zero) or
+        None when the parameter holds queries or values only.
+        """
+
     @staticmethod
     @abc.abstractmethod
     def problems(visual: nn.Module) -> list[str]:
@@ -139,11 +160,11 @@ class Tower(abc.ABC):
         keys and values. A ``count`` short of all tokens is at most the prefix tokens (they carry no RoPE)."""
 
     def attend(self, block: nn.Module, u: torch.Tensor, rope: torch.Tensor | None, *, self_self: bool,
-               first_query: int) -> torch.Tensor:
-        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``) for queries ``u[:, first_query:]``,
-        before the output projection, heads concatenated."""
+               first_query: int, scale: float | None = None) -> torch.Tensor:
+        """Per-head softmax(q k^T / sqrt d) v (q q^T if ``self_self``; ``scale`` instead of 1/sqrt d when given)
+        for queries ``u[:, first_query:]``, before the output projection, heads concatenated."""
         q, k, v = self.queries_keys_values(block, u, rope)
-        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v)
+        out = F.scaled_dot_product_attention(q[:, :, first_query:], q if self_self else k, v, scale=scale)
         return out.transpose(1, 2).flatten(2)
 
     @abc.abstractmethod
@@ -269,6 +290,10 @@ class OpenCLIPTower(Tower):
     def queries_keys_values(self, block: ResidualAttentionBlock, u: torch.Tensor, rope: None,
                             count: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _mha_queries_keys_values(block.attn, u, count)
+
+    def query_value_weights(self) -> list[tuple[str, nn.Parameter, slice | None]]:
+        return [(f"transformer.resblocks.{i}.attn.in_proj_weight", block.attn.in_proj_weight,
+                 slice(self.width, 2 * self.width)) for i, block in enumerate(self.blocks)]
 
     def attention_out(self, block: ResidualAttentionBlock, values: torch.Tensor) -> torch.Tensor:
         return block.ls_1(block.attn.out_proj(values))
@@ -419,6 +444,13 @@ class TimmViTTower(Tower):
         k, v = kv.view(batch, tokens, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         return attn.q_norm(q), attn.k_norm(k), v
 
+    def query_value_weights(self) -> list[tuple[str, nn.Parameter, slice | None]]:
+        weights = []
+        for i, block in enumerate(self.blocks):
+            size = block.attn.num_heads * block.attn.head_dim
+            weights.append((f"trunk.blocks.{i}.attn.qkv.weight", block.attn.qkv.weight, slice(size, 2 * size)))
+        return weights
+
     def attention_out(self, block: nn.Module, values: torch.Tensor) -> torch.Tensor:
         return block.ls1(block.attn.proj(block.attn.norm(values)))
 
@@ -507,6 +539,19 @@ class EvaTower(TimmViTTower):
             q = rotate(q) if count == tokens else q
         return q, k, v
 
+    def query_value_weights(self) -> list[tuple[str, nn.Parameter, slice | None]]:
+        """EVA-CLIP's separate ``q_proj``/``v_proj`` weights (or the fused ``qkv`` with its key rows frozen)."""
+        weights = []
+        for i, block in enumerate(self.blocks):
+            attn, prefix = block.attn, f"trunk.blocks.{i}.attn"
+            if attn.qkv is None:
+                weights += [(f"{prefix}.q_proj.weight", attn.q_proj.weight, None),
+                            (f"{prefix}.v_proj.weight", attn.v_proj.weight, None)]
+            else:
+                size = attn.num_heads * attn.head_dim
+                weights.append((f"{prefix}.qkv.weight", attn.qkv.weight, slice(size, 2 * size)))
+        return weights
+
     def attention_out(self, block: EvaBlock, values: torch.Tensor) -> torch.Tensor:
         out = block.attn.proj(block.attn.norm(values))
         return out if block.gamma_1 is None else block.gamma_1 * out
@@ -527,6 +572,25 @@ def attention_pool_one_token(pool: AttentionPoolLatent, tokens: torch.Tensor) ->
     bias = pool.kv.bias[size:] if pool.kv.bias is not None else None
     x = pool.proj(F.linear(tokens, pool.kv.weight[size:], bias))
     return x if pool.mlp is None else x + pool.mlp(pool.norm(x))
+
+
+def text_attention_weights(clip: nn.Module) -> list[tuple[str, nn.Parameter, slice]]:
+    """The packed q/k/v projection weight of every block of open_clip's text tower (``TextTransformer``).
+
+    One entry per block: its name under ``clip``, the (3D, D) ``in_proj_weight`` and the slice of its key
+    rows. An empty list for a text tower of another kind (e.g. Hugging Face).
+    """
+    text = getattr(clip, "text", clip)
+    transformer = getattr(text, "transformer", None)
+    prefix = "text.transformer" if text is not clip else "transformer"
+    weights = []
+    for i, block in enumerate(getattr(transformer, "resblocks", ())):
+        attn = getattr(block, "attn", None)
+        if isinstance(attn, nn.MultiheadAttention) and attn.in_proj_weight is not None:
+            width = attn.embed_dim
+            weights.append((f"{prefix}.resblocks.{i}.attn.in_proj_weight", attn.in_proj_weight,
+                            slice(width, 2 * width)))
+    return weights
 
 
 def _mha_queries_keys_values(attn: nn.MultiheadAttention, u: torch.Tensor,

@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
     ValidationError
 
 from ..data import ASPECT_MODES, GRID_RULES
-from ..losses import COHERENCE_FORMS
+from ..losses import COHERENCE_FEATURES, COHERENCE_FORMS
 from ..models import CONSTRUCTIONS, GATINGS
 from ..models.vfm import DEFAULT_VFM
 from .shipped import CONFIG_DIR, available_configs
@@ -78,6 +78,9 @@ class DataConfig:
 class LossConfig:
     coherence_weight: float = 0.025  # lambda in L = L_semantics + lambda * L_coherence
     coherence_form: str = "declip"  # declip (mean row L2 norm, DeCLIP's) | mse (mean squared entry)
+    # what L_coherence correlates: dense (DenseRC's single stream: the dense features themselves) | queries
+    # (DeCLIP's context stream: the last block's patch queries, while L_semantics reads the dense features)
+    coherence_features: str = "dense"
 
 
 @dataclass
@@ -200,6 +203,7 @@ def validate(config: Config) -> None:
                ("data.aspect", config.data.aspect, ASPECT_MODES),
                ("data.grid_rule", config.data.grid_rule, GRID_RULES),
                ("loss.coherence_form", config.loss.coherence_form, COHERENCE_FORMS),
+               ("loss.coherence_features", config.loss.coherence_features, COHERENCE_FEATURES),
                ("train.precision", config.train.precision, PRECISIONS),
                ("train.device", config.train.device, ("auto", "cuda", "cpu"))]
     for key, value, allowed in choices:

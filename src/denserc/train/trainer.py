@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import SquareResize, TrainingImages, build_source, sample_grid_boxes
+from ..data import ProposalSource, SquareResize, TrainingImages, build_source, sample_grid_boxes, sample_proposal_boxes
 from ..losses import distillation_loss
 from ..models import DenseRCModel, create_model, load_state_dict_checked, normalize_images
 from ..models.teacher import Teacher
@@ -42,26 +42,32 @@ class DistillationModule(nn.Module):
     """What DDP wraps: the student alone; its forward returns the losses so DDP all-reduces their gradients."""
 
     def __init__(self, student: DenseRCModel, coherence_weight: float, coherence_form: str = "declip",
-                 compile_model: bool = False):
+                 compile_model: bool = False, coherence_features: str = "dense"):
         super().__init__()
         self.student = student
         self.coherence_weight = coherence_weight
         self.coherence_form = coherence_form
-        self.encode_dense = torch.compile(student.encode_dense) if compile_model else student.encode_dense
+        # DeCLIP's two streams need the last block's queries from the same pass; one stream, the dense features
+        self.two_streams = coherence_features == "queries" and coherence_weight != 0
+        encode = student.encode_dense_with_queries if self.two_streams else student.encode_dense
+        self.encode = torch.compile(encode) if compile_model else encode
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor], teacher_embeddings: torch.Tensor,
                 vfm_patches: torch.Tensor | None, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        dense = self.encode_dense(images)
+        dense, context = self.encode(images) if self.two_streams else (self.encode(images), None)
         return distillation_loss(dense, boxes, teacher_embeddings, vfm_patches, self.student.patch_size,
-                                 self.coherence_weight, self.coherence_form, valid)
+                                 self.coherence_weight, self.coherence_form, valid, coherence_features=context)
 
 
-def freeze_off_path_parameters(model: DenseRCModel) -> list[str]:
-    """Freeze trainable parameters that ``encode_dense`` never uses; returns their names."""
+def freeze_off_path_parameters(model: DenseRCModel, with_queries: bool = False) -> list[str]:
+    """Freeze trainable parameters that ``encode_dense`` (and, ``with_queries``, the last block's queries of
+    DeCLIP's context stream) never uses; returns their names."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     side = 2 * model.patch_size
     probe = torch.randn(1, 3, side, side, device=trainable[0][1].device, dtype=trainable[0][1].dtype)
-    gradients = torch.autograd.grad(model.encode_dense(probe).sum(), [p for _, p in trainable], allow_unused=True)
+    outputs = model.encode_dense_with_queries(probe) if with_queries else (model.encode_dense(probe),)
+    gradients = torch.autograd.grad(sum(output.sum() for output in outputs), [p for _, p in trainable],
+                                    allow_unused=True)
     frozen = [name for (name, p), gradient in zip(trainable, gradients) if gradient is None]
     for name, p in trainable:
         if name in frozen:
@@ -98,6 +104,8 @@ class DistillationTask(Task):
         self.config = config
         self.device = env.device
         source = build_source(config.data)  # first, so a wrong data path fails before any model loads
+        # a source with region proposals replaces the grids (CLIPSelf's region-proposal recipe)
+        self.proposals = source if isinstance(source, ProposalSource) else None
         torch.manual_seed(config.train.seed)  # identical initial weights on every process
         self.student, self.teacher, self.vfm = self._build_models()
         self.dataset = TrainingImages(source, SquareResize(config.data.image_size, config.data.aspect),
@@ -105,13 +113,13 @@ class DistillationTask(Task):
         self.num_workers = config.data.num_workers
         if self.vfm is None:
             self.progress_fields = {"sem": "loss_semantics"}
-        self.frozen_off_path = freeze_off_path_parameters(self.student)
+        self.module = DistillationModule(self.student, config.loss.coherence_weight, config.loss.coherence_form,
+                                         config.model.compile, config.loss.coherence_features)
+        self.frozen_off_path = freeze_off_path_parameters(self.student, self.module.two_streams)
         if self.frozen_off_path and env.is_main:
-            logger.info("froze %d parameter tensor(s) that encode_dense never uses: %s",
+            logger.info("froze %d parameter tensor(s) that no loss reaches: %s",
                         len(self.frozen_off_path), ", ".join(self.frozen_off_path))
         self.student.set_grad_checkpointing(config.model.grad_checkpointing)
-        self.module = DistillationModule(self.student, config.loss.coherence_weight, config.loss.coherence_form,
-                                         config.model.compile)
         self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
         self.embed_patches = torch.compile(self.vfm) if config.model.compile and self.vfm else self.vfm
 
@@ -138,20 +146,29 @@ class DistillationTask(Task):
             raise ConfigError(f"model.unlocked_blocks: {error}") from error
         return student.to(device), teacher.to(device), vfm
 
-    def images_and_grids(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """(pixels in [0, 1], normalised images, per-image grid boxes) on the device."""
-        data = self.config.data
+    def images_and_grids(self, batch: dict, epoch: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(pixels in [0, 1], normalised images, per-image student boxes, per-image teacher crops) on the device.
+
+        Grid cells are both; a proposal's teacher crop is the proposal enlarged 1.5x (``data/proposals.py``).
+        """
+        data, seed = self.config.data, self.config.train.seed
         pixels = batch["image"].to(self.device, non_blocking=True).float().div_(255)
         images = normalize_images(pixels, self.student.preprocess_cfg, white=1.0)
-        boxes = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=self.config.train.seed,
-                                  rule=data.grid_rule, max_cells=data.grid_max_cells, max_boxes=data.grid_max_boxes)
-        return pixels, images, [b.to(self.device) for b in boxes]
+        if self.proposals is not None:
+            boxes, crops = sample_proposal_boxes(self.proposals, batch["index"], batch["size"], epoch=epoch,
+                                                 seed=seed, max_boxes=data.grid_max_boxes)
+        else:
+            boxes = crops = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=seed,
+                                              rule=data.grid_rule, max_cells=data.grid_max_cells,
+                                              max_boxes=data.grid_max_boxes)
+        return pixels, images, [b.to(self.device) for b in boxes], [c.to(self.device) for c in crops]
 
     def prepare(self, batch: dict, epoch: int) -> dict:
-        """Images, grids and the frozen targets: teacher embeddings of every cell, VFM patch features (or None)."""
-        pixels, images, boxes = self.images_and_grids(batch, epoch)
+        """Images, regions and the frozen targets: teacher embeddings of every region, VFM patch features (or None)."""
+        pixels, images, boxes, crops = self.images_and_grids(batch, epoch)
         grid = (self.config.data.image_size // self.student.patch_size,) * 2
-        teacher_embeddings = self.embed_crops(images, boxes)
+        teacher_embeddings = self.embed_crops(images, crops)
         vfm_patches = self.embed_patches(pixels, grid) if self.vfm is not None else None
         return {"images": images, "boxes": boxes, "teacher_embeddings": teacher_embeddings,
                 "vfm_patches": vfm_patches, "valid": batch["valid"].to(self.device, non_blocking=True)}
