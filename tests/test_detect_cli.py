@@ -9,7 +9,7 @@ from PIL import Image
 from denserc.cli import main
 from denserc.detect import load
 from denserc.detect.config import DetectConfig, TextConfig
-from denserc.detect.detector import build_heads, save_detector
+from denserc.detect.detector import build_heads, build_tower, save_detector
 from denserc.detect.model import DetectorConfig
 from denserc.detect.protocols import COCO_IDS, OV_COCO_IDS, Split
 from denserc.viz.draw import read_png_metadata
@@ -80,6 +80,22 @@ def test_eval_runs_a_detector_on_a_protocol_split(exported_detector, tmp_path, c
     assert report["num_images"] == 3 and {"ap50_novel", "ap50_base", "ap50_all"} <= report.keys()
     detections = json.loads((tmp_path / "dets.json").read_text())
     assert detections and {d["category_id"] for d in detections} <= set(range(1, 49))
+
+
+def test_a_detector_on_an_eva_folder_saves_loads_and_predicts(tmp_path):
+    """The EVA-02 path a new user takes after `denserc train eva02_b16_coco`: a DenseRC EVA folder as backbone."""
+    import denserc
+    torch.manual_seed(0)
+    denserc.create_model("EVA02-Tiny-16", num_layers=2).save(tmp_path / "eva")
+    config = DetectConfig(model=DetectorConfig(taps=[0, 1, 2, 3], fpn_channels=16, head_fc=32, score_threshold=0.0),
+                          text=TextConfig(templates=["a photo of {}."]))
+    config.backbone.model = str(tmp_path / "eva")
+    tower = build_tower(config)
+    split = Split((1, 2, 3), ("cat", "dog", "kite"), (False, False, True))
+    detector = load(save_detector(tmp_path / "detector", tower, build_heads(config, tower, split), config, split))
+    assert detector.model.tower.family == "EVA (timm Eva)" and detector.model.tower.config["construction"] == "multi-v"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 120, 3), dtype=np.uint8))
+    assert len(detector.predict(image, ["tram", "dog"])["boxes"]) > 0
 
 
 @pytest.fixture

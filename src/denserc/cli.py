@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "denserc.catseg.cli",
     "denserc.viz.cli",
     "denserc.detect.cli",
+    "denserc.models.cli",
 )
 
 DEBUG_FLAG = "--debug"
