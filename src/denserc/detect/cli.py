@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   denserc detect eval --detector runs/fvit_b16_ovcoco/final --protocol ov-coco \\
       --annotations data/coco/annotations/instances_val2017.json --images data/coco/val2017
   denserc detect eval --annotations GT.json --detections DETS.json --protocol ov-coco --out report.json
+  denserc detect eval --detector runs/fvit_l14_ovlvis/final --protocol coco \\
+      --annotations data/coco/annotations/instances_val2017.json --images data/coco/val2017
   denserc detect draw photo.jpg --detector runs/fvit_b16_ovcoco/final --classes "person,kite,umbrella"
 see docs/detection.md
 """
@@ -38,11 +40,17 @@ def register(subparsers) -> None:
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser(
-        "eval", help="AP50 novel/base/all (OV-COCO) or APr/c/f (OV-LVIS) of a detector or a results JSON",
+        "eval", help="AP50 novel/base/all (OV-COCO), APr/c/f (OV-LVIS) or AP/AP50/AP75 (transfer: coco, "
+                     "objects365) of a detector or a results JSON",
         description="Either run --detector on --images, or score --detections (COCO results JSON of any "
-                    "detector); prints a Markdown row and writes the JSON report to --out.")
-    evaluate.add_argument("--annotations", required=True, help="ground-truth COCO/LVIS annotation JSON")
-    evaluate.add_argument("--protocol", required=True, help="ov-coco, ov-lvis or a registered protocol")
+                    "detector); prints a Markdown row and writes the JSON report to --out. With --detector, "
+                    "model.KEY=VALUE overrides an inference setting (alpha, beta, clip_temperature, "
+                    "fixed_temperature, score_threshold, nms_threshold, detections_per_image) after the "
+                    "protocol's own (coco/objects365: CLIPSelf's transfer heads).")
+    evaluate.add_argument("--annotations", required=True, help="ground-truth COCO/LVIS/Objects365 annotation JSON")
+    evaluate.add_argument("--protocol", required=True,
+                          help="ov-coco, ov-lvis, coco, objects365 or a registered protocol")
+    evaluate.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--detector", help="detector folder written by `denserc detect train`")
     source.add_argument("--detections", help="COCO results JSON to score")
@@ -101,19 +109,21 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_detections, markdown_row
     try:
         if args.detections:
-            if args.images or args.save_detections or args.max_images:
-                return _fail("eval", "--images, --save-detections and --max-images go with --detector, "
-                                     "not with --detections")
+            if args.images or args.save_detections or args.max_images or args.overrides:
+                return _fail("eval", "--images, --save-detections, --max-images and model.KEY=VALUE go with "
+                                     "--detector, not with --detections")
             report = evaluate_detections(args.annotations, args.detections, args.protocol)
             label = Path(args.detections).name
         else:
             if not args.images:
                 return _fail("eval", "--detector needs --images (the folder of the annotated images)")
+            settings = _inference_settings(args.overrides)
             from .detector import load
             from .run import evaluate_detector
             detector = load(args.detector, _device(args.device))
             report, detections = evaluate_detector(detector, args.annotations, args.images, args.protocol,
-                                                   batch_size=args.batch_size, max_images=args.max_images)
+                                                   batch_size=args.batch_size, max_images=args.max_images,
+                                                   settings=settings)
             if args.save_detections:
                 save_json(detections, args.save_detections)
             label = args.detector
@@ -156,6 +166,21 @@ def run_draw(args: argparse.Namespace) -> int:
         return _fail("draw", str(error), 1)
     print(f"wrote {output}: {int(keep.sum())} detections with score >= {args.min_score}")
     return 0
+
+
+def _inference_settings(overrides: list[str]) -> dict:
+    """``model.KEY=VALUE`` pairs -> {KEY: VALUE}, values read as YAML (``Detector.settings`` checks them)."""
+    import yaml
+    settings = {}
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if not equals or not key.startswith("model.") or "." in key[len("model."):]:
+            raise ValueError(f"{override!r}: expected model.KEY=VALUE (e.g. model.alpha=0.2)")
+        try:
+            settings[key[len("model."):]] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{override!r}: the value is not YAML ({error})") from error
+    return settings
 
 
 def _device(name: str) -> str:

@@ -19,9 +19,9 @@ from torch import nn
 from ..distributed import DistributedEnv
 from ..train.engine import Task
 from .config import DetectConfig
-from .data import DetectionDataset, augment, collate_samples
+from .data import DetectionDataset, augment, collate_samples, normalisation
 from .detector import build_heads, build_tower, save_detector
-from .evaluation import read_json
+from .evaluation import read_split
 from .protocols import get_protocol
 
 
@@ -35,18 +35,17 @@ class DetectionTask(Task):
         self.config = config
         self.device = env.device
         data = config.data
-        protocol = get_protocol(data.protocol)
-        self.split = protocol.split(read_json(data.train_annotations, "training annotation")["categories"])
+        ground_truth, self.split = read_split(data.train_annotations, get_protocol(data.protocol), scoring=False,
+                                              what="training annotation")
         self.dataset = DetectionDataset(data.train_annotations, data.train_images, self.split, base_only=True,
-                                        with_masks=config.model.masks)
+                                        with_masks=config.model.masks, ground_truth=ground_truth)
         self.num_workers = data.num_workers
         self.tower = build_tower(config).to(env.device).requires_grad_(False).eval()
         heads = build_heads(config, self.tower, self.split)
         if env.distributed:
             heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
         self.module = heads.to(env.device)
-        self.mean = self.tower.preprocess_cfg["mean"]
-        self.std = self.tower.preprocess_cfg["std"]
+        self.mean, self.std = normalisation(data, self.tower)
 
     def collate(self, samples: list[dict]) -> list[dict]:
         return collate_samples(samples)
