@@ -216,7 +216,8 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     else:
         header = ["model", "construction", "gating", "L", "images", *SEGMENTATION_COLUMNS]
         cells = [[row[key] for key in SEGMENTATION_COLUMNS] for row in rows]
-        note = f"{rows[0]['dataset'] if rows else ''}: mIoU, mean class accuracy, pixel accuracy (%)"
+        note = (f"{rows[0]['dataset'] if rows else ''}: mIoU (mean over every class predicted or in the ground truth, "
+                "mmseg's rule), mean class accuracy, pixel accuracy (%)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, values in zip(rows, cells):
         config = row["config"]

@@ -162,4 +162,4 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
     return {"dataset": layout.name, "num_images": int(images[0]), "unreadable_images": int(images[1]),
             "protocol": asdict(protocol), "templates": templates,
             "class_names": class_names or layout.class_names,
-            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names])}
+            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names], miou_rule="mmseg")}
