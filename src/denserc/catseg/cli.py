@@ -135,8 +135,9 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [row["model"], row["benchmark"], str(row["num_images"]),
                  *("n/a" if row[k] is None else f"{row[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCAT-Seg sliding-window inference (trained protocol): mIoU, mean class accuracy, " \
-                              "pixel accuracy (%)"
+    return "\n".join(lines) + "\n\nCAT-Seg sliding-window inference (trained protocol): mIoU (mean over the classes " \
+                              "present in the ground truth, CAT-Seg's detectron2 rule), mean class accuracy, pixel " \
+                              "accuracy (%)"
 
 
 def _report(job: str, error: Exception) -> int:
