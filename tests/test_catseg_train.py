@@ -34,12 +34,17 @@ def make_config(root, output, *overrides):
 
 
 def test_held_out_classes_are_neither_in_the_vocabulary_nor_in_any_training_label(testbed_root, tmp_path):
-    task = CATSegTask(make_config(testbed_root, tmp_path), setup_distributed("cpu"))
+    task = CATSegTask(make_config(testbed_root, tmp_path, "iterations=8"), setup_distributed("cpu"))
     held_out_names = {CATEGORIES[c]["name"] for c in catseg_run.HELD_OUT}
     assert len(task.class_names) == len(CATEGORIES) - len(catseg_run.HELD_OUT)
     assert not any(name[0].split(" ", 1)[-1] in held_out_names for name in task.class_names)
     assert task.module.tokens.shape[:2] == (len(task.class_names), 4)
-    base = task.dataset.base.base  # Repeated -> TrainingCrops -> SegmentationDataset
+    base = task.dataset.base.base  # TrainingCrops -> Repeated (16 draws) -> SegmentationDataset (8 scenes)
+    assert len(task.dataset) == 2 * len(base)
+    # each draw is augmented afresh: the second draw of every scene gets its own crop, jitter and flip
+    assert all(not torch.equal(task.dataset[i]["image"], task.dataset[i + len(base)]["image"])
+               for i in range(len(base)))
+    assert torch.equal(task.dataset[3]["image"], task.dataset[3]["image"])  # (seed, epoch, draw) fixes it
     held_out_pixels = 0
     for index in range(len(task.dataset)):
         label = task.dataset[index]["label"].long()
