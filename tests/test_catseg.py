@@ -244,6 +244,7 @@ def test_voc20b_scores_the_extra_names_as_background(tiny_model, tmp_path, monke
     """VOC-20b: 59 names; a pixel won by name >= 20 is background (0), name k < 20 is VOC class k + 1."""
     labels = [np.array([0, 1, 20, 255], dtype=np.uint8)[np.arange(32) // 8][:, None].repeat(32, 1)]
     root = write_segmentation_dataset("voc21", tmp_path / "voc", labels, [np.zeros((32, 32, 3), np.uint8)])
+    write_segmentation_dataset("voc21", root, labels, [np.zeros((32, 32, 3), np.uint8)], layout="detectron2")
     segmenter = CATSeg(tiny_model, HeadConfig(**SMALL_HEAD), prompts=1, clip_resolution=224).eval()
     winners = torch.zeros(32, 32, dtype=torch.long)
     winners[:8], winners[8:16], winners[16:24] = 30, 0, 19  # background row -> extra name, class 1, class 20
@@ -254,6 +255,7 @@ def test_voc20b_scores_the_extra_names_as_background(tiny_model, tmp_path, monke
     result = evaluate_catseg(segmenter, get_tokenizer(TINY), ["{}"], root, "voc20b", workers=0, progress=False,
                              protocol=SlidingWindowProtocol(short_side=32, size=32, window=32, overlap=0.0))
     assert result["mIoU"] == 100.0 and len(result["per_class"]) == 21
+    assert result["layout"] == "detectron2"  # CAT-Seg's annotations_detectron2_bg read before mmseg's layout
     # two rows of class 1 predicted as VOC class 5, absent from the labels: CAT-Seg's (detectron2's) mean leaves
     # class 5 out, so mIoU = (background 1 + class 1 6/8 + class 20 1) / 3, not / 4 with a 0 as mmseg's would
     winners[8:10] = 4

@@ -32,7 +32,7 @@ from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..distributed import DistributedEnv, all_reduce
 from ..eval.metrics import confusion_matrix, segmentation_metrics
 from ..eval.text import load_class_names
-from .defaults import BENCHMARKS, Benchmark
+from .defaults import BENCHMARKS, DATASET_LAYOUT, Benchmark
 from .model import CATSeg, class_tokens
 
 MIOU_RULE = "detectron2"  # CAT-Seg's evaluator: the mean over classes present in the ground truth
@@ -104,7 +104,7 @@ def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: st
     if spec.background_from is None and len(names) != layout.num_classes:
         raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
                          f"{class_names or spec.class_names!r} has {len(names)}")
-    data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side)
+    data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side, prefer=DATASET_LAYOUT)
     segmenter.eval()
     parameter = next(segmenter.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -130,6 +130,7 @@ def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: st
     all_reduce(images, op="sum")
     label_names = [", ".join(synonyms) for synonyms in
                    (names if spec.background_from is None else load_class_names(layout.class_names))]
-    return {"benchmark": name, "dataset": spec.dataset, "num_images": int(images), "protocol": asdict(protocol),
+    return {"benchmark": name, "dataset": spec.dataset, "layout": data.layout.convention,
+            "num_images": int(images), "protocol": asdict(protocol),
             "templates": templates, "class_names": class_names or spec.class_names,
             **segmentation_metrics(confusion, label_names, miou_rule=MIOU_RULE)}

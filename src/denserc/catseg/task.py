@@ -29,6 +29,7 @@ from ..distributed import DistributedEnv
 from ..train.engine import Task
 from .config import CATSegConfig
 from .data import Repeated, TrainingCrops, training_label_map
+from .defaults import DATASET_LAYOUT
 from .export import StateSubset, save_catseg
 from .model import CATSeg, class_tokens, fine_tuned_clip_parameters, segmentation_loss
 
@@ -70,7 +71,8 @@ class CATSegTask(Task):
             layout = segmentation_layout(data.dataset)
         except ValueError as error:
             raise ConfigError(f"data.dataset: {error}") from error
-        base = SegmentationDataset(data.dataset, data.root, train=True)  # first: a wrong path fails before any model
+        # first: a wrong path fails before any model; CAT-Seg's annotations_detectron2 tree first (eval.datasets)
+        base = SegmentationDataset(data.dataset, data.root, train=True, prefer=DATASET_LAYOUT)
         names = load_class_names(data.class_names)
         if len(names) != layout.num_classes:
             raise ConfigError(f"data.class_names={data.class_names!r} lists {len(names)} classes but "

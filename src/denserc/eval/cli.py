@@ -52,8 +52,9 @@ def register(subparsers) -> None:
     _add_common(seg, SEGMENTATION_TEMPLATES)
     seg.add_argument("--dataset", default=None,
                      help="dataset name: ade20k, ade847, cityscapes, coco-stuff, context459, context59, context60, "
-                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling (default: detected "
-                          "from the folder layout)")
+                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling; ade150 "
+                          "(CAT-Seg's name) = ade20k; the annotations_detectron2 trees CAT-Seg's prepare_*.py write are read "
+                          "too (default: detected from the folder layout)")
     seg.add_argument("--class-names", default=None, help="bundled list or file (default: the dataset's)")
     for flag, kind, meaning in (("--short-side", int, "short side after resizing"),
                                 ("--window", int, "sliding-window size in pixels"),
