@@ -1,7 +1,7 @@
 """`denserc eval region|seg`: evaluate one or more models, write JSON, print a Markdown table.
 
-    denserc eval region --model ViT-B-16:openai --model runs/vitb16 --data /data/coco
-    denserc eval seg --model runs/vitb16 --data /data/ADEChallengeData2016 --dataset ade20k
+    denserc eval region --model ViT-B-16:openai --model runs/vitb16_coco/final --data /data/coco
+    denserc eval seg --model runs/vitb16_coco/final --data /data/ADEChallengeData2016 --dataset ade20k
     denserc eval seg --model ViT-B-16:openai --variants --data /data/VOC2012 --dataset voc20
 
 Under ``torchrun --nproc_per_node N -m denserc eval ...`` every rank evaluates a shard of the
