@@ -7,10 +7,11 @@ Segmentation: a (C, C) confusion matrix, rows = ground truth, columns = predicti
 - ``mmseg`` (training-free OVSS: mmseg's ``IoUMetric``, which SCLIP and its successors report): every
   class with a non-empty union; a class predicted but absent from the ground truth counts with IoU 0;
 - ``detectron2`` (CAT-Seg: detectron2's ``SemSegEvaluator.evaluate``, ``acc_valid = pos_gt > 0``,
-  ``iou_valid = acc_valid & (union > 0)`` in ``detectron2/evaluation/sem_seg_evaluation.py``): only the
+  ``iou_valid = acc_valid & (union > 0)``, lines 192-198 of ``detectron2/evaluation/sem_seg_evaluation.py``
+  at facebookresearch/detectron2@02b5c4e; CAT-Seg's ``train_net.py`` line 103 builds it): only the
   classes present in the ground truth; a class that is only predicted lowers the IoU of the classes
-  whose pixels it took, not the mean's count. With hundreds of names (A-847, PC-459) most of which are
-  absent from the images, the two rules differ by points.
+  whose pixels it took, not the mean's count. With hundreds of names (A-847, PC-459), many of them absent
+  from the ground truth, the mmseg rule's zeros for names that are only predicted lower the mean.
 
 Region classification: per class, how many segments were classified correctly at top-1 and top-5,
 out of how many; "mean" scores average the per-class accuracies over classes that have segments
