@@ -119,6 +119,8 @@ def test_with_both_layouts_each_command_reads_its_own(tmp_path):
     catseg = SegmentationDataset("context59", root, prefer="detectron2")  # catseg train|eval
     assert catseg.layout.convention == "detectron2"
     assert np.array_equal(catseg[1]["label"].numpy(), labels[1])
+    with pytest.raises(ValueError, match="unknown layout convention 'catseg'; known: mmseg, detectron2"):
+        SegmentationDataset("context59", root, prefer="catseg")
 
 
 def test_catseg_coco_stuff_tree_with_raw_maps_is_read_through_annotations_detectron2(tmp_path):
@@ -134,6 +136,9 @@ def test_catseg_coco_stuff_tree_with_raw_maps_is_read_through_annotations_detect
     assert np.array_equal(SegmentationDataset("coco-stuff", root)[0]["label"].numpy(), labels[0])
     train = SegmentationDataset("coco-stuff", root, train=True, prefer="detectron2")
     assert train[0]["label"].unique().tolist() == [170] and train.layout.convention == "detectron2"
+    save_png(np.full((4, 4), 181, np.uint8), root / "annotations_detectron2" / "train2017" / "000000000009.png")
+    with pytest.raises(ValueError, match=r"\[181\] are not class ids 0\.\.170 .*CAT-Seg's datasets/prepare_coco_stuff"):
+        train[0]
     (root / "images" / "val2017" / "000000000002.jpg").unlink()
     with pytest.raises(DatasetLayoutError) as error:
         SegmentationDataset("coco-stuff", root, prefer="detectron2")

@@ -345,6 +345,8 @@ def read_layout(layout: SegmentationLayout, root: Path, train: bool = False,
     A dataset with one layout raises its own error; with several, an error has one line per layout naming
     what is missing there.
     """
+    if prefer not in LAYOUT_CONVENTIONS:
+        raise ValueError(f"unknown layout convention {prefer!r}; known: {', '.join(LAYOUT_CONVENTIONS)}")
     variants = [variant for variant in layout.variants if not train or variant.list_train_pairs is not None]
     variants.sort(key=lambda variant: variant.convention != prefer)
     if len(variants) == 1:
