@@ -20,7 +20,7 @@ ALLOWED = {
     "viz": {"models", "eval", "io", "images"},
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
     "detect": {"models", "eval", "viz", "train", "io", "distributed", "plugins", "images"},
-    "catseg": {"models", "eval", "train", "io", "distributed", "__version__"},
+    "catseg": {"models", "eval", "train", "data", "io", "distributed", "__version__"},
     "cli": {"plugins", "__version__"},
     "__main__": {"cli"},
     "__init__": {"models", "viz"},

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 EXAMPLES = """examples:
-  denserc catseg train catseg_vitb16 data.root=/data/coco_stuff164k                     plain OpenAI ViT-B/16
-  denserc catseg train catseg_vitb16 data.root=/data/coco_stuff164k clip.model=runs/vitb16/final   DenseRC
-  torchrun --standalone --nproc_per_node 4 -m denserc catseg train catseg_vitb16 data.root=... \\
-      train.batch_size=1                                                                 4 GPUs, batch 4
+  denserc catseg train catseg_vitb16 data.root=/data/coco-stuff                         plain OpenAI ViT-B/16
+  denserc catseg train catseg_vitb16 data.root=/data/coco-stuff clip.model=runs/vitb16_coco/final   DenseRC
+      (the folder `denserc train vitb16_coco` writes; global batch 4 = 1 image per forward x 4 accumulated)
+  torchrun --standalone --nproc_per_node 4 -m denserc catseg train catseg_vitb16 data.root=...   4 GPUs x 1
   denserc catseg eval --model runs/catseg_vitb16/final --data /data/ADE20K_2021_17_01 --dataset ade847
 see docs/segmentation.md (trained protocol)
 """
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                                         f"({', '.join(available_configs(CONFIG_DIR))}) or a YAML "
                                         "file; overrides are section.key=value.")
     train.add_argument("config", help="config name or YAML path")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. clip.model=runs/vitb16/final")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. clip.model=runs/vitb16_coco/final")
     train.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
                        help="'auto': continue from the newest complete checkpoint (fresh if none); or a folder")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -135,8 +135,9 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [row["model"], row["benchmark"], str(row["num_images"]),
                  *("n/a" if row[k] is None else f"{row[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCAT-Seg sliding-window inference (trained protocol): mIoU, mean class accuracy, " \
-                              "pixel accuracy (%)"
+    return "\n".join(lines) + "\n\nCAT-Seg sliding-window inference (trained protocol): mIoU (mean over the classes " \
+                              "present in the ground truth, CAT-Seg's detectron2 rule), mean class accuracy, pixel " \
+                              "accuracy (%)"
 
 
 def _report(job: str, error: Exception) -> int:

@@ -14,8 +14,14 @@ The pipeline is detectron2's ``mask_former_semantic`` mapper as CAT-Seg configur
 Colour jitter uses torchvision's saturation/hue operators (grey blend, HSV rotation); detectron2's
 version scales OpenCV's HSV channels, which differs at the level of rounding and clipping.
 Labels can be remapped (``label_map``): classes held out of training map to 255 and so are never
-a training target. Every sample's randomness comes from (seed, index), so a resumed run reproduces it
-(CAT-Seg's schedule is one pass over ``iterations x batch`` draws, so indices do not repeat; ``task.py``).
+a training target.
+
+CAT-Seg's schedule is one pass over ``iterations x batch`` draws of the training images (``Repeated``;
+``config.py``): an image recurs about three times in 80k x 4 draws, and each draw is augmented afresh, as
+detectron2's mapper does on every read. The crops are therefore made over the draws, not the images:
+every draw's randomness comes from (seed, epoch, draw index), with the epoch always 0 (the schedule is
+one epoch), so two draws of one image get their own crop, jitter and flip while a resumed run
+reproduces each draw exactly.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
+from ..data.grid import image_grid_seed
 from ..eval.metrics import IGNORE_INDEX
 
 
@@ -67,8 +74,23 @@ def photometric_distortion(image: torch.Tensor, generator: torch.Generator) -> t
     return x
 
 
+class Repeated(Dataset):
+    """``length`` draws from ``base``, index i -> base[i mod len(base)] (the sampler shuffles the draws)."""
+
+    def __init__(self, base: Dataset, length: int):
+        self.base = base
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.base[index % len(self.base)]
+
+
 class TrainingCrops(Dataset):
-    """``base[i]`` = {"image": (3, H, W) uint8, "label": (H, W)} -> a CAT-Seg training crop and its label."""
+    """``base[i]`` = {"image": (3, H, W) uint8, "label": (H, W)} -> a CAT-Seg training crop and its label;
+    ``base`` is indexed by draw (``Repeated``), and each index gets its own augmentation."""
 
     def __init__(self, base: Dataset, crop_size: int, label_map: torch.Tensor | None = None, seed: int = 0):
         self.base = base
@@ -81,7 +103,7 @@ class TrainingCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
-        generator = torch.Generator().manual_seed(hash((self.seed, index)) % 2 ** 63)
+        generator = torch.Generator().manual_seed(image_grid_seed(self.seed, 0, index))  # epoch 0: one pass
         image, label = sample["image"], sample["label"].long()
         if self.label_map is not None:
             label = self.label_map[label].long()

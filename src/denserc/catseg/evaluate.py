@@ -3,13 +3,17 @@
 Inference is CAT-Seg's ``inference_sliding_window`` (``cvlab-kaist/CAT-Seg`` ``cat_seg/cat_seg_model.py``,
 run by ``eval.sh`` with ``TEST.SLIDING_WINDOW True`` and class pooling 1):
 
-    the image (short side 640, long side at most 2560: ``INPUT.MIN_SIZE_TEST``) is resized to 640 x 640;
-    four 384 x 384 windows (stride 384 * (1 - 0.333) = 256) and the whole image resized to 384 x 384
-    go through the segmenter; per-class sigmoid scores are upsampled to 384, the windows averaged
-    where they overlap, then averaged with the whole-image scores; the result is resized to the
-    label's size and the arg-max class is the prediction.
+    the image (short side 640, long side at most 2560: ``INPUT.MIN_SIZE_TEST``) is resized to 640 x 640
+    and cut into four 384 x 384 windows (stride 384 * (1 - 0.333) = 256); the whole-image view is the
+    short-side-640 image itself resized to 384 x 384 (``global_image``, line 196, is made from
+    ``images[0]``, not from the 640 x 640 canvas); all five go through the segmenter; per-class
+    sigmoid scores are upsampled to 384, the windows averaged where they overlap, then averaged with
+    the whole-image scores; the result is resized to the label's size and the arg-max class is the
+    prediction.
 
-mIoU comes from the same confusion matrix as ``denserc eval seg``. Class names are CAT-Seg's lists
+mIoU comes from the same confusion matrix as ``denserc eval seg`` but is averaged the way CAT-Seg
+reports it, detectron2's ``SemSegEvaluator`` rule: over the classes present in the ground truth
+(``denserc.eval.metrics``, rule ``detectron2``; the report's ``miou_rule``). Class names are CAT-Seg's lists
 (``datasets/*.json``; each class prompted with its first name). VOC-20b scores VOC's 21-class labels
 with CAT-Seg's 59-name vocabulary: a pixel predicted as any of the 39 non-VOC names counts as
 background (``VOCbEvaluator`` in CAT-Seg's ``train_net.py``).
@@ -28,8 +32,10 @@ from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..distributed import DistributedEnv, all_reduce
 from ..eval.metrics import confusion_matrix, segmentation_metrics
 from ..eval.text import load_class_names
-from .defaults import BENCHMARKS, Benchmark
+from .defaults import BENCHMARKS, DATASET_LAYOUT, Benchmark
 from .model import CATSeg, class_tokens
+
+MIOU_RULE = "detectron2"  # CAT-Seg's evaluator: the mean over classes present in the ground truth
 
 
 def benchmark(name: str) -> Benchmark:
@@ -69,10 +75,11 @@ class SlidingWindowProtocol:
 @torch.no_grad()
 def sliding_window_scores(segmenter: CATSeg, image: torch.Tensor, class_embeddings: torch.Tensor,
                           protocol: SlidingWindowProtocol) -> torch.Tensor:
-    """(1, 3, H, W) normalised image -> (T, size, size) per-class probabilities (module docstring)."""
+    """(1, 3, H, W) normalised image (short side ``protocol.short_side``) -> (T, size, size) per-class
+    probabilities (module docstring)."""
     size, window, stride = protocol.size, protocol.window, protocol.stride
-    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-    crops = F.unfold(image, window, stride=stride).transpose(1, 2).reshape(-1, 3, window, window)
+    canvas = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    crops = F.unfold(canvas, window, stride=stride).transpose(1, 2).reshape(-1, 3, window, window)
     whole = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
     logits = segmenter(torch.cat([crops, whole]), class_embeddings)
     scores = F.interpolate(logits.float(), size=(window, window), mode="bilinear", align_corners=False).sigmoid()
@@ -97,7 +104,7 @@ def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: st
     if spec.background_from is None and len(names) != layout.num_classes:
         raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
                          f"{class_names or spec.class_names!r} has {len(names)}")
-    data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side)
+    data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side, prefer=DATASET_LAYOUT)
     segmenter.eval()
     parameter = next(segmenter.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -123,6 +130,7 @@ def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: st
     all_reduce(images, op="sum")
     label_names = [", ".join(synonyms) for synonyms in
                    (names if spec.background_from is None else load_class_names(layout.class_names))]
-    return {"benchmark": name, "dataset": spec.dataset, "num_images": int(images), "protocol": asdict(protocol),
+    return {"benchmark": name, "dataset": spec.dataset, "layout": data.layout.convention,
+            "num_images": int(images), "protocol": asdict(protocol),
             "templates": templates, "class_names": class_names or spec.class_names,
-            **segmentation_metrics(confusion, label_names)}
+            **segmentation_metrics(confusion, label_names, miou_rule=MIOU_RULE)}

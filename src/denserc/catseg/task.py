@@ -6,7 +6,7 @@ clipping, checkpoints with exact resume, metrics and the atomic export; this mod
 - ``module``: the segmenter plus the training vocabulary's prompt tokens; its forward embeds the
   classes (text tower fine-tuned, so every step), segments the crops and returns the BCE loss;
 - ``dataset``: CAT-Seg training crops of the configured dataset, classes in ``data.held_out`` mapped
-  to 255 (never a target), drawn ``iterations x global batch`` times (see ``config.py``);
+  to 255 (never a target), over ``iterations x global batch`` draws, each augmented afresh (``data.py``);
 - ``parameter_groups``: CAT-Seg's ``build_optimizer`` (``train_net.py``): weight decay on everything
   but normalisation layers; the CLIP's attention at ``lr x clip_lr_multiplier`` without weight decay
   (decoupled decay would also shrink the frozen key rows that share ``in_proj_weight``; CAT-Seg's
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..eval.text import load_class_names
@@ -29,7 +28,8 @@ from ..train.config import ConfigError
 from ..distributed import DistributedEnv
 from ..train.engine import Task
 from .config import CATSegConfig
-from .data import TrainingCrops, training_label_map
+from .data import Repeated, TrainingCrops, training_label_map
+from .defaults import DATASET_LAYOUT
 from .export import StateSubset, save_catseg
 from .model import CATSeg, class_tokens, fine_tuned_clip_parameters, segmentation_loss
 
@@ -47,20 +47,6 @@ class CATSegTraining(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.segmenter(images, self.segmenter.encode_classes(self.tokens))
         return {"loss": segmentation_loss(logits, labels)}
-
-
-class Repeated(Dataset):
-    """``length`` draws from ``base``, index i -> base[i mod len(base)] (the sampler shuffles the draws)."""
-
-    def __init__(self, base: Dataset, length: int):
-        self.base = base
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        return self.base[index % len(self.base)]
 
 
 def build_segmenter(config: CATSegConfig, device) -> tuple[CATSeg, object]:
@@ -85,7 +71,8 @@ class CATSegTask(Task):
             layout = segmentation_layout(data.dataset)
         except ValueError as error:
             raise ConfigError(f"data.dataset: {error}") from error
-        base = SegmentationDataset(data.dataset, data.root, train=True)  # first: a wrong path fails before any model
+        # first: a wrong path fails before any model; CAT-Seg's annotations_detectron2 tree first (eval.datasets)
+        base = SegmentationDataset(data.dataset, data.root, train=True, prefer=DATASET_LAYOUT)
         names = load_class_names(data.class_names)
         if len(names) != layout.num_classes:
             raise ConfigError(f"data.class_names={data.class_names!r} lists {len(names)} classes but "
@@ -95,9 +82,9 @@ class CATSegTask(Task):
             raise ConfigError(f"data.held_out has class ids {unknown} outside 0..{layout.num_classes - 1}")
         self.train_classes = [c for c in range(layout.num_classes) if c not in set(data.held_out)]
         self.class_names = [names[c] for c in self.train_classes]
-        crops = TrainingCrops(base, data.crop_size, training_label_map(layout.num_classes, self.train_classes),
-                              seed=config.train.seed)
-        self.dataset = Repeated(crops, config.iterations * config.train.global_batch_size)
+        draws = Repeated(base, config.iterations * config.train.global_batch_size)
+        self.dataset = TrainingCrops(draws, data.crop_size,
+                                     training_label_map(layout.num_classes, self.train_classes), seed=config.train.seed)
         self.num_workers = data.workers
 
         torch.manual_seed(config.train.seed)  # identical initial head weights on every process

@@ -1,7 +1,7 @@
 """`denserc eval region|seg`: evaluate one or more models, write JSON, print a Markdown table.
 
-    denserc eval region --model ViT-B-16:openai --model runs/vitb16 --data /data/coco
-    denserc eval seg --model runs/vitb16 --data /data/ADEChallengeData2016 --dataset ade20k
+    denserc eval region --model ViT-B-16:openai --model runs/vitb16_coco/final --data /data/coco
+    denserc eval seg --model runs/vitb16_coco/final --data /data/ADEChallengeData2016 --dataset ade20k
     denserc eval seg --model ViT-B-16:openai --variants --data /data/VOC2012 --dataset voc20
 
 Under ``torchrun --nproc_per_node N -m denserc eval ...`` every rank evaluates a shard of the
@@ -52,8 +52,9 @@ def register(subparsers) -> None:
     _add_common(seg, SEGMENTATION_TEMPLATES)
     seg.add_argument("--dataset", default=None,
                      help="dataset name: ade20k, ade847, cityscapes, coco-stuff, context459, context59, context60, "
-                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling (default: detected "
-                          "from the folder layout)")
+                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling; ade150 "
+                          "(CAT-Seg's name) = ade20k; the annotations_detectron2 trees CAT-Seg's prepare_*.py write are read "
+                          "too (default: detected from the folder layout)")
     seg.add_argument("--class-names", default=None, help="bundled list or file (default: the dataset's)")
     for flag, kind, meaning in (("--short-side", int, "short side after resizing"),
                                 ("--window", int, "sliding-window size in pixels"),
@@ -216,7 +217,8 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     else:
         header = ["model", "construction", "gating", "L", "images", *SEGMENTATION_COLUMNS]
         cells = [[row[key] for key in SEGMENTATION_COLUMNS] for row in rows]
-        note = f"{rows[0]['dataset'] if rows else ''}: mIoU, mean class accuracy, pixel accuracy (%)"
+        note = (f"{rows[0]['dataset'] if rows else ''}: mIoU (mean over every class predicted or in the ground truth, "
+                "mmseg's rule), mean class accuracy, pixel accuracy (%)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, values in zip(rows, cells):
         config = row["config"]

@@ -159,7 +159,8 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
         images[0] += 1
     all_reduce(confusion, op="sum")
     all_reduce(images, op="sum")
-    return {"dataset": layout.name, "num_images": int(images[0]), "unreadable_images": int(images[1]),
+    return {"dataset": layout.name, "layout": data.layout.convention, "num_images": int(images[0]),
+            "unreadable_images": int(images[1]),
             "protocol": asdict(protocol), "templates": templates,
             "class_names": class_names or layout.class_names,
-            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names])}
+            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names], miou_rule="mmseg")}
