@@ -19,7 +19,7 @@ ALLOWED = {
     "eval": {"models", "io", "plugins", "distributed", "images", "__version__"},
     "viz": {"models", "eval", "io", "images"},
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
-    "detect": {"models", "eval", "viz", "train", "io", "distributed", "plugins", "images"},
+    "detect": {"models", "data", "eval", "viz", "train", "io", "distributed", "plugins", "images"},
     "catseg": {"models", "eval", "train", "data", "io", "distributed", "__version__"},
     "cli": {"plugins", "__version__"},
     "__main__": {"cli"},

@@ -25,7 +25,7 @@ def test_any_timm_vit_gives_patch_features_on_the_students_grid(name, patch, pre
     resized = F.interpolate(pixels, size=(5 * patch, 7 * patch), mode="bilinear", align_corners=False,
                             antialias=True) if patch != 16 else pixels  # same patch size: the same image
     with torch.no_grad():
-        tokens = vfm.model.forward_features((resized - vfm.mean) / vfm.std)
+        tokens = vfm.model.forward_features(_imagenet_style(resized, vfm.model.pretrained_cfg))
     assert tokens.shape[1] == 35 + prefix
     torch.testing.assert_close(features, tokens[:, prefix:])
 
@@ -45,3 +45,9 @@ def test_a_model_that_is_not_a_vit_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unknown timm model 'dinov4'; DINOv2 and DINOv3 models include .*"
                                          r"vit_base_patch16_dinov3"):
         VFM("dinov4", pretrained=False)
+
+
+def _imagenet_style(pixels, config):
+    """The VFM's own normalisation, written out: (pixels - mean) / std with its pretrained_cfg."""
+    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (pixels - mean) / std

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
-from ..data.grid import image_grid_seed
+from ..data.grid import draw_seed
 from ..eval.metrics import IGNORE_INDEX
 
 
@@ -103,7 +103,7 @@ class TrainingCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
-        generator = torch.Generator().manual_seed(image_grid_seed(self.seed, 0, index))  # epoch 0: one pass
+        generator = torch.Generator().manual_seed(draw_seed(self.seed, 0, index))  # epoch 0: one pass
         image, label = sample["image"], sample["label"].long()
         if self.label_map is not None:
             label = self.label_map[label].long()

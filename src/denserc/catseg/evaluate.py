@@ -32,6 +32,7 @@ from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..distributed import DistributedEnv, all_reduce
 from ..eval.metrics import confusion_matrix, segmentation_metrics
 from ..eval.text import load_class_names
+from ..models import normalize_images
 from .defaults import BENCHMARKS, DATASET_LAYOUT, Benchmark
 from .model import CATSeg, class_tokens
 
@@ -112,14 +113,12 @@ def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: st
     to_label = torch.arange(len(names), device=device)
     if spec.background_from is not None:
         to_label = torch.where(to_label < spec.background_from, to_label + 1, 0)
-    preprocess = segmenter.clip.preprocess_cfg
-    mean, std = (torch.tensor(preprocess[k], device=device).view(3, 1, 1) * 255 for k in ("mean", "std"))
     count = len(data) if limit is None else min(limit, len(data))
     loader = DataLoader(Subset(data, shard.indices(count)), batch_size=None, num_workers=workers)
     confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
     images = torch.zeros((), dtype=torch.long, device=device)
     for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
-        image = ((sample["image"].to(device).float() - mean) / std).to(dtype)[None]
+        image = normalize_images(sample["image"].to(device), segmenter.clip.preprocess_cfg).to(dtype)[None]
         label = sample["label"].to(device)
         scores = sliding_window_scores(segmenter, image, embeddings.to(dtype), protocol)
         scores = F.interpolate(scores[None], size=label.shape, mode="bilinear", align_corners=False)[0]

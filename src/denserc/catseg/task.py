@@ -23,7 +23,7 @@ from torch import nn
 
 from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..eval.text import load_class_names
-from ..models import PEER_PATHS, from_spec, get_tokenizer, load_state_dict_checked
+from ..models import PEER_PATHS, from_spec, get_tokenizer, load_state_dict_checked, normalize_images
 from ..train.config import ConfigError
 from ..distributed import DistributedEnv
 from ..train.engine import Task
@@ -93,12 +93,9 @@ class CATSegTask(Task):
         tokens = class_tokens(tokenizer, self.class_names, config.templates)
         self.module = CATSegTraining(self.segmenter, tokens).to(env.device)
         self.trained_names = {f"segmenter.clip.{name}" for name in self.clip_parameters}  # names in module
-        preprocess = self.segmenter.clip.preprocess_cfg
-        self.mean, self.std = (torch.tensor(preprocess[k], device=env.device).view(1, 3, 1, 1) * 255
-                               for k in ("mean", "std"))
 
     def prepare(self, batch, epoch: int) -> dict:
-        images = (batch["image"].to(self.device, non_blocking=True).float() - self.mean) / self.std
+        images = normalize_images(batch["image"].to(self.device, non_blocking=True), self.segmenter.clip.preprocess_cfg)
         return {"images": images, "labels": batch["label"].to(self.device, non_blocking=True).long()}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

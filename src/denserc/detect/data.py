@@ -25,7 +25,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from ..data.grid import draw_seed
 from ..images import load_image
+from ..models import normalize_images
 from .evaluation import read_json
 from .protocols import Split
 
@@ -135,17 +137,12 @@ class Batch:
     targets: list[dict] | None = None
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The augmentation draws of one image in one epoch: independent of processes and workers."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2 ** 63))
-
-
 def augment(samples: list[dict], size: int, mean, std, device, *, seed: int, epoch: int,
             scale_range: tuple[float, float] = (0.1, 2.0), flip: float = 0.5) -> Batch:
     """Large-scale jitter + crop + flip of each sample onto a ``size`` canvas (training)."""
     images, sizes, targets = [], [], []
     for sample in samples:
-        generator = sample_generator(seed, epoch, sample["index"])
+        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, sample["index"]))
         low, high = scale_range
         ratio = low + (high - low) * torch.rand((), generator=generator).item()
         image = sample["image"].to(device)
@@ -213,9 +210,8 @@ def normalisation(data, tower) -> tuple[list[float], list[float]]:
 
 
 def _normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype).view(3, 1, 1)
-    std = torch.tensor(std, device=pixels.device, dtype=pixels.dtype).view(3, 1, 1)
-    return (pixels - mean) / std
+    """[0, 1] pixels with the configured mean/std (``normalize_images``, the library's one normalisation)."""
+    return normalize_images(pixels, {"mean": mean, "std": std}, white=1.0)
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
