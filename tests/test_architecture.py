@@ -17,7 +17,7 @@ ALLOWED = {
     "losses": {"models"},
     "data": {"plugins", "images"},
     "eval": {"models", "io", "plugins", "distributed", "images", "__version__"},
-    "viz": {"models", "eval", "io", "images"},
+    "viz": {"models", "eval", "io", "images", "distributed"},
     "train": {"models", "losses", "data", "io", "distributed", "plugins"},
     "detect": {"models", "data", "eval", "viz", "train", "io", "distributed", "plugins", "images"},
     "catseg": {"models", "eval", "train", "data", "io", "distributed", "__version__"},

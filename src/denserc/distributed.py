@@ -43,6 +43,13 @@ class DistributedEnv:
         return list(range(self.rank, count, self.world_size))
 
 
+def resolve_device(device: str | None) -> str:
+    """"auto" (or None): CUDA if available, else the CPU; any other torch device name as it is."""
+    if device in ("auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup_distributed(device: str | None = "auto") -> DistributedEnv:
     """Read torchrun's environment, pick the device and join the process group if there is one.
 
@@ -52,8 +59,7 @@ def setup_distributed(device: str | None = "auto") -> DistributedEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in ("auto", None):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     torch_device = torch.device(device)
     if torch_device.type == "cuda":
         if not torch.cuda.is_available():

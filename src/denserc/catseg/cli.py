@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..models.variants import PRECISIONS
+
 EXAMPLES = """examples:
   denserc catseg train catseg_vitb16 data.root=/data/coco-stuff                         plain OpenAI ViT-B/16
   denserc catseg train catseg_vitb16 data.root=/data/coco-stuff clip.model=runs/vitb16_coco/final   DenseRC
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
     evaluate.add_argument("--out", type=Path, default=None, help="JSON report (default: eval-catseg-DATASET.json)")
     evaluate.add_argument("--workers", type=int, default=4)
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32")
     for flag, kind, meaning in (("--short-side", int, "short side after the first resize (640)"),
                                 ("--size", int, "square size the image is then resized to (640)"),
                                 ("--window", int, "sliding-window size (384)"),

@@ -15,14 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from ..io import save_json, save_tensors
-from ..models import get_tokenizer, load, load_state_dict_checked
+from ..models import get_tokenizer, load, load_state_dict_checked, precision_dtype
 from .model import CATSeg, HeadConfig
 
 CLIP_DIR = "clip"
 HEAD_WEIGHTS = "catseg_head.safetensors"
 CONFIG_FILE = "catseg_config.json"
 FORMAT_VERSION = 1
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _outside_clip(name: str) -> bool:
@@ -63,9 +62,7 @@ def load_catseg(folder: str | os.PathLike, device="cpu", precision: str = "fp32"
                        clip_resolution=config["clip_resolution"])
     load_state_dict_checked(StateSubset(segmenter, _outside_clip), load_file(folder / HEAD_WEIGHTS),
                             folder / HEAD_WEIGHTS)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    segmenter = segmenter.to(device=device, dtype=PRECISIONS[precision]).eval()
+    segmenter = segmenter.to(device=device, dtype=precision_dtype(precision)).eval()
     return segmenter, get_tokenizer(folder / CLIP_DIR), config["templates"]
 
 

@@ -120,7 +120,8 @@ def run_eval(args: argparse.Namespace) -> int:
             settings = _inference_settings(args.overrides)
             from .detector import load
             from .run import evaluate_detector
-            detector = load(args.detector, _device(args.device))
+            from ..distributed import resolve_device
+            detector = load(args.detector, resolve_device(args.device))
             report, detections = evaluate_detector(detector, args.annotations, args.images, args.protocol,
                                                    batch_size=args.batch_size, max_images=args.max_images,
                                                    settings=settings)
@@ -148,8 +149,9 @@ def run_draw(args: argparse.Namespace) -> int:
     if output.suffix.lower() != ".png":
         return _fail("draw", f"-o {output} must end in .png")
     try:
+        from ..distributed import resolve_device
         image = load_image(args.image)
-        detector = load(args.detector, _device(args.device))
+        detector = load(args.detector, resolve_device(args.device))
         result = detector.predict(image, classes)
         keep = (result["scores"] >= args.min_score).cpu()
         picked = {k: result[k].cpu()[keep] for k in ("boxes", "scores", "labels")}
@@ -181,13 +183,6 @@ def _inference_settings(overrides: list[str]) -> dict:
         except yaml.YAMLError as error:
             raise ValueError(f"{override!r}: the value is not YAML ({error})") from error
     return settings
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _fail(command: str, message: str, code: int = 2) -> int:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..models.variants import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS
+from ..models.variants import CONSTRUCTIONS, GATINGS, PRECISIONS, TABLE5_VARIANTS
 from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, default_cache_dir
 
 # The rest (torch, open_clip, the datasets) is imported inside the functions that run a command, so that
@@ -93,7 +93,7 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the random weights of a --model given without TAG/FILE (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="text-embedding cache (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -18,6 +18,7 @@ from torch import nn
 from ..plugins import load_plugins
 from . import hub, tiny_towers  # noqa: F401  (tiny_towers registers the timm trunks of the bundled configs)
 from .dense import DenseRCModel
+from .variants import PRECISIONS
 from .serialization import GATE_WEIGHTS, SETTINGS, load_state_dict_checked, load_weights, read_model_folder
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
@@ -193,11 +194,15 @@ def _quiet_random_init():
         root.removeFilter(keep)
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (``PRECISIONS``); a clear error for any other name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _to(model: DenseRCModel, device, precision: str) -> DenseRCModel:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {list(dtypes)}, got {precision!r}")
-    return model.to(device=device, dtype=dtypes[precision])
+    return model.to(device=device, dtype=precision_dtype(precision))
 
 
 def _pretrained_tag(model_name: str, tag: str) -> dict:

@@ -27,11 +27,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandat
 
 from ..data import ASPECT_MODES, GRID_RULES
 from ..losses import COHERENCE_FEATURES, COHERENCE_FORMS
-from ..models import CONSTRUCTIONS, GATINGS
+from ..models import CONSTRUCTIONS, GATINGS, PRECISIONS
 from ..models.vfm import DEFAULT_VFM
 from .shipped import CONFIG_DIR, available_configs
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..models.variants import CONSTRUCTIONS, GATINGS
+from ..models.variants import CONSTRUCTIONS, GATINGS, PRECISIONS
 from .defaults import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE
 
 # torch, open_clip, matplotlib and the image code are imported inside the functions that run a command, so
@@ -158,7 +158,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="value layers for multi-v (default: saved one / 3)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="model weights' precision (default fp32)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the random weights of a model given without TAG/FILE (default 0)")
@@ -184,11 +184,10 @@ def _positive_int(text: str) -> int:
 
 def _build_model(args):
     """The model and its tokenizer from --model and the variant options."""
-    import torch
-
+    from ..distributed import resolve_device
     from ..models import from_spec, get_tokenizer, random_weights
     spec = args.model
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if random_weights(spec):
         print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}); the picture shows "
               "the pipeline, not learned semantics", file=sys.stderr)
