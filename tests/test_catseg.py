@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from denserc.catseg import CATSeg, HeadConfig, class_tokens, cost_volume, fine_tuned_clip_parameters, segmentation_loss
-from denserc.catseg.aggregator import (PADDED_CLASS_LOGIT, ClassAggregation, CostAggregator, GuidedSwinBlock,
+from denserc.catseg.aggregator import (PADDED_CLASS_LOGIT, CostAggregator, GuidedSwinBlock,
                                        SpatialAggregation)
 from denserc.catseg.data import TrainingCrops, training_label_map
 from denserc.catseg.evaluate import SlidingWindowProtocol, evaluate_catseg, sliding_window_scores

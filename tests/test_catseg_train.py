@@ -12,7 +12,7 @@ from denserc_testbed import catseg_run
 from denserc_testbed.coco import write_split
 from denserc_testbed.evaluation import CLASS_NAMES_FILE, prepare_split
 from denserc_testbed.vocabulary import CATEGORIES
-from denserc.train import Engine, resume_checkpoint, setup_distributed
+from denserc.train import Engine, setup_distributed
 from denserc.train.checkpoint import complete_checkpoints
 from denserc.train.config import ConfigError
 from denserc.train.metrics import read_metrics

@@ -225,3 +225,12 @@ def test_the_testbed_clip_is_found_through_its_plugin_only_when_asked_for():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "True", "ViT-Testbed-P8", "64"]
+
+
+def test_the_tokenizer_comes_from_any_model_spec(tmp_path):
+    torch.manual_seed(0)
+    denserc.create_model(TINY).save(tmp_path / "folder")
+    text = ["a photo of a cat"]
+    expected = denserc.get_tokenizer(TINY)(text)
+    for spec in (f"{TINY}:openai", f"{TINY}:/some/weights.safetensors", tmp_path / "folder"):
+        assert torch.equal(denserc.get_tokenizer(spec)(text), expected), spec

@@ -2,7 +2,6 @@
 import numpy as np
 import open_clip
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 

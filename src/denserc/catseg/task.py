@@ -52,10 +52,9 @@ class CATSegTraining(nn.Module):
 def build_segmenter(config: CATSegConfig, device) -> tuple[CATSeg, object]:
     """The (DenseRC or plain) CLIP named by ``clip.model`` under a fresh CAT-Seg head, and its tokenizer."""
     spec = config.clip.model
-    is_folder = Path(spec).is_dir()
     clip = from_spec(spec, plain_path=PEER_PATHS["CAT-Seg"], construction=config.clip.construction,
                      gating=config.clip.gating, num_layers=config.clip.num_layers)
-    tokenizer = get_tokenizer(spec if is_folder else clip.model_name)
+    tokenizer = get_tokenizer(spec)
     segmenter = CATSeg(clip, config.head, prompts=len(config.templates), clip_resolution=config.clip_resolution)
     return segmenter.to(device), tokenizer
 

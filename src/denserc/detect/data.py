@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from ..data.grid import draw_seed
 from ..images import load_image
+from ..io import read_json
 from ..models import normalize_images
-from .evaluation import read_json
 from .protocols import Split
 
 MIN_BOX_SIDE = 0.01  # px, after cropping (mmdet's FilterAnnotations in the peer's pipeline)

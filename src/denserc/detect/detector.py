@@ -12,7 +12,6 @@ novel (``beta``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ..io import save_json, save_tensors
+from ..io import FORMAT_KEY, check_format_version, read_json, save_json, save_tensors
 from ..models import PEER_PATHS, load_state_dict_checked
 from ..models.factory import from_spec, get_tokenizer, load as load_tower
 from ..images import load_image
@@ -68,7 +67,7 @@ def save_detector(folder: str | os.PathLike, tower, heads: FViTHeads, config: De
     folder.mkdir(parents=True, exist_ok=True)
     tower.save(folder / TOWER_DIR)
     save_tensors({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, folder / HEADS_FILE)
-    save_json({"format": EXPORT_FORMAT, "config": config.to_dict(), "split": split.to_dict()}, folder / META_FILE)
+    save_json({FORMAT_KEY: EXPORT_FORMAT, "config": config.to_dict(), "split": split.to_dict()}, folder / META_FILE)
     return folder
 
 
@@ -163,10 +162,10 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detec
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: expected a detector folder written by "
                                 "`denserc detect train` (with detector.json, heads.safetensors, tower/)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path}: export format {meta.get('format')!r} is not supported "
-                         f"(expected {EXPORT_FORMAT})")
+    meta = read_json(meta_path, "detector")
+    if "format" in meta:  # written before the key was the library's one FORMAT_KEY
+        meta[FORMAT_KEY] = meta.pop("format")
+    check_format_version(meta, EXPORT_FORMAT, meta_path)
     from omegaconf import OmegaConf
     data = meta["config"].setdefault("data", {})
     if "mean" not in data:  # exported before data.mean/std existed: trained on the tower's own normalisation

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -27,20 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import read_json
 from .protocols import Protocol, Split, get_protocol
 
 LVIS_MAX_DETECTIONS = 300
 COCO_MAX_DETECTIONS = (100, 300, 1000)  # COCOeval maxDets; AP counts the last
-
-
-def read_json(path: str | os.PathLike, what: str):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from error
 
 
 def read_split(annotations: str | os.PathLike, protocol: Protocol, *, scoring: bool,

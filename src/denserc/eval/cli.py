@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
                     print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}): the scores "
                           "measure the pipeline, not a trained model", file=sys.stderr)
                 model = from_spec(spec, seed=args.seed, device=device, precision=args.precision, **settings)
-                tokenizer = get_tokenizer(spec if Path(spec).is_dir() else model.model_name)
+                tokenizer = get_tokenizer(spec)
                 config = model.config
                 label = f"{spec} ({config['construction']}, {config['gating']}, L={config['num_layers']})"
                 start = time.perf_counter()

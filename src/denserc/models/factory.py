@@ -105,12 +105,14 @@ def random_weights(spec: str | os.PathLike) -> bool:
     return not Path(spec).is_dir() and ":" not in str(spec)
 
 
-def get_tokenizer(model_name: str | os.PathLike):
-    """open_clip's tokenizer for a model name, or for a folder written by ``DenseRCModel.save``."""
-    if Path(model_name).is_dir():
-        return open_clip.get_tokenizer(f"local-dir:{model_name}")
-    model_config(str(model_name))  # a plug-in's model: its config picks the tokenizer's context length
-    return open_clip.get_tokenizer(str(model_name))
+def get_tokenizer(spec: str | os.PathLike):
+    """open_clip's tokenizer for any model spec ``from_spec`` takes: a folder written by ``DenseRCModel.save``
+    (its own open_clip config), ``NAME``, ``NAME:TAG`` or ``NAME:FILE``."""
+    if Path(spec).is_dir():
+        return open_clip.get_tokenizer(f"local-dir:{spec}")
+    model_name = str(spec).partition(":")[0]
+    model_config(model_name)  # a plug-in's model: its config picks the tokenizer's context length
+    return open_clip.get_tokenizer(model_name)
 
 
 def model_config(model_name: str) -> dict | None:

@@ -193,7 +193,7 @@ def _build_model(args):
               "the pipeline, not learned semantics", file=sys.stderr)
     model = from_spec(spec, seed=args.seed, construction=args.construction, gating=args.gating,
                       num_layers=args.num_layers, device=device, precision=args.precision)
-    return model.eval(), get_tokenizer(spec if Path(spec).is_dir() else spec.partition(":")[0])
+    return model.eval(), get_tokenizer(spec)
 
 
 def _inference_settings(args) -> dict:
