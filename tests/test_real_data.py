@@ -123,7 +123,7 @@ def test_a_truncated_image_is_named_or_skipped_and_counted(tmp_path, capsys):
               "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
     assert main([*common, "--out", str(tmp_path / "a.json")]) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert error[-1].startswith(f"denserc eval: error: cannot read {broken} as an image: the file is truncated")
+    assert error[-1].startswith(f"denserc eval seg: error: cannot read {broken} as an image: the file is truncated")
     assert error[-1].endswith("count this one as skipped)") and "--skip-unreadable" in error[-1]
     assert "Traceback" not in "\n".join(error)
     assert not (tmp_path / "a.json").exists()
@@ -163,12 +163,12 @@ def test_dataset_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, cap
     missing = tmp_path / "nowhere"
     argv = ["eval", "seg", "--model", TINY, "--data", str(missing), "--no-progress"]
     assert main(argv) == 1
-    assert capsys.readouterr().err == f"denserc eval: error: dataset folder {missing} does not exist\n"
+    assert capsys.readouterr().err == f"denserc eval seg: error: dataset folder {missing} does not exist\n"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main([*argv, "--debug"])
     assert main(argv[:-1]) == 1  # with progress on, a first line comes before torch is imported
     assert capsys.readouterr().err.splitlines() == [f"denserc eval seg: loading {TINY} (torch, open_clip)...",
-                                                    f"denserc eval: error: dataset folder {missing} does not exist"]
+                                                    f"denserc eval seg: error: dataset folder {missing} does not exist"]
 
 
 def test_class_count_mismatch_is_one_line(tmp_path, capsys):
@@ -177,7 +177,7 @@ def test_class_count_mismatch_is_one_line(tmp_path, capsys):
                  "--no-progress", "--device", "cpu"]) == 1
     note, error = capsys.readouterr().err.splitlines()
     assert note.startswith(f"note: {TINY} has random weights")
-    assert error == "denserc eval: error: COCO-Stuff-171 has 171 classes but the class-name list 'voc20' has 20"
+    assert error == "denserc eval seg: error: COCO-Stuff-171 has 171 classes but the class-name list 'voc20' has 20"
 
 
 def test_both_spellings_of_coco_stuff_are_accepted():
@@ -280,4 +280,4 @@ def test_a_later_model_failing_keeps_the_finished_rows(tmp_path, capsys):
     assert "'ViT-Nope' is neither a folder" in report["incomplete"]
     err = capsys.readouterr().err
     assert f"wrote the 1 finished row(s) to {out} before the error below" in err
-    assert err.splitlines()[-1].startswith("denserc eval: error: model spec 'ViT-Nope' is neither a folder")
+    assert err.splitlines()[-1].startswith("denserc eval seg: error: model spec 'ViT-Nope' is neither a folder")

@@ -112,12 +112,12 @@ def test_base_chains_resolve_relative_to_the_file_and_reject_loops(tmp_path):
 
 def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "smoke", "train.epoch=1"]) == 2
+    assert main(["train", "smoke", "train.epoch=1"]) == 1
     assert "unknown config key 'train.epoch'" in capsys.readouterr().err
-    assert main(["train", "vitb16_coco", f"data.root={tmp_path / 'coco' / 'train2017'}"]) == 2
+    assert main(["train", "vitb16_coco", f"data.root={tmp_path / 'coco' / 'train2017'}"]) == 1
     err = capsys.readouterr().err
     assert "data.root" in err and "does not exist" in err and "Traceback" not in err
-    assert main(["train", "smoke", "model.pretrained=/no/such/weights.safetensors"]) == 2
+    assert main(["train", "smoke", "model.pretrained=/no/such/weights.safetensors"]) == 1
     assert "neither a file nor a pretrained tag" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "runs" / "smoke" / "checkpoints")
 

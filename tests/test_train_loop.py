@@ -261,6 +261,6 @@ def test_a_corrupt_image_is_skipped_and_counted_in_the_log_or_stops_a_strict_run
     records = read_metrics(tmp_path / "run")
     assert len(records) == 4 and records[-1]["skipped_images"] == 1  # every image is visited once
     capsys.readouterr()
-    assert main(["train", "smoke", *TINY, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 2
+    assert main(["train", "smoke", *TINY, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 1
     error = capsys.readouterr().err
     assert "cannot read image" in error and "7.png" in error and "Traceback" not in error

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     train.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
                        help="'auto': continue from the newest complete checkpoint (fresh if none); or a folder")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=run_train, command_name="catseg train")
     evaluate = jobs.add_parser("eval", help="mIoU of trained CAT-Seg models on one benchmark",
                                description="Sliding-window CAT-Seg inference -> mIoU; one Markdown row per model.")
     evaluate.add_argument("--model", action="append", required=True, metavar="FOLDER",
@@ -56,20 +56,17 @@ def register(subparsers) -> None:
                                 ("--overlap", float, "window overlap (0.333)")):
         evaluate.add_argument(flag, type=kind, default=None, help=f"{meaning}; default: CAT-Seg's")
     evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(func=run_eval)
+    evaluate.set_defaults(func=run_eval, command_name="catseg eval")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from ..distributed import run_training_command
     from ..train.checkpoint import resume_checkpoint
-    from ..train.config import ConfigError, dump_config
+    from ..train.config import dump_config
     from ..train.engine import Engine
     from .config import load_config
     from .task import CATSegTask
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        return _report("train", error)
+    config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
@@ -77,10 +74,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint = resume_checkpoint(output_dir, args.resume, env)
         return Engine(CATSegTask(config, env), config, env, output_dir).fit(checkpoint)
 
-    try:
-        env, final = run_training_command(config, args.config, fit)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:  # bad config, data or weights
-        return _report("train", error)
+    env, final = run_training_command(config, args.config, fit)  # bad config, data or weights: cli.main says so
     if env.is_main:
         print(f"denserc catseg train: done; segmenter in {final} (denserc catseg eval --model {final} ...)")
     return 0
@@ -95,24 +89,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import SlidingWindowProtocol, evaluate_catseg
     from .export import load_catseg
     overrides = {"short_side": args.short_side, "size": args.size, "window": args.window, "overlap": args.overlap}
-    try:
-        protocol = SlidingWindowProtocol(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as error:
-        return _report("eval", error)
+    protocol = SlidingWindowProtocol(**{k: v for k, v in overrides.items() if v is not None})
     shard = setup_distributed(args.device)
     device = shard.device
     try:
         rows = []
         for folder in args.model:
-            try:
-                segmenter, tokenizer, templates = load_catseg(folder, device=device, precision=args.precision)
-                start = time.perf_counter()
-                result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset,
-                                         protocol=protocol, class_names=args.class_names, workers=args.workers,
-                                         limit=args.limit, shard=shard, progress=not args.no_progress,
-                                         description=folder)
-            except (FileNotFoundError, ValueError) as error:  # a wrong folder, dataset or class list
-                return _report("eval", error)
+            segmenter, tokenizer, templates = load_catseg(folder, device=device, precision=args.precision)
+            start = time.perf_counter()
+            result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset,
+                                     protocol=protocol, class_names=args.class_names, workers=args.workers,
+                                     limit=args.limit, shard=shard, progress=not args.no_progress,
+                                     description=folder)
             rows.append({"model": folder, "seconds": round(time.perf_counter() - start, 2), **result})
             del segmenter
         if shard.is_main:
@@ -141,7 +129,3 @@ def markdown_table(rows: list[dict]) -> str:
                               "present in the ground truth, CAT-Seg's detectron2 rule), mean class accuracy, pixel " \
                               "accuracy (%)"
 
-
-def _report(job: str, error: Exception) -> int:
-    print(f"denserc catseg {job}: error: {error}", file=sys.stderr)
-    return 2

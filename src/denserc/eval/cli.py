@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     region.add_argument("--class-names", default="coco_panoptic",
                         help="bundled list or file in category-id order, or 'dataset' for the JSON's names "
                              "(default: %(default)s)")
-    region.set_defaults(func=run_region, batch_size=4)
+    region.set_defaults(func=run_region, batch_size=4, command_name="eval region")
     seg = tasks.add_parser("seg", help="training-free open-vocabulary semantic segmentation (SCLIP protocol)",
                            description="Sliding-window dense logits -> mIoU, per-class IoU, pixel accuracy.")
     _add_common(seg, SEGMENTATION_TEMPLATES)
@@ -64,7 +64,7 @@ def register(subparsers) -> None:
                                 ("--area-threshold", float, "drop classes winning less than this share of "
                                                             "non-background pixels")):
         seg.add_argument(flag, type=kind, default=None, help=f"{meaning} (default: the dataset's, SCLIP)")
-    seg.set_defaults(func=run_seg, batch_size=16)
+    seg.set_defaults(func=run_seg, batch_size=16, command_name="eval seg")
 
 
 def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None:

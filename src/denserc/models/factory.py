@@ -288,6 +288,14 @@ def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: st
     return hub.download(
         lambda: open_clip.download_pretrained(copy.deepcopy(tag_cfg), cache_dir=cache_dir), host=host,
         what=f"'{tag}' for {model_name}",
-        remedy=f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
-               f"--model {model_name}{quick}:/path/to/open_clip_model.safetensors on the command line, or "
-               f"denserc.create_model('{model_name}{quick}', pretrained='/path/to/open_clip_model.safetensors')")
+        remedy=_local_weights_hint(f"{model_name}{quick}", tag))
+
+
+def _local_weights_hint(model_name: str, tag: str) -> str:
+    """How to pass a downloaded weights file instead of a tag, in the words of each command that takes a model."""
+    spec, path = f"{model_name}:/path/to/open_clip_model.safetensors", "/path/to/open_clip_model.safetensors"
+    return (f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
+            f"`denserc train ... model.name={model_name} model.pretrained={path}`, "
+            f"`denserc detect train ... backbone.model={spec}`, `denserc catseg train ... clip.model={spec}`, "
+            f"`--model {spec}` for eval, segment and heatmap, or "
+            f"denserc.create_model('{model_name}', pretrained='{path}') in Python")

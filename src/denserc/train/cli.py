@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .shipped import available_configs
 
@@ -49,26 +48,16 @@ def run(args: argparse.Namespace) -> int:
         return args.default_run(overrides)
     name = name or args.default_config
     if name is None:
-        return _report(ConfigError("no CONFIG given and no plug-in sets a built-in default; give a shipped config "
-                                   f"({', '.join(available_configs())}) or a YAML file"))
-    try:
-        config = load_config(name, overrides)
-    except ConfigError as error:
-        return _report(error)
+        raise ConfigError("no CONFIG given and no plug-in sets a built-in default; give a shipped config "
+                          f"({', '.join(available_configs())}) or a YAML file")
+    config = load_config(name, overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    try:
-        env, final = run_training_command(config, name, lambda env, output_dir: train(config, env, output_dir,
-                                                                                    args.resume))
-    # bad config, data or weights, an unreadable image under data.strict=true: the message names the problem
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        return _report(error)
+    # bad config, data or weights, an unreadable image under data.strict=true: cli.main prints the one line
+    env, final = run_training_command(config, name, lambda env, output_dir: train(config, env, output_dir,
+                                                                                args.resume))
     if env.is_main:
         print(f"denserc train: done; model in {final} (load with denserc.load('{final}'))")
     return 0
 
-
-def _report(error: Exception) -> int:
-    print(f"denserc train: error: {error}", file=sys.stderr)
-    return 2
