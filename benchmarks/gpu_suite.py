@@ -678,22 +678,24 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     plan = [s for s in sections(args.dry_run) if not args.only or s.name in args.only]
+    machine = environment(device)  # before the output file exists: git would count it as a change to benchmarks/
     report = Report(args.output or default_output(args.dry_run))
     previous_handler = signal.signal(signal.SIGTERM, _terminated)  # unwind, so the running worker is stopped too
     try:
-        return run_suite(plan, report, device, args)
+        return run_suite(plan, report, device, machine, args)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def run_suite(plan: list[Section], report: Report, device: torch.device, args: argparse.Namespace) -> int:
+def run_suite(plan: list[Section], report: Report, device: torch.device, machine: list[str],
+              args: argparse.Namespace) -> int:
     """The header, every section's table, and a summary; 1 if any row failed or did not run."""
     started = time.monotonic()
     deadline = started + 60 * args.minutes
     kind = ("dry run: toy models and sizes on the CPU, which prove the script, not the speed" if args.dry_run
             else "GPU")
     report.write(f"# DenseRC GPU suite ({kind})\n")
-    report.write("\n".join(environment(device)))
+    report.write("\n".join(machine))
     report.write("- weights: random (bare open_clip names, timm DINOv2 with pretrained=False); layer times do not "
                  "depend on weight values (detection post-processing does: see F-ViT)")
     if device.type == "cuda":
