@@ -191,8 +191,8 @@ def sections(dry_run: bool) -> list[Section]:
                 "`denserc.detect`: `DetectionTask` on the training engine (`Engine.train_step`: augmentation and the "
                 "frozen tower in `prepare`, heads forward/backward, AdamW) over pre-read batches of generated "
                 "COCO-style data (the 65 OV-COCO classes, 6 boxes per image); inference = `letterbox` + "
-                "`Detector.detect` in fp32, as `denserc detect eval` runs it. The 1024 row is fvit_b16_ovlvis's "
-                "detector (mask head, LVIS thresholds) on the OV-COCO vocabulary.",
+                f"`Detector.detect` in fp32, as `denserc detect eval` runs it. The {fvit_sizes[1]} rows are "
+                "fvit_b16_ovlvis's detector (mask head, LVIS thresholds) on the OV-COCO vocabulary.",
                 ("size", "config", "step", "batch", "precision", "images/s", "ms per batch", "peak allocated MiB"),
                 "benchmarks.gpu_suite:measure_fvit",
                 tuple(Row((size, fvit_configs[size], step, fvit_batch, "bf16" if step == "train" else "fp32"),
@@ -203,7 +203,8 @@ def sections(dry_run: bool) -> list[Section]:
         Section("catseg", f"CAT-Seg on {vit} (multi-v/hsg): training step and sliding-window evaluation",
                 "`denserc.catseg`: `CATSegTask` on the training engine (`Engine.train_step`, catseg_vitb16's "
                 "settings, 171 COCO-Stuff training classes) over pre-read batches of generated COCO-Stuff-style "
-                "data; evaluation = `sliding_window_scores` (CAT-Seg's protocol: 4 windows + the whole image) on "
+                "data; evaluation = `sliding_window_scores` (CAT-Seg's protocol: overlapping windows and the whole "
+                "image) on "
                 f"one {catseg_eval_size} px image with the class embeddings computed once, fp32 as "
                 "`denserc catseg eval` by default.",
                 ("step", "size", "vocabulary", "batch", "precision", "images/s", "ms per batch", "peak allocated MiB"),
@@ -405,7 +406,6 @@ def measure_fvit(*, device: torch.device, cache: dict, model: str, size: int, co
 
 def write_coco_stuff(folder: Path, count: int, width: int, height: int, seed: int = 0) -> None:
     """A COCO-Stuff-164k training split: ``count`` JPEGs and label maps of 16 x 16 px blocks (ids 0..170, 255)."""
-    import numpy as np
     from PIL import Image
     from .data_loading import write_jpegs
     images, labels = folder / "images" / "train2017", folder / "annotations" / "train2017"
@@ -416,7 +416,7 @@ def write_coco_stuff(folder: Path, count: int, width: int, height: int, seed: in
         blocks = torch.randint(0, 172, (1, 1, math.ceil(height / 16), math.ceil(width / 16)), generator=generator)
         label = torch.nn.functional.interpolate(blocks.float(), scale_factor=16, mode="nearest")[0, 0, :height, :width]
         label[label == 171] = 255
-        Image.fromarray(label.to(torch.uint8).numpy().astype(np.uint8)).save(labels / f"{path.stem}_labelTrainIds.png")
+        Image.fromarray(label.to(torch.uint8).numpy()).save(labels / f"{path.stem}_labelTrainIds.png")
 
 
 def measure_catseg(*, device: torch.device, cache: dict, model: str, step: str, batch: int, images: int,
