@@ -25,8 +25,10 @@ How it runs. Each section runs in a fresh worker process (each distillation conf
 its peak memory is its own). The worker reports every row as soon as it is measured and this process
 appends it to the output file at once, so a run stopped at any point keeps its finished rows. A row that
 fails prints its error in its cell and the next row runs; a row over its time guard stops with a
-``TimeoutError`` in its cell; a worker that stops answering (a hang in native code) is killed at its
-section's limit and its unfinished rows say so. The whole run stops at ``--minutes``.
+``TimeoutError`` in its cell; a row that kills its worker, or leaves a CUDA error behind (which every later
+CUDA call would repeat), gets the error in its cell and the next rows run in a new worker; a worker that stops
+answering (a hang in native code) is killed at its section's limit and its unfinished rows say so. The whole
+run stops at ``--minutes``.
 
 Weights are random (bare open_clip names; timm's DINOv2 with ``pretrained=False``): nothing is downloaded,
 and the time of a layer does not depend on the values of its weights. Detection post-processing is the
@@ -66,6 +68,7 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 ROW_PREFIX = "gpu-suite-row "  # how a worker's row reports stand out in its output
 WORKER_START_S = 90.0  # allowance for a worker's imports and CUDA start-up, beyond its rows' guards
 ERROR_CHARS = 300  # of an error message, in its cell
+RESTART_STATUS = 75  # a worker exits with this after a row left its CUDA context unusable: the rest need a new one
 DEFAULT_MINUTES = 8.0
 
 
@@ -464,7 +467,8 @@ def run_rows(measure: str, shared: dict, rows: list[dict], device: str, guard_s:
     """Worker (a fresh process): measure each row, printing its result as one line as soon as it is done.
 
     A row that raises, or runs past ``guard_s`` (SIGALRM raises ``TimeoutError`` in it), reports its error,
-    and the next row runs.
+    and the next row runs; after a CUDA error (sticky: every later CUDA call would fail too) the worker exits
+    with ``RESTART_STATUS`` and the suite starts a new one for the remaining rows.
     """
     logging.getLogger().setLevel(logging.ERROR)
     module, _, name = measure.partition(":")
@@ -486,6 +490,9 @@ def run_rows(measure: str, shared: dict, rows: list[dict], device: str, guard_s:
         except Exception as error:  # noqa: BLE001 - any failure belongs in the row's cell, not the run
             traceback.print_exc()
             message["error"] = f"{type(error).__name__}: {error}"
+            if "CUDA error" in str(error):
+                print(ROW_PREFIX + json.dumps(message), flush=True)
+                raise SystemExit(RESTART_STATUS) from error
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -550,30 +557,42 @@ def run_section(section: Section, report: Report, device: torch.device, deadline
     outcomes: dict[int, Outcome] = {}
     notes: list[str] = []
 
+    def unmeasured(index: int, status: str, text: str) -> None:
+        """A row without a measurement: why, in its first measured cell."""
+        row = section.rows[index]
+        report.write(table_line([*row.keys, text, *["-"] * (width - 1)]))
+        outcomes[index] = Outcome(section.name, row.keys, status, text)
+
     def write_message(message: dict) -> None:
         index = message["row"]
-        row = section.rows[index]
         if "error" in message:
-            report.write(table_line([*row.keys, f"error: {message['error']}", *["-"] * (width - 1)]))
-            outcomes[index] = Outcome(section.name, row.keys, "failed", message["error"])
+            unmeasured(index, "failed", f"error: {message['error']}")
             return
         for line in message["lines"]:
-            report.write(table_line([*row.keys, *line]))
+            report.write(table_line([*section.rows[index].keys, *line]))
         notes.extend(message["notes"])
-        outcomes[index] = Outcome(section.name, row.keys, "measured")
+        outcomes[index] = Outcome(section.name, section.rows[index].keys, "measured")
 
     groups = ([[index] for index in range(len(section.rows))] if section.fresh_process_per_row
               else [list(range(len(section.rows)))])
     for group in groups:
-        if time.monotonic() >= deadline:
-            reason = "not run: the suite's time budget was spent"
-        else:
-            reason = run_worker(section, group, device, deadline, write_message)
-        for index in group:
-            if index not in outcomes:
-                row = section.rows[index]
-                report.write(table_line([*row.keys, reason, *["-"] * (width - 1)]))
-                outcomes[index] = Outcome(section.name, row.keys, "not run", reason)
+        pending = group  # rows run in order, so the unreported ones are always a tail of the group
+        while pending:
+            if time.monotonic() >= deadline:
+                reason, restart = "not run: the suite's time budget was spent", False
+            else:
+                reason, restart = run_worker(section, pending, device, deadline, write_message)
+            left = [index for index in pending if index not in outcomes]
+            if restart and len(left) == len(pending):
+                restart = None  # asked for a new worker without reporting anything: count it as a crash
+            pending = left
+            if pending and restart is None:  # the worker died in the first unreported row
+                unmeasured(pending[0], "failed", f"error: {reason}")
+                pending = pending[1:]
+            elif not restart:
+                for index in pending:
+                    unmeasured(index, "not run", reason)
+                pending = []
     report.write()
     for note in notes:
         report.write(note)
@@ -582,32 +601,39 @@ def run_section(section: Section, report: Report, device: torch.device, deadline
     return [outcomes[index] for index in range(len(section.rows))]
 
 
-def run_worker(section: Section, group: list[int], device: torch.device, deadline: float,
-               on_message: Callable[[dict], None]) -> str:
-    """Run the rows ``group`` of ``section`` in a worker process; returns why any unreported row did not run."""
-    limit = WORKER_START_S + section.guard_s * len(group)
+def run_worker(section: Section, rows: list[int], device: torch.device, deadline: float,
+               on_message: Callable[[dict], None]) -> tuple[str, bool | None]:
+    """Run the rows ``rows`` (consecutive) of ``section`` in a worker process, passing on each row's report.
+
+    Returns why rows it did not report did not run, and what to do with them: ``True`` run them in a new worker
+    (it asked for one), ``False`` mark them all "not run" (it was stopped), ``None`` the first one killed it.
+    """
+    limit = WORKER_START_S + section.guard_s * len(rows)
     stop_at = min(deadline, time.monotonic() + limit)
     command, env = worker_command("benchmarks.gpu_suite:run_rows", {
-        "measure": section.measure, "shared": section.shared, "rows": [section.rows[i].settings for i in group],
-        "device": str(device), "guard_s": section.guard_s, "first_row": group[0]})
+        "measure": section.measure, "shared": section.shared, "rows": [section.rows[i].settings for i in rows],
+        "device": str(device), "guard_s": section.guard_s, "first_row": rows[0]})
     with tempfile.TemporaryFile("w+", encoding="utf-8") as errors:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=errors, text=True,
                                    start_new_session=True)  # its own process group: DataLoader/compile workers too
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
-        finished = False  # the worker closed its output (it is exiting)
+        exited_at = None  # a child of the worker may keep its output open after it exits: wait a little, not forever
         try:
             while time.monotonic() < stop_at:
                 try:
                     line = lines.get(timeout=max(0.0, min(stop_at - time.monotonic(), 1.0)))
                 except queue.Empty:
+                    if exited_at is None and process.poll() is not None:
+                        exited_at = time.monotonic()
+                    if exited_at is not None and time.monotonic() - exited_at > 5:
+                        break
                     continue
                 if line is None:
-                    finished = True
                     break
                 if line.startswith(ROW_PREFIX):
                     on_message(json.loads(line[len(ROW_PREFIX):]))
-            if finished:
+            if process.poll() is None:  # output closed: it is exiting
                 try:
                     process.wait(timeout=max(0.0, stop_at - time.monotonic()))
                 except subprocess.TimeoutExpired:
@@ -618,12 +644,14 @@ def run_worker(section: Section, group: list[int], device: torch.device, deadlin
                 _kill_group(process)
             process.wait()
         if stopped:
-            budget = stop_at >= deadline
-            return ("not run: stopped when the suite's time budget ran out" if budget else
-                    f"not run: its worker was stopped after {limit:.0f} s (section limit)")
+            if stop_at >= deadline:
+                return "not run: stopped when the suite's time budget ran out", False
+            return f"not run: its worker was stopped after {limit:.0f} s (section limit)", False
+        if process.returncode == RESTART_STATUS:
+            return "", True
         errors.seek(0)
         tail = [line for line in errors.read().splitlines() if line.strip()]
-        return f"not run: its worker exited with status {process.returncode}: {tail[-1] if tail else 'no message'}"
+        return f"its worker exited with status {process.returncode}: {tail[-1] if tail else 'no message'}", None
 
 
 def _pump(stream, lines: queue.Queue) -> None:

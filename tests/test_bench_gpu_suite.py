@@ -29,6 +29,8 @@ def fake_measure(*, device, cache, behaviour, **_):
         time.sleep(60)
     if behaviour == "crash":
         os._exit(3)
+    if behaviour == "cuda-error":
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
     return [[f"row {cache['rows']}", device.type]], [f"- note of row {cache['rows']}"]
 
 
@@ -125,10 +127,19 @@ def test_the_worker_reports_each_row_and_a_failing_or_slow_row_costs_only_itself
     assert signal.alarm(0) == 0  # no guard left armed
 
 
+def test_after_a_cuda_error_the_worker_stops_so_that_the_next_rows_get_a_fresh_cuda_context(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_rows("tests.test_bench_gpu_suite:fake_measure", {}, [{"behaviour": "cuda-error"}, {"behaviour": "ok"}],
+                 "cpu", guard_s=10.0, first_row=0)
+    assert stop.value.code == gpu_suite.RESTART_STATUS
+    reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith(ROW_PREFIX)]
+    assert [json.loads(line[len(ROW_PREFIX):]) for line in reports] == [
+        {"row": 0, "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
+
+
 # ------------------------------------------------------------------------------------- slow: real workers
 @pytest.mark.slow
-def test_rows_reach_the_file_as_they_come_and_a_stuck_or_crashed_worker_leaves_a_line_per_row(tmp_path,
-                                                                                               monkeypatch):
+def test_rows_reach_the_file_as_they_come_and_a_stuck_or_crashed_worker_costs_only_its_row(tmp_path, monkeypatch):
     report = Report(tmp_path / "suite.md")
     cpu = torch.device("cpu")
     far = time.monotonic() + 600
@@ -147,13 +158,23 @@ def test_rows_reach_the_file_as_they_come_and_a_stuck_or_crashed_worker_leaves_a
     reason = "not run: its worker was stopped after 6 s (section limit)"
     assert [(o.status, o.detail) for o in hung] == [("not run", reason)] * 2
 
-    crashed = run_section(fake_section(["ok", "crash", "ok"], fresh=True), report, cpu, far)
-    assert [o.status for o in crashed] == ["measured", "not run", "measured"]  # a fresh worker per row
-    assert crashed[1].detail.startswith("not run: its worker exited with status 3")
+    crashed = run_section(fake_section(["ok", "crash", "ok", "cuda-error", "ok"]), report, cpu, far)
+    assert [o.status for o in crashed] == ["measured", "failed", "measured", "failed", "measured"]
+    assert crashed[1].detail.startswith("error: its worker exited with status 3")
+    assert crashed[3].detail == "error: RuntimeError: CUDA error: an illegal memory access was encountered"
+    # after the crash and after the CUDA error, the next row ran in a new worker (its first row)
+    assert table_rows(report.path)[-5:] == [
+        "| ok | row 1 | cpu |", f"| crash | {cell(crashed[1].detail)} | - |", "| ok | row 1 | cpu |",
+        "| cuda-error | error: RuntimeError: CUDA error: an illegal memory access was encountered | - |",
+        "| ok | row 1 | cpu |"]
+
+    fresh = run_section(fake_section(["ok", "ok"], fresh=True), report, cpu, far)
+    assert [o.status for o in fresh] == ["measured", "measured"]
+    assert table_rows(report.path)[-2:] == ["| ok | row 1 | cpu |"] * 2  # a worker per row
 
     spent = run_section(fake_section(["ok"]), report, cpu, time.monotonic())
     assert [(o.status, o.detail) for o in spent] == [("not run", "not run: the suite's time budget was spent")]
-    assert len(table_rows(report.path)) == 3 + 2 + 3 + 1
+    assert len(table_rows(report.path)) == 3 + 2 + 5 + 2 + 1
 
 
 @pytest.mark.slow
