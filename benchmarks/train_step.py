@@ -272,10 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def targets_apply(settings: dict, device: torch.device) -> bool:
+    """Whether this is the configuration the issue's training targets name (ViT-B/16 @1024, batch 4, a GPU)."""
+    return (settings["model"] == "ViT-B-16" and settings["size"] == 1024 and settings["batch"] == 4
+            and device.type == "cuda")
+
+
+def card_verdict(peak_reserved_mib: float) -> str:
+    """Whether a step with this peak reserved CUDA memory fits the 24 GB card (after the CUDA context)."""
+    budget = (FIT_CARD_GIB - CUDA_CONTEXT_GIB) * 1024
+    verdict = "fits" if peak_reserved_mib <= budget else "does not fit"
+    return f"{verdict} a {FIT_CARD_GIB} GB card (<= {budget} MiB after {CUDA_CONTEXT_GIB} GiB CUDA context)"
+
+
 def target_lines(settings: dict, device: torch.device, results: list) -> list[str]:
     """Where this run stands against the issue's training targets (only for the configuration they name)."""
-    if not (settings["model"] == "ViT-B-16" and settings["size"] == 1024 and settings["batch"] == 4
-            and device.type == "cuda"):
+    if not targets_apply(settings, device):
         return ["Targets (ViT-B/16 @1024, batch 4, one GPU): not applicable to this configuration."]
     lines = []
     for (precision, checkpointing, compile_model), r in results:
@@ -284,11 +296,8 @@ def target_lines(settings: dict, device: torch.device, results: list) -> list[st
             lines.append(f"- bf16, ckpt {checkpointing}, compile {compile_model}: {r['images_per_second']:.1f} "
                          f"images/s, {verdict} the target >= {TARGET_IMAGES_PER_SECOND}")
         if checkpointing == "on":
-            budget = (FIT_CARD_GIB - CUDA_CONTEXT_GIB) * 1024
-            verdict = "fits" if r["peak_reserved_mib"] <= budget else "does not fit"
             lines.append(f"- {precision}, ckpt on, compile {compile_model}: peak reserved "
-                         f"{r['peak_reserved_mib']:.0f} MiB, {verdict} a {FIT_CARD_GIB} GB card "
-                         f"(<= {budget} MiB after {CUDA_CONTEXT_GIB} GiB CUDA context)")
+                         f"{r['peak_reserved_mib']:.0f} MiB, {card_verdict(r['peak_reserved_mib'])}")
     return lines
 
 
