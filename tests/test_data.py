@@ -154,7 +154,7 @@ def test_folder_source_errors_name_the_path(tmp_path):
 
 
 def test_unknown_data_type_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown dataset type 'imagenet'.*'folder'"):
+    with pytest.raises(ValueError, match=r"data.type: unknown data type 'imagenet'; known: .*folder"):
         build_source(data_config(type="imagenet"))
 
 

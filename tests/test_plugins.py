@@ -18,7 +18,7 @@ from denserc import plugins
 from denserc.cli import main
 from denserc.data import build_source, source_types
 from denserc.data import datasets as data_sources
-from denserc.eval import (PROTOCOLS, SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout,
+from denserc.eval import (DEFAULT_PROTOCOLS, SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout,
                           SegmentationProtocol, detect_segmentation_dataset, protocol_for,
                           register_segmentation_dataset)
 from denserc.models import register_pretrained
@@ -54,7 +54,7 @@ def install_plugin(tmp_path, monkeypatch):
                             else [])
     yield install
     sys.modules.pop("toy_plugin", None)
-    data_sources._SOURCES.pop(TOY_TYPE, None)
+    data_sources.SOURCES.remove(TOY_TYPE)
 
 
 def test_a_plugin_registers_once_and_only_when_a_name_is_unknown(install_plugin):
@@ -66,7 +66,7 @@ def test_a_plugin_registers_once_and_only_when_a_name_is_unknown(install_plugin)
     assert sys.modules["toy_plugin"].CALLS == ["register"]
     assert plugins.load_plugins() == {"toy": "toy_plugin:register"}
     assert sys.modules["toy_plugin"].CALLS == ["register"]
-    with pytest.raises(ValueError, match=rf"data.type: unknown dataset type 'nope'; registered types: .*'{TOY_TYPE}'"):
+    with pytest.raises(ValueError, match=rf"data.type: unknown data type 'nope'; known: .*{TOY_TYPE}"):
         build_source(data_config("nope"))
 
 
@@ -124,8 +124,8 @@ def test_register_segmentation_dataset_makes_it_readable_and_detectable_by_name(
         with pytest.raises(ValueError, match="segmentation dataset 'my-scans' is already registered"):
             register_segmentation_dataset(layout)
     finally:
-        SEGMENTATION_DATASETS.pop("my-scans", None)
-        PROTOCOLS.pop("my-scans", None)
+        SEGMENTATION_DATASETS.remove("my-scans")
+        DEFAULT_PROTOCOLS.pop("my-scans", None)
     with pytest.raises(ValueError, match="unknown segmentation dataset 'my-scans'; known: ade20k, "):
         SegmentationDataset("my-scans", tmp_path)
 

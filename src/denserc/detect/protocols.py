@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..plugins import load_plugins
+from ..registry import Registry
 
 # COCO 2017 category ids of the 80 classes, in CLIPSelf's mscoco_all_classes.json order (= id order).
 COCO_IDS = {
@@ -189,22 +189,19 @@ def ov_lvis_split(categories: Sequence[dict]) -> Split:
                  tuple(c["frequency"] == "r" for c in ordered))
 
 
-PROTOCOLS: dict[str, Protocol] = {}
+PROTOCOLS: Registry[Protocol] = Registry("detection protocol")
 
 
 def register_protocol(protocol: Protocol) -> None:
     """Make ``protocol`` available by name (``--protocol``, ``data.protocol``): the extension point for plug-ins."""
     if protocol.evaluator not in ("coco", "lvis"):
         raise ValueError(f"protocol {protocol.name!r}: evaluator must be 'coco' or 'lvis', got {protocol.evaluator!r}")
-    PROTOCOLS[protocol.name] = protocol
+    PROTOCOLS.register(protocol.name, protocol)
 
 
 def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        load_plugins()  # a plug-in's protocol (e.g. the testbed's ov-testbed) registers on first need
-    if name not in PROTOCOLS:
-        raise ValueError(f"unknown detection protocol {name!r}; expected one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    """The protocol ``name``; a plug-in's (e.g. the testbed's ov-testbed) registers on first need."""
+    return PROTOCOLS.get(name)
 
 
 register_protocol(Protocol("ov-coco", "coco", ov_coco_split, images_with_split_classes_only=True))

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..images import ImageReadError, load_image
 from ..plugins import load_plugins
+from ..registry import Registry
 from .metrics import IGNORE_INDEX
 
 Pairs = list[tuple[Path, Path]]
@@ -208,7 +209,19 @@ _CATSEG_COCO_STUFF_HINT = ("values above 170 mean the maps are not CAT-Seg's tra
                            "annotations_detectron2/ from COCO-Stuff's stuffthingmaps with CAT-Seg's "
                            "datasets/prepare_coco_stuff.py")
 
-SEGMENTATION_DATASETS = {layout.name: layout for layout in (
+# Other names of registered datasets: CAT-Seg's benchmark names (``denserc catseg eval --dataset``).
+DATASET_ALIASES = {"ade150": "ade20k"}
+
+
+def _dataset_spellings(name: str) -> set[str]:
+    """The names a lookup of ``name`` accepts: dashes and underscores are one spelling (coco-stuff = coco_stuff,
+    as the dataset and its class-name list are named), and an alias is its dataset's name."""
+    name = DATASET_ALIASES.get(name, name)
+    return {name, name.replace("_", "-"), name.replace("-", "_")}
+
+
+SEGMENTATION_DATASETS: Registry[SegmentationLayout] = Registry("segmentation dataset", _dataset_spellings)
+for _layout in (
     _with_alternatives(SegmentationLayout(
         "ade20k", "ADE20K-150", "ade20k", 150, False, True,
         """ADEChallengeData2016/
@@ -287,29 +300,15 @@ SEGMENTATION_DATASETS = {layout.name: layout for layout in (
   annotations_detectron2/pc459_val/<id>.tif   16-bit: 0..458 = classes, 459 and 65535 = unlabelled""",
         ("JPEGImages", "annotations_detectron2/pc459_val"), _context459, ignore_index=65535,
         ignored_values=(459,), convention="detectron2", prepared_by="CAT-Seg's datasets/prepare_pascal_context_459.py"),
-)}
-
-# Other names of registered datasets: CAT-Seg's benchmark names (``denserc catseg eval --dataset``).
-DATASET_ALIASES = {"ade150": "ade20k"}
+):
+    SEGMENTATION_DATASETS.register(_layout.name, _layout)
+del _layout
 
 
 def segmentation_layout(name: str) -> SegmentationLayout:
     """The registered segmentation dataset ``name`` (a name no one registered is looked for in the plug-ins);
     ``-`` and ``_`` are interchangeable in the name, and ``DATASET_ALIASES`` are accepted."""
-    if _registered_name(name) is None:
-        load_plugins()
-    registered = _registered_name(name)
-    if registered is None:
-        raise ValueError(f"unknown segmentation dataset {name!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
-    return SEGMENTATION_DATASETS[registered]
-
-
-def _registered_name(name: str) -> str | None:
-    """``name`` as registered, where dashes and underscores are one spelling (coco-stuff = coco_stuff,
-    as the dataset and its class-name list are named) and an alias is its dataset's name."""
-    name = DATASET_ALIASES.get(name, name)
-    spellings = {name, name.replace("_", "-"), name.replace("-", "_")}
-    return next((registered for registered in SEGMENTATION_DATASETS if registered in spellings), None)
+    return SEGMENTATION_DATASETS.get(name)
 
 
 def detect_segmentation_dataset(root: str | os.PathLike) -> str:

@@ -39,7 +39,7 @@ DEFAULT_TEMPLATES = SEGMENTATION_TEMPLATES
 
 @dataclass(frozen=True)
 class SegmentationProtocol:
-    """Inference settings of training-free OVSS (defaults: SCLIP's, see ``PROTOCOLS``)."""
+    """Inference settings of training-free OVSS (defaults: SCLIP's, see ``DEFAULT_PROTOCOLS``)."""
 
     short_side: int = 336
     max_long_side: int = 2048
@@ -62,7 +62,7 @@ class SegmentationProtocol:
 # SCLIP's per-dataset settings (configs/cfg_*.py of wangf3014/SCLIP): window 224, stride 112, logit
 # scale 40; short side 336, 448 for COCO-Stuff, 560 for Cityscapes; the background settings
 # (VOC-21: scale 65, probability 0.1, area 0.1; Context-60: scale 50, probability 0.1).
-PROTOCOLS = {
+DEFAULT_PROTOCOLS = {
     "ade20k": SegmentationProtocol(),
     "voc20": SegmentationProtocol(),
     "voc21": SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1),
@@ -82,15 +82,13 @@ def register_segmentation_dataset(layout: SegmentationLayout,
     ``layout`` says where its images and labels are (``layout.list_pairs(layout, root)`` lists the
     (image, label PNG) pairs) and how labels are encoded; ``protocol`` is its default inference setting.
     """
-    if layout.name in SEGMENTATION_DATASETS:
-        raise ValueError(f"segmentation dataset {layout.name!r} is already registered")
-    SEGMENTATION_DATASETS[layout.name] = layout
-    PROTOCOLS[layout.name] = protocol
+    SEGMENTATION_DATASETS.register(layout.name, layout)
+    DEFAULT_PROTOCOLS[layout.name] = protocol
 
 
 def protocol_for(dataset: str, **overrides) -> SegmentationProtocol:
     """The dataset's default protocol with ``overrides`` (None values keep the default)."""
-    default = PROTOCOLS[segmentation_layout(dataset).name]
+    default = DEFAULT_PROTOCOLS[segmentation_layout(dataset).name]
     return replace(default, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -125,7 +123,7 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
     stops the evaluation with its name, or with ``skip_unreadable`` is left out and counted.
     """
     layout = segmentation_layout(dataset)
-    protocol = protocol or PROTOCOLS[layout.name]
+    protocol = protocol or DEFAULT_PROTOCOLS[layout.name]
     if not layout.has_background and (protocol.prob_threshold > 0 or protocol.area_threshold > 0):
         raise ValueError(f"{layout.title} has no background class: prob_threshold and area_threshold must be 0 "
                          f"(got {protocol.prob_threshold}, {protocol.area_threshold})")
