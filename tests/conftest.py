@@ -7,28 +7,10 @@ import torch
 
 import denserc
 
-TINY = "ViT-Tiny-16"
+from helpers import TINY
 
 # open_clip warns at every random-weight creation; the tests create many on purpose.
 logging.getLogger().setLevel(logging.ERROR)
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial random values (LayerNorms and zero-init gates included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return module
-
-
-def variant(model, **settings):
-    """Same weights, another construction/gating (a gate, if any, random so that it is not uniform)."""
-    other = denserc.DenseRCModel(model.clip, model_name=model.model_name, model_cfg=model.model_cfg,
-                                 preprocess_cfg=model.preprocess_cfg, **settings).eval()
-    if other.gate is not None:
-        randomize_(other.gate, seed=3)
-    return other
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ import denserc
 from denserc.eval import build_text_classifier, load_class_names
 from denserc.distributed import DistributedEnv
 
-TINY = "ViT-Tiny-16"
+from helpers import TINY
+
 PATCH = 16
 
 # COCO panoptic category ids (80 things with gaps in 1..90, 53 stuff in 92..200), in id order.

@@ -14,7 +14,7 @@ import denserc.train.trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the package
 from benchmarks.vs_clipself import PHASES, build_clipself, build_ours  # noqa: E402
 
-from conftest import TINY  # noqa: E402
+from helpers import TINY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # benchmark helper
 

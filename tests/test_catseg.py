@@ -16,7 +16,7 @@ from denserc.catseg.export import load_catseg, save_catseg
 import denserc
 from denserc.models import PEER_PATHS, get_tokenizer
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 from eval_fixtures import write_segmentation_dataset
 
 EVA, SIGLIP = "EVA02-Tiny-16", "ViT-Tiny-16-MAP"

@@ -22,7 +22,7 @@ from denserc.models.convert import convert_checkpoint, read_checkpoint
 from denserc.models.peers import dense_settings
 from denserc.models.serialization import CLIP_WEIGHTS, DENSERC_CONFIG
 
-from conftest import randomize_
+from helpers import randomize_
 from eval_fixtures import grey_image, grey_levels, write_panoptic, write_templates
 
 EVA = "EVA02-Tiny-16"

@@ -11,7 +11,7 @@ from denserc.losses import coherence_loss, semantics_loss
 from denserc.train import Trainer, load_config, setup_distributed
 from denserc.train.trainer import DistillationModule
 
-from conftest import randomize_
+from helpers import randomize_
 
 EVA = "EVA02-Tiny-16"
 

@@ -10,7 +10,7 @@ from denserc.detect.model import (DetectorConfig, FViT, FViTHeads, StridedAnchor
 from denserc.models import PEER_PATHS
 from torchvision.models.detection.image_list import ImageList
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 NOVEL = torch.tensor([False, True, False, True])
 

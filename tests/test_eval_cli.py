@@ -6,7 +6,8 @@ import pytest
 
 from denserc.cli import main
 from denserc.models import TABLE5_VARIANTS
-from eval_fixtures import TINY, grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
+from helpers import TINY
+from eval_fixtures import grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
     write_segmentation_dataset, write_templates
 
 

@@ -7,7 +7,8 @@ from denserc import distributed
 from denserc.eval import (DEFAULT_PROTOCOLS, SegmentationProtocol, TextClassifier, evaluate_segmentation, predict_labels,
                           protocol_for, segmentation)
 from denserc.eval.text import load_class_names, load_templates
-from eval_fixtures import (TINY, grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
+from helpers import TINY
+from eval_fixtures import (grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
                            tiny_model, write_segmentation_dataset, write_templates)
 
 # class 0 = background with two synonyms, class 1 = cat, class 2 = dog

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import denserc
 from denserc.models import UnsupportedModelError, factory, hub, serialization
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 
 def test_save_load_round_trip_is_identical(tmp_path, images):

@@ -24,7 +24,7 @@ from denserc.detect.detector import build_tower
 from denserc.models import PEER_PATHS
 from denserc.train.config import available_configs as available_training_configs
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 EVA = "EVA02-Tiny-16"
 SIGLIP = "ViT-Tiny-16-MAP"

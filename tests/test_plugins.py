@@ -23,7 +23,7 @@ from denserc.eval import (DEFAULT_PROTOCOLS, SEGMENTATION_DATASETS, Segmentation
                           register_segmentation_dataset)
 from denserc.models import register_pretrained
 
-from conftest import TINY
+from helpers import TINY
 
 TOY_TYPE = "toy-plugin-images"
 TOY_PLUGIN = f'''

@@ -18,7 +18,8 @@ from denserc.eval.cli import MAX_DEFAULT_WORKERS
 from denserc.eval.datasets import read_image
 from denserc.images import ImageReadError, load_image
 from denserc.models import from_spec, get_tokenizer, random_weights
-from eval_fixtures import TINY, grey_image, grey_levels, stripes, tiny_model, write_segmentation_dataset, \
+from helpers import TINY
+from eval_fixtures import grey_image, grey_levels, stripes, tiny_model, write_segmentation_dataset, \
     write_templates
 
 SIDE = 8

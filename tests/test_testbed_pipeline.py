@@ -17,7 +17,7 @@ from denserc_testbed.run import METRICS
 from denserc_testbed.scenes import render_scene, scene_rng
 from denserc.train.config import DataConfig
 
-from conftest import TINY
+from helpers import TINY
 
 
 def test_testbed_data_type_renders_the_seeded_scenes():

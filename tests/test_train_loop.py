@@ -14,13 +14,13 @@ from denserc.train.metrics import MetricsLogger, read_metrics
 from denserc.train.optim import warmup_cosine
 from denserc.train.sampler import ResumableDistributedSampler
 
-TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
+TINY_RUN = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
         "train.batch_size=2", "train.epochs=1", "optim.warmup_steps=0", "train.log_every=1",
         "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
 
 
 def make_trainer(tmp_path, *overrides):
-    config = load_config("smoke", [*TINY, *overrides])
+    config = load_config("smoke", [*TINY_RUN, *overrides])
     return Trainer(config, setup_distributed("cpu"), tmp_path / "run")
 
 
@@ -257,10 +257,10 @@ def test_a_corrupt_image_is_skipped_and_counted_in_the_log_or_stops_a_strict_run
         Image.new("RGB", (40, 30), (30 * index, 0, 0)).save(images / f"{index}.png")
     (images / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     folder = ["data.type=folder", f"data.root={images}"]
-    assert main(["train", "smoke", *TINY, *folder, f"train.output_dir={tmp_path / 'run'}"]) == 0
+    assert main(["train", "smoke", *TINY_RUN, *folder, f"train.output_dir={tmp_path / 'run'}"]) == 0
     records = read_metrics(tmp_path / "run")
     assert len(records) == 4 and records[-1]["skipped_images"] == 1  # every image is visited once
     capsys.readouterr()
-    assert main(["train", "smoke", *TINY, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 1
+    assert main(["train", "smoke", *TINY_RUN, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 1
     error = capsys.readouterr().err
     assert "cannot read image" in error and "7.png" in error and "Traceback" not in error

@@ -5,13 +5,13 @@ import torch
 from denserc.train import Trainer, load_config, setup_distributed
 from denserc.train.metrics import read_metrics
 
-TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
+TINY_RUN = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
         "train.batch_size=2", "train.epochs=1", "optim.warmup_steps=0", "train.precision=fp32",
         "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
 
 
 def make_trainer(tmp_path, *overrides):
-    config = load_config("smoke", [*TINY, *overrides])
+    config = load_config("smoke", [*TINY_RUN, *overrides])
     return Trainer(config, setup_distributed("cpu"), tmp_path)
 
 

@@ -10,7 +10,7 @@ from denserc.cli import main
 from denserc.viz import draw
 from denserc_testbed.plugin import DEFAULT_MODEL
 
-from conftest import TINY
+from helpers import TINY
 
 CLASSES = ["dog", "grass", "sky"]
 FAST = ["--short-side", "112", "--window", "112"]  # a handful of small windows per image: fast on a CPU
