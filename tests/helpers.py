@@ -9,6 +9,13 @@ import denserc
 TINY = "ViT-Tiny-16"
 
 
+def isolate_open_clip_configs(monkeypatch) -> None:
+    """open_clip's model-config registry as a copy for this test: configs a test adds do not outlive it."""
+    import open_clip.factory
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+
+
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter non-trivial random values (LayerNorms and zero-init gates included)."""
     generator = torch.Generator().manual_seed(seed)

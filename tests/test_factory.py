@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import denserc
 from denserc.models import UnsupportedModelError, factory, hub, serialization
 
-from helpers import TINY, randomize_
+from helpers import TINY, isolate_open_clip_configs, randomize_
 
 
 def test_save_load_round_trip_is_identical(tmp_path, images):
@@ -182,7 +182,8 @@ def test_unreachable_hub_switches_the_hub_offline_for_the_download_only(monkeypa
     ({"image_size": 64, "timm_model_name": "convnext_atto", "timm_model_pretrained": False,
       "timm_pool": "avg", "timm_proj": "linear"}, "TimmModel"),
 ])
-def test_towers_that_cannot_be_decomposed_are_rejected(tmp_path, vision_cfg, kind):
+def test_towers_that_cannot_be_decomposed_are_rejected(tmp_path, monkeypatch, vision_cfg, kind):
+    isolate_open_clip_configs(monkeypatch)
     name = f"Tiny-{kind}"
     config = {"embed_dim": 32, "vision_cfg": vision_cfg,
               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

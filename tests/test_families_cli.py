@@ -10,6 +10,7 @@ from PIL import Image
 
 import denserc
 from denserc.cli import main
+from denserc.models import normalize_images
 from denserc.train import ConfigError, Trainer, load_config, setup_distributed
 from eval_fixtures import grey_image, grey_levels, stripes, write_panoptic, write_segmentation_dataset, \
     write_templates
@@ -66,6 +67,16 @@ def test_a_dinov3_vfm_is_one_key(tmp_path):
     assert (run / "final" / "denserc_config.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss_coherence"]) for r in records)
+    trainer = Trainer(load_config("smoke", ["vfm.name=vit_small_patch16_dinov3", *TWO_STEPS]), setup_distributed("cpu"),
+                      tmp_path / "inspect")
+    vfm, grid = trainer.vfm, (64 // trainer.student.patch_size,) * 2
+    assert (vfm.patch_size, vfm.model.num_prefix_tokens) == (16, 5)  # cls + 4 registers
+    pixels = torch.rand(2, 3, 64, 64)
+    features = vfm(pixels, grid)
+    with torch.no_grad():  # the same size: no resampling, and the 5 prefix tokens dropped
+        tokens = vfm.model.forward_features(normalize_images(pixels, vfm.model.pretrained_cfg, white=1.0))
+    assert features.shape[:2] == (2, grid[0] * grid[1]) == (2, tokens.shape[1] - 5)
+    torch.testing.assert_close(features, tokens[:, 5:])
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from denserc.eval import (DEFAULT_PROTOCOLS, SEGMENTATION_DATASETS, Segmentation
                           register_segmentation_dataset)
 from denserc.models import register_pretrained
 
-from helpers import TINY
+from helpers import TINY, isolate_open_clip_configs
 
 TOY_TYPE = "toy-plugin-images"
 TOY_PLUGIN = f'''
@@ -79,6 +79,7 @@ def test_a_failing_plugin_is_named(install_plugin):
 
 
 def test_register_pretrained_makes_a_tag_of_a_local_weights_file(tmp_path, monkeypatch, images):
+    isolate_open_clip_configs(monkeypatch)  # the Toy-Plugin-16 config below does not outlive the test
     monkeypatch.setattr(open_clip.pretrained, "_PRETRAINED",
                         {name: dict(tags) for name, tags in open_clip.pretrained._PRETRAINED.items()})
     reference = open_clip.create_model(TINY).eval()

@@ -36,8 +36,8 @@ def test_segment_writes_an_overlay_of_the_input_size_and_the_label_maps(photo, t
     assert sum(e["fraction"] for e in metadata["legend"]) == pytest.approx(1.0)
     labels = np.load(tmp_path / "labels.npy")
     assert labels.shape == (77, 123) and labels.dtype == np.uint8 and labels.max() < 3
-    main(["segment", str(photo), "--classes", "dog,grass,sky", "-o", str(out), *FAST,
-          "--labels", str(tmp_path / "labels.png")])
+    assert main(["segment", str(photo), "--classes", "dog,grass,sky", "-o", str(out), *FAST,
+                 "--labels", str(tmp_path / "labels.png")]) == 0
     as_png = Image.open(tmp_path / "labels.png")
     assert as_png.mode == "L" and (np.asarray(as_png) == labels).all()  # same seed, same random model
     assert draw.read_png_metadata(tmp_path / "labels.png") == {"classes": CLASSES}
@@ -116,8 +116,8 @@ def test_seed_fixes_a_random_weight_model(photo, tmp_path):
     outputs = []
     for seed in ("0", "0", "1"):
         path = tmp_path / f"scores{len(outputs)}.npy"
-        main(["heatmap", str(photo), "--query", "dog", "-o", str(tmp_path / "h.png"), *FAST, "--seed", seed,
-              "--model", "ViT-Tiny-16", "--scores", str(path)])
+        assert main(["heatmap", str(photo), "--query", "dog", "-o", str(tmp_path / "h.png"), *FAST, "--seed", seed,
+                     "--model", "ViT-Tiny-16", "--scores", str(path)]) == 0
         outputs.append(np.load(path))
     assert np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[0], outputs[2])
 
