@@ -215,3 +215,14 @@ def run_as_two_ranks(monkeypatch, module, evaluate):
     result = evaluate(DistributedEnv(0, 2))
     assert next(pending, None) is None, "rank 0 reduced fewer tensors than rank 1"
     return result
+
+
+def write_coco_stuff(root, count=3, raw_value_in=None):
+    """COCO-Stuff fixture of ``count`` 32x48 images with classes 0 and 3; ``raw_value_in``: that image's label
+    map also holds 175, a raw COCO-Stuff id (a 'wood' region) that the converted numbering does not have."""
+    levels = grey_levels([0, 3])
+    labels = [stripes(32, 48, [0, 3], rows=16) for _ in range(count)]
+    if raw_value_in is not None:
+        labels[raw_value_in][:4] = 175
+    return write_segmentation_dataset("coco-stuff", root, labels, [grey_image(label, levels) for label in labels])
+
