@@ -7,8 +7,8 @@ from ..lazy import lazy_exports
 
 # name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "SEGMENTATION_DATASETS": ".datasets", "DatasetLayoutError": ".datasets", "PanopticRegions": ".datasets",
-    "SegmentationDataset": ".datasets", "SegmentationLayout": ".datasets", "decode_panoptic_png": ".datasets",
+    "SEGMENTATION_DATASETS": ".datasets", "DatasetLayoutError": ".datasets", "PanopticRegions": ".panoptic",
+    "SegmentationDataset": ".datasets", "SegmentationLayout": ".datasets", "decode_panoptic_png": ".panoptic",
     "detect_segmentation_dataset": ".datasets", "segmentation_layout": ".datasets", "confusion_matrix": ".metrics",
     "region_metrics": ".metrics", "segmentation_metrics": ".metrics", "evaluate_regions": ".region",
     "DEFAULT_PROTOCOLS": ".segmentation", "SegmentationProtocol": ".segmentation", "evaluate_segmentation": ".segmentation",
