@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..eval.defaults import SKIP_UNREADABLE_HELP
 from ..models.variants import PRECISIONS
 
 EXAMPLES = """examples:
@@ -55,6 +56,7 @@ def register(subparsers) -> None:
                                 ("--window", int, "sliding-window size (384)"),
                                 ("--overlap", float, "window overlap (0.333)")):
         evaluate.add_argument(flag, type=kind, default=None, help=f"{meaning}; default: CAT-Seg's")
+    evaluate.add_argument("--skip-unreadable", action="store_true", help=SKIP_UNREADABLE_HELP)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_eval, command_name="catseg eval")
 
@@ -100,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
             result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset,
                                      protocol=protocol, class_names=args.class_names, workers=args.workers,
                                      limit=args.limit, shard=shard, progress=not args.no_progress,
-                                     description=folder)
+                                     description=folder, skip_unreadable=args.skip_unreadable)
             rows.append({"model": folder, "seconds": round(time.perf_counter() - start, 2), **result})
             del segmenter
         if shard.is_main:

@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from ..eval.datasets import SegmentationDataset, segmentation_layout
-from ..distributed import DistributedEnv, all_reduce
-from ..eval.metrics import confusion_matrix, segmentation_metrics
+from ..distributed import DistributedEnv
+from ..eval.metrics import segmentation_metrics
+from ..eval.segmentation import evaluation_loop
 from ..eval.text import load_class_names
 from ..models import normalize_images
 from .defaults import BENCHMARKS, DATASET_LAYOUT, Benchmark
@@ -96,9 +95,9 @@ def sliding_window_scores(segmenter: CATSeg, image: torch.Tensor, class_embeddin
 def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: str | os.PathLike, name: str, *,
                     protocol: SlidingWindowProtocol = SlidingWindowProtocol(), class_names: str | None = None,
                     workers: int = 4, limit: int | None = None, shard: DistributedEnv = DistributedEnv(),
-                    progress: bool = True,
-                    description: str | None = None) -> dict:
-    """mIoU / mAcc / aAcc and per-class IoU of ``segmenter`` on one benchmark (this rank's shard, then summed)."""
+                    progress: bool = True, description: str | None = None, skip_unreadable: bool = False) -> dict:
+    """mIoU / mAcc / aAcc and per-class IoU of ``segmenter`` on one benchmark (this rank's shard, then summed),
+    through the library's one evaluation loop (label checks first; ``skip_unreadable`` as ``eval seg``)."""
     spec = benchmark(name)
     layout = segmentation_layout(spec.dataset)
     names = load_class_names(class_names or spec.class_names)
@@ -106,30 +105,27 @@ def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: st
         raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
                          f"{class_names or spec.class_names!r} has {len(names)}")
     data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side, prefer=DATASET_LAYOUT)
-    segmenter.eval()
-    parameter = next(segmenter.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    embeddings = segmenter.encode_classes(class_tokens(tokenizer, names, templates).to(device)).float()
-    to_label = torch.arange(len(names), device=device)
-    if spec.background_from is not None:
-        to_label = torch.where(to_label < spec.background_from, to_label + 1, 0)
-    count = len(data) if limit is None else min(limit, len(data))
-    loader = DataLoader(Subset(data, shard.indices(count)), batch_size=None, num_workers=workers)
-    confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
-    images = torch.zeros((), dtype=torch.long, device=device)
-    for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
-        image = normalize_images(sample["image"].to(device), segmenter.clip.preprocess_cfg).to(dtype)[None]
-        label = sample["label"].to(device)
-        scores = sliding_window_scores(segmenter, image, embeddings.to(dtype), protocol)
-        scores = F.interpolate(scores[None], size=label.shape, mode="bilinear", align_corners=False)[0]
-        prediction = to_label[scores.argmax(dim=0)]
-        confusion += confusion_matrix(prediction, label, layout.num_classes, layout.ignore_index)
-        images += 1
-    all_reduce(confusion, op="sum")
-    all_reduce(images, op="sum")
+
+    def make_predictor():
+        segmenter.eval()
+        parameter = next(segmenter.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        to_label = torch.arange(len(names), device=device)
+        if spec.background_from is not None:
+            to_label = torch.where(to_label < spec.background_from, to_label + 1, 0)
+        embeddings = segmenter.encode_classes(class_tokens(tokenizer, names, templates).to(device)).to(dtype)
+
+        def predict(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            image = normalize_images(pixels, segmenter.clip.preprocess_cfg).to(dtype)[None]
+            scores = sliding_window_scores(segmenter, image, embeddings, protocol)
+            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+            return to_label[scores.argmax(dim=0)]
+        return predict, device
+    confusion, counts = evaluation_loop(data, layout, make_predictor, workers=workers, limit=limit, shard=shard,
+                                        progress=progress, description=description, skip_unreadable=skip_unreadable)
     label_names = [", ".join(synonyms) for synonyms in
                    (names if spec.background_from is None else load_class_names(layout.class_names))]
-    return {"benchmark": name, "dataset": spec.dataset, "layout": data.layout.convention,
-            "num_images": int(images), "protocol": asdict(protocol),
+    return {"benchmark": name, "dataset": spec.dataset, "layout": data.layout.convention, **counts,
+            "protocol": asdict(protocol),
             "templates": templates, "class_names": class_names or spec.class_names,
             **segmentation_metrics(confusion, label_names, miou_rule=MIOU_RULE)}

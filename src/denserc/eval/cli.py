@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..models.variants import CONSTRUCTIONS, GATINGS, PRECISIONS, TABLE5_VARIANTS
-from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, default_cache_dir
+from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, SKIP_UNREADABLE_HELP, default_cache_dir
 
 # The rest (torch, open_clip, the datasets) is imported inside the functions that run a command, so that
 # `denserc eval --help` and argument errors answer at once.
@@ -87,9 +87,7 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="data-loading processes (default: the CPU cores this process may use, at most "
                              f"{MAX_DEFAULT_WORKERS}: %(default)s)")
-    parser.add_argument("--skip-unreadable", action="store_true",
-                        help="leave out image files that cannot be decoded (truncated, corrupt) and count them, "
-                             "instead of stopping at the first")
+    parser.add_argument("--skip-unreadable", action="store_true", help=SKIP_UNREADABLE_HELP)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the random weights of a --model given without TAG/FILE (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
