@@ -32,6 +32,7 @@ from ..models.vfm import DEFAULT_VFM
 from .shipped import CONFIG_DIR, available_configs
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")  # train.on_nonfinite
 
 
 @dataclass
@@ -104,6 +105,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; also at every epoch end
     keep_last: int = 3
+    on_nonfinite: str = "stop"  # a step with a NaN/inf loss term: stop (naming step and term) | skip (no update, counted)
 
 
 @dataclass
