@@ -86,13 +86,13 @@ def save_checkpoint(directory: str | os.PathLike, step: int, weights: dict[str, 
         os.replace(staging, final)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        needed = _tensor_bytes((weights, state))
-        if _out_of_space(error, directory, needed):
+        shortage = space_shortage(error, directory, tensor_bytes((weights, state)))
+        if shortage:
             raise OSError(f"no space left for checkpoint step {step} in {directory} (nothing was published; the "
-                          f"previous checkpoints are intact): it needs about {_size(needed)}, "
-                          f"{_size(shutil.disk_usage(directory).free)} are free, and up to train.keep_last + 1 "
-                          f"= {keep_last + 1} checkpoints coexist while one is written; free some space and "
-                          "continue with --resume auto") from error
+                          f"previous checkpoints are intact): {shortage}, and up to train.keep_last + 1 = "
+                          f"{keep_last + 1} checkpoints coexist while one is written; free some space (older "
+                          "checkpoints are deleted only once a new one is complete) and continue with --resume "
+                          "auto") from error
         raise
     for _, old in complete_checkpoints(directory)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -236,23 +236,27 @@ def newest_intact_checkpoint(directory: Path) -> Path | None:
     return None
 
 
-def _tensor_bytes(obj) -> int:
+def tensor_bytes(obj) -> int:
     """Bytes of every tensor inside nested dicts, lists and tuples: about what ``torch.save`` writes of them."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_tensor_bytes(value) for value in obj.values())
+        return sum(tensor_bytes(value) for value in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(value) for value in obj)
+        return sum(tensor_bytes(value) for value in obj)
     return 0
 
 
-def _out_of_space(error: BaseException, directory: Path, needed: int) -> bool:
-    """Whether a failed checkpoint write ran out of space: ENOSPC or EDQUOT, or less space free than it needs
-    (on a full disk ``torch.save`` raises a RuntimeError and safetensors its own error, neither with an errno)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(error, Exception) and shutil.disk_usage(directory).free < needed
+def space_shortage(error: BaseException, directory: Path, needed: int) -> str:
+    """'it needs about X, Y are free' if ``error``, raised while writing ``needed`` bytes into ``directory``, came
+    from a full disk or quota, else ''. ENOSPC and EDQUOT say so; on a full disk ``torch.save`` raises a
+    RuntimeError and safetensors its own error, neither with an errno, so any failure counts while less space
+    than ``needed`` is free."""
+    free = shutil.disk_usage(directory).free
+    by_errno = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if by_errno or (isinstance(error, Exception) and free < needed):
+        return f"it needs about {_size(needed)}, {_size(free)} are free"
+    return ""
 
 
 def _size(count: int) -> str:

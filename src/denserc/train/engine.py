@@ -89,7 +89,7 @@ from tqdm import tqdm
 from ..io import save_tensors
 from ..models import load_state_dict_checked
 from .checkpoint import (WEIGHTS, load_checkpoint, remove_stale_staging, rng_state, save_checkpoint,
-                         set_rng_state)
+                         set_rng_state, space_shortage, tensor_bytes)
 from .config import NONFINITE_POLICIES, ConfigError, accumulation_steps, changed_keys, dump_config
 from ..distributed import DistributedEnv, all_reduce, barrier, gather_objects
 from .metrics import MetricsLogger, MetricsWindow
@@ -104,6 +104,15 @@ NONFINITE_COUNT = "nonfinite_skipped"  # the metric counting steps skipped under
 
 class NonFiniteLossError(RuntimeError):
     """A loss term went NaN or infinite under ``train.on_nonfinite: stop``; nothing was updated from that step."""
+
+
+def restarts_share_the_rendezvous_store() -> bool:
+    """Whether torchrun may restart this group (``--max-restarts`` > 0) and its workers use the agent's store.
+
+    That store outlives a failed group, and the restarted one reads the old group's addresses from it.
+    """
+    return (os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 class Task:
@@ -155,6 +164,10 @@ class Engine:
         if train.on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"train.on_nonfinite: must be one of {list(NONFINITE_POLICIES)}, "
                               f"got {train.on_nonfinite!r}")
+        if env.is_main and restarts_share_the_rendezvous_store():
+            logger.warning("torchrun --max-restarts with its shared rendezvous store: a restarted group can meet the "
+                           "failed group's keys there and hang or fail to connect (pytorch/pytorch#135712); launch "
+                           "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md, Faults)")
         self.accumulation = accumulation_steps(train, env.world_size, env.device.type)
         if env.device.type == "cpu" and train.cpu_threads is not None:
             torch.set_num_threads(train.cpu_threads)  # for this whole process
@@ -394,8 +407,13 @@ class Engine:
             staging = Path(tempfile.mkdtemp(prefix=".final.", dir=self.output_dir))
             try:
                 self.task.export(staging)
-            except BaseException:
+            except BaseException as error:
                 shutil.rmtree(staging, ignore_errors=True)
+                shortage = space_shortage(error, self.output_dir, tensor_bytes(self.task.weights()))
+                if shortage:
+                    raise OSError(f"no space left for the export in {self.output_dir} (the checkpoints are intact): "
+                                  f"{shortage}; free some space and run again with --resume auto, which exports "
+                                  "the last checkpoint") from error
                 raise
             if final.exists():
                 shutil.rmtree(final)
