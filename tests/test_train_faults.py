@@ -316,12 +316,11 @@ def test_on_nonfinite_takes_stop_or_skip(task, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- a killed rank
-# `torchrun --max-restarts 1` runs this once per attempt on each of 2 processes, launched as docs/training.md says:
-# with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, else the restarted group meets keys of the killed one in the agent's
-# store and hangs or fails to connect (pytorch/pytorch#135712; seen here with torch 2.14.1). With a step number, rank 1
-# of the first attempt SIGKILLs itself inside that step's first forward pass (rank 0 is then in the same
-# step, its gradient all-reduce waiting for rank 1); the agent stops the group and starts it again, and
-# `--resume auto` continues from the last checkpoint.
+# torchrun runs this once per attempt on each of 2 processes, launched as docs/training.md says: with
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, else a restarted group meets keys of the failed one in the agent's store and
+# hangs or fails to connect (pytorch/pytorch#135712; seen here with torch 2.14.1). A fault "kill:N" makes rank 1 of
+# the first attempt SIGKILL itself inside step N's first forward pass (rank 0 is then in the same step, its gradient
+# all-reduce waiting for rank 1); "nan:N" makes rank 1's loss NaN in step N (rank 0's stays finite).
 WORKER = textwrap.dedent("""
     import ctypes
     import os
@@ -332,16 +331,26 @@ WORKER = textwrap.dedent("""
     from denserc.cli import main
     from denserc.train.engine import Engine
 
-    kill_at_step, command = int(sys.argv[1]), sys.argv[2:]
-    if kill_at_step and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    (fault, at_step), command = sys.argv[1].split(":"), sys.argv[2:]
+    hooks = {"kill": lambda module, args, output: os.kill(os.getpid(), signal.SIGKILL),
+             "nan": lambda module, args, output: {**output, "loss": output["loss"] * float("nan")}}
+    if fault in hooks and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
         train_step = Engine.train_step
 
-        def dying_train_step(self, micro_batches, epoch, measure_grad_norm=False):
-            if self.step + 1 == kill_at_step:
-                self.task.module.register_forward_hook(lambda *args: os.kill(os.getpid(), signal.SIGKILL))
-            return train_step(self, micro_batches, epoch, measure_grad_norm)
-        Engine.train_step = dying_train_step
-    sys.exit(main(command))
+        def faulty_train_step(self, micro_batches, epoch, measure_grad_norm=False):
+            if self.step + 1 != int(at_step):
+                return train_step(self, micro_batches, epoch, measure_grad_norm)
+            hook = self.task.module.register_forward_hook(hooks[fault])
+            try:
+                return train_step(self, micro_batches, epoch, measure_grad_norm)
+            finally:
+                hook.remove()
+        Engine.train_step = faulty_train_step
+    if fault == "nan":  # let each rank finish its own exit, not be stopped by the agent once the other has ended
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    status = main(command)
+    print(f"rank {os.environ['RANK']} exits with {status}", flush=True)
+    sys.exit(status)
 """)
 # Two processes x 1 image x 2 micro-batches = global batch 4, 6 steps, a checkpoint after each (distillation: 2 steps
 # per epoch x 3 epochs; CAT-Seg: 6 iterations in its one epoch). Rank 1 is killed in step 4, so the group resumes
@@ -365,12 +374,13 @@ def restartable(request, tmp_path_factory) -> tuple[TaskRun, list[str]]:
                    ("catseg_head.safetensors", "clip/open_clip_model.safetensors")), ["iterations=6"]
 
 
-def torchrun(script: Path, kill_at_step: int, arguments: list[str]) -> str:
-    """Run WORKER under `torchrun --standalone --nproc_per_node 2 --max-restarts 1` (a free port, gloo on the
-    CPU); its output. The launch runs in its own process group, killed whole if it outlives the timeout."""
+def torchrun(script: Path, fault: str, arguments: list[str], max_restarts: int = 1) -> tuple[int, str]:
+    """Run WORKER under `torchrun --standalone --nproc_per_node 2 --max-restarts N` (a free port, gloo on the CPU);
+    its exit status and output. The launch runs in its own process group and its workers die with it (WORKER),
+    all killed if it outlives the timeout."""
     process = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-         "1", "--monitor-interval", "0.1", str(script), str(kill_at_step), *arguments],
+         str(max_restarts), "--monitor-interval", "0.1", str(script), fault, *arguments],
         env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -379,8 +389,7 @@ def torchrun(script: Path, kill_at_step: int, arguments: list[str]) -> str:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         pytest.fail(f"torchrun did not finish within {TORCHRUN_TIMEOUT_S} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
-    return output
+    return process.returncode, output
 
 
 @pytest.mark.parametrize("share_store, warned", [("1", False), ("0", True)])
@@ -399,8 +408,11 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_ends_like_the_un
     task, six_steps = restartable
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    torchrun(script, 0, task.arguments(tmp_path / "straight", *six_steps, *TWO_RANKS))
-    output = torchrun(script, KILL_AT_STEP, task.arguments(tmp_path / "killed", *six_steps, *TWO_RANKS))
+    status, output = torchrun(script, "none:0", task.arguments(tmp_path / "straight", *six_steps, *TWO_RANKS))
+    assert status == 0, output[-3000:]
+    status, output = torchrun(script, f"kill:{KILL_AT_STEP}",
+                              task.arguments(tmp_path / "killed", *six_steps, *TWO_RANKS))
+    assert status == 0, output[-3000:]
     assert "failed (exitcode: -9) local_rank: 1" in output, output[-3000:]  # the agent saw the SIGKILL
     resumed = tmp_path / "killed" / "checkpoints" / f"step_{KILL_AT_STEP - 1:09d}"
     assert f"resumed from {resumed} at step {KILL_AT_STEP - 1}" in output, output[-3000:]
@@ -408,3 +420,27 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_ends_like_the_un
     straight_records, killed_records = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "killed")
     assert [r["step"] for r in killed_records] == [r["step"] for r in straight_records] == list(range(1, 7))
     assert [r["loss"] for r in killed_records] == [r["loss"] for r in straight_records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_non_finite_loss_on_one_rank_is_acted_on_by_every_rank(tmp_path, policy):
+    """Rank 1's loss goes NaN in step 3, rank 0's does not: both stop at that step (no rank left waiting in a
+    collective), or both skip it and stay identical."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    output_dir = tmp_path / "run"
+    arguments = DISTILLATION_RUN.arguments(output_dir, "train.epochs=3", f"train.on_nonfinite={policy}", *TWO_RANKS)
+    status, output = torchrun(script, "nan:3", arguments, max_restarts=0)
+    checkpoints = complete_checkpoints(output_dir / "checkpoints")
+    if policy == "stop":
+        assert status != 0
+        error = "denserc train: error: step 3 (epoch 1): the loss went non-finite (loss=nan, averaged over processes)"
+        assert output.count(error) == 2, output[-3000:]  # from each rank (a line may start after rank 0's tqdm bar)
+        assert "rank 0 exits with 2" in output and "rank 1 exits with 2" in output  # rank 0's loss was finite
+        assert [step for step, _ in checkpoints] == [1, 2]
+        return
+    assert status == 0, output[-3000:]
+    assert [r["nonfinite_skipped"] for r in read_metrics(output_dir)] == [0, 0, 1, 1, 1, 1]
+    weights = {step: load_checkpoint(folder)[0] for step, folder in checkpoints}
+    assert all(torch.equal(weights[2][name], weights[3][name]) for name in weights[2])
