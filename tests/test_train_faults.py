@@ -1,7 +1,7 @@
 """Faults at scale (issue 29), each for the distillation task and a downstream one: a damaged checkpoint, a full
-disk while checkpointing and a non-finite loss with F-ViT detection; a rank SIGKILLed under torchrun with CAT-Seg
-(F-ViT's SyncBatchNorm needs GPUs under DDP). The mechanisms live in the engine and the checkpoint module; the
-tests go through the command lines users run."""
+disk while checkpointing (or exporting) and a non-finite loss with F-ViT detection; a rank SIGKILLed under torchrun
+with CAT-Seg (F-ViT's SyncBatchNorm needs GPUs under DDP). A NaN on one rank only: the distillation under torchrun.
+The mechanisms live in the engine and the checkpoint module; the tests go through the command lines users run."""
 import errno
 import logging
 import os
@@ -122,10 +122,12 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+TRUNCATED = rf"has \d+ bytes, {MARKER} recorded \d+"
+ALTERED = f"does not match the SHA-256 {MARKER} recorded"
 DAMAGES = {  # what is done to the newest checkpoint -> the file it names, the complaint
-    "truncated weights": (lambda task: task.weights_file, truncate, r"has \d+ bytes, checkpoint.json recorded \d+"),
-    "truncated trainer state": (lambda task: TRAINER_STATE, truncate, r"has \d+ bytes, checkpoint.json recorded \d+"),
-    "flipped byte": (lambda task: task.weights_file, flip_a_byte, r"does not match the SHA-256 checkpoint.json recorded"),
+    "truncated weights": (lambda task: task.weights_file, truncate, TRUNCATED),
+    "truncated trainer state": (lambda task: TRAINER_STATE, truncate, TRUNCATED),
+    "flipped byte": (lambda task: task.weights_file, flip_a_byte, ALTERED),
 }
 
 

@@ -105,7 +105,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; also at every epoch end
     keep_last: int = 3
-    on_nonfinite: str = "stop"  # a step with a NaN/inf loss term: stop (naming step and term) | skip (no update, counted)
+    on_nonfinite: str = "stop"  # a NaN/inf loss term: stop (naming the step and term) | skip the step (counted)
 
 
 @dataclass
