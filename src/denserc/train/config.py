@@ -31,6 +31,7 @@ from ..models import CONSTRUCTIONS, GATINGS, PRECISIONS
 from ..models.vfm import DEFAULT_VFM
 from .shipped import CONFIG_DIR, available_configs
 
+NONFINITE_POLICIES = ("stop", "skip")  # train.on_nonfinite
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000  # optimizer steps; also at every epoch end
     keep_last: int = 3
+    on_nonfinite: str = "stop"  # a NaN/inf loss term: stop (naming the step and term) | skip the step (counted)
 
 
 @dataclass
