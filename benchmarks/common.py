@@ -274,3 +274,16 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit("usage: python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON (benchmark worker)")
     print(json.dumps(_resolve(sys.argv[1])(**json.loads(sys.argv[2]))))
+
+
+def distillation_engine(raw: dict, env, output_dir):
+    """The engine on the distillation task of the config ``raw`` (nested sections over the schema's defaults,
+    validated as ``denserc train`` validates a file): what every benchmark of the training step runs."""
+    from omegaconf import OmegaConf
+
+    from denserc.engine.loop import Engine
+    from denserc.train.config import Config, validate
+    from denserc.train.trainer import DistillationTask
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+    validate(config)
+    return Engine(DistillationTask(config, env), config, env, output_dir)

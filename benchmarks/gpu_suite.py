@@ -6,7 +6,7 @@
 
 Sections, most wanted first (the time budget may end a run before the last ones):
 
-    distill          the distillation step (``benchmarks.train_step``: a real ``Trainer.train_step``) of ViT-B/16
+    distill          the distillation step (``benchmarks.train_step``: a real ``Engine.train_step``) of ViT-B/16
                      and EVA02-B/16 @1024, batch 4, bf16, activation checkpointing off and on: images/s, peak
                      memory, the 24 GB verdict, the largest phases
     dense-vit-b16    ``encode_dense`` of every variant vs ``encode_image`` (``benchmarks.dense_inference``),
@@ -125,7 +125,7 @@ def sections(dry_run: bool) -> list[Section]:
                        "peak allocated MiB", "peak reserved MiB", "24 GB card", "teacher crops/step",
                        "largest phases (share of the step)")
     distill_about = ("`benchmarks.train_step.run_configuration` in a fresh process per row: a real "
-                     "`Trainer.train_step` (multi-v/hsg, VFM {vfm}, generated images); warm-up steps: {warmup}; "
+                     "`Engine.train_step` (multi-v/hsg, VFM {vfm}, generated images); warm-up steps: {warmup}; "
                      "then {steps} steps timed end to end (images/s, peak CUDA memory) and {steps} more with a "
                      "synchronize per phase (the phase shares).")
     dense_headers = ("size", "precision", "compile", "call", "first call s", "median ms", "images/s",
@@ -370,7 +370,8 @@ def measure_fvit(*, device: torch.device, cache: dict, model: str, size: int, co
     from denserc.detect.detector import Detector
     from denserc.detect.model import FViT
     from denserc.detect.task import DetectionTask
-    from denserc.train import Engine, setup_distributed
+    from denserc.distributed import setup_distributed
+    from denserc.engine import Engine
     if "folder" not in cache:
         cache["folder"] = tempfile.TemporaryDirectory()
         cache["annotations"] = write_detection_data(Path(cache["folder"].name), images, 640, 480)
@@ -431,7 +432,8 @@ def measure_catseg(*, device: torch.device, cache: dict, model: str, step: str, 
     from denserc.catseg.task import CATSegTask
     from denserc.eval.text import load_class_names
     from denserc.models import get_tokenizer
-    from denserc.train import Engine, setup_distributed
+    from denserc.distributed import setup_distributed
+    from denserc.engine import Engine
     env = setup_distributed(str(device))
     if "task" not in cache:
         cache["folder"] = tempfile.TemporaryDirectory()

@@ -5,7 +5,7 @@ DenseRC's Table 5 starts from. This benchmark runs its real training step from a
 ``--clipself PATH`` (nothing of it is copied here): ``training.train.train_one_epoch`` over one batch,
 with ``training.clipself.CLIPSelf`` as the method, its open_clip fork's ``ViT-B-16`` as student and
 teacher (``dist_model``), its AdamW groups and ``cosine_lr`` schedule as its ``training/main.py``
-builds them. Beside it run DenseRC's ``Trainer.train_step`` with ``x+v`` (CLIPSelf's construction: the
+builds them. Beside it run DenseRC's ``Engine.train_step`` with ``x+v`` (CLIPSelf's construction: the
 same method, so the ratio isolates the implementation) and with the default ``multi-v/hsg``.
 
 Identical work per step: the same open_clip ViT config with random weights, ``--size`` px images,
@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from .common import environment, markdown_table, paired_ratios, peak_rss_mib, quartiles, setup
+from .common import distillation_engine, environment, markdown_table, paired_ratios, peak_rss_mib, quartiles, setup
 
 CLIPSELF = "CLIPSelf"
 OURS = {"DenseRC x+v": ("x+v", "none"), "DenseRC multi-v/hsg": ("multi-v", "hsg")}
@@ -200,14 +200,13 @@ class _Loader(list):
 
 def build_ours(*, construction: str, gating: str, model: str, size: int, batch: int, grid: int, batches: int,
                output_dir: str, weights_file: str, **_):
-    """DenseRC's ``Trainer.train_step`` as ``step()`` -> phase seconds, on a fixed grid and without a VFM,
+    """DenseRC's ``Engine.train_step`` as ``step()`` -> phase seconds, on a fixed grid and without a VFM,
     from the CLIPSelf worker's initial weights."""
     import denserc.train.trainer
     from denserc.data import grid_boxes
     from denserc.distributed import DistributedEnv
     from denserc.models.convert import convert_checkpoint
     from denserc.models.serialization import CLIP_WEIGHTS
-    from denserc.train.config import from_dict
     from torch.utils.data import default_collate
 
     # only the CLIP weights file is read from the folder; the trainer builds its own construction on it
@@ -217,15 +216,15 @@ def build_ours(*, construction: str, gating: str, model: str, size: int, batch: 
     # every image gets the same grid (the benchmark's identical work), not a random one
     denserc.train.trainer.sample_grid_boxes = lambda indices, sizes, **_: [
         grid_boxes(grid, grid, height, width) for height, width in torch.as_tensor(sizes).tolist()]
-    config = from_dict({
+    raw = {
         "model": {"name": model, "pretrained": converted, "construction": construction, "gating": gating},
         "loss": {"coherence_weight": 0.0},
         "data": {"type": "generated", "num_images": batches * batch, "image_size": size, "num_workers": 0},
         "train": {"global_batch_size": batch, "batch_size": batch, "precision": "fp32", "device": "cpu",
                   "log_every": 10 ** 9},
-    })
+    }
     env = DistributedEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer = denserc.train.trainer.Trainer(config, env, output_dir)
+    trainer = distillation_engine(raw, env, output_dir)
     task = trainer.task
     data = [default_collate([task.dataset[i] for i in range(k * batch, (k + 1) * batch)]) for k in range(batches)]
 

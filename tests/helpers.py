@@ -32,3 +32,10 @@ def variant(model, **settings):
     if other.gate is not None:
         randomize_(other.gate, seed=3)
     return other
+
+
+def distillation_engine(config, env, output_dir):
+    """The engine running the distillation task of ``config`` (what ``denserc train`` runs)."""
+    from denserc.engine.loop import Engine
+    from denserc.train.trainer import DistillationTask
+    return Engine(DistillationTask(config, env), config, env, output_dir)

@@ -1,4 +1,4 @@
-"""The training-step benchmark reads its phases off a real Trainer.train_step (guards against trainer changes)."""
+"""The training-step benchmark reads its phases off a real Engine.train_step (guards against trainer changes)."""
 import math
 import sys
 import time

@@ -12,10 +12,11 @@ from denserc_testbed import catseg_run
 from denserc_testbed.coco import write_split
 from denserc_testbed.evaluation import CLASS_NAMES_FILE, prepare_split
 from denserc_testbed.vocabulary import CATEGORIES
-from denserc.train import Engine, setup_distributed
-from denserc.train.checkpoint import complete_checkpoints
-from denserc.train.config import ConfigError
-from denserc.train.metrics import read_metrics
+from denserc.engine import Engine
+from denserc.distributed import setup_distributed
+from denserc.engine.checkpoint import complete_checkpoints
+from denserc.engine.config import ConfigError
+from denserc.engine.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_bad_configs_name_the_key(testbed_root, tmp_path, capsys):
 
 def test_default_batch_is_one_image_per_forward_accumulated_to_cat_segs_four():
     """CAT-Seg's global batch 4 (4 GPUs x 1 image); one image per forward fits a 24 GB device (docs/segmentation.md)."""
-    from denserc.train.config import accumulation_steps
+    from denserc.engine.config import accumulation_steps
     for name in ("catseg_vitb16", "catseg_vitl14"):
         train = load_config(name, ["data.root=/data/coco-stuff"]).train
         assert (train.batch_size, train.global_batch_size) == (1, 4)
@@ -152,7 +153,8 @@ def test_examples_name_folders_that_a_command_writes():
     import re
     from denserc.catseg.cli import EXAMPLES
     from denserc.catseg.defaults import CONFIG_DIR
-    from denserc.train.shipped import available_configs
+    from denserc.engine.shipped import available_configs
+    from denserc.train.shipped import CONFIG_DIR as TRAINING_CONFIGS
     texts = [EXAMPLES, *(path.read_text() for path in CONFIG_DIR.glob("*.yaml"))]
     named = {name for text in texts for name in re.findall(r"runs/([\w-]+)/final", text)}
-    assert named and named <= set(available_configs()) | set(available_configs(CONFIG_DIR))
+    assert named and named <= set(available_configs(TRAINING_CONFIGS)) | set(available_configs(CONFIG_DIR))

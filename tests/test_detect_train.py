@@ -9,8 +9,9 @@ from denserc.detect.run import evaluate_detector
 from denserc.detect.task import DetectionTask
 from denserc_testbed import write_split
 from denserc_testbed.detection import PROTOCOL
-from denserc.train import Engine, resume_checkpoint, setup_distributed
-from denserc.train.checkpoint import complete_checkpoints
+from denserc.engine import Engine, resume_checkpoint
+from denserc.distributed import setup_distributed
+from denserc.engine.checkpoint import complete_checkpoints
 
 SMALL = ["model.rpn_pre_nms=100", "model.rpn_post_nms=50", "model.roi_samples=16", "train.log_every=1",
          "optim.warmup_steps=2", "train.keep_last=5"]

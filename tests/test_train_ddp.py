@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from denserc.cli import main
-from denserc.train import Trainer, load_config, setup_distributed
-from denserc.train.metrics import read_metrics
+from denserc.train import load_config, setup_distributed
+from denserc.engine.metrics import read_metrics
+
+from helpers import distillation_engine
 
 pytestmark = pytest.mark.slow  # a 2-process torchrun launch
 
@@ -26,19 +28,22 @@ WORKER = textwrap.dedent("""
     import sys
     import torch
     from denserc.cli import main
-    from denserc.train import Trainer, load_config, setup_distributed
+    from denserc.engine.loop import Engine
+    from denserc.train import load_config, setup_distributed
+    from denserc.train.trainer import DistillationTask
 
     output, command = sys.argv[1], sys.argv[2:]
     overrides = [a for a in command[2:] if not a.startswith("train.output_dir=")]
     env = setup_distributed("cpu")
-    trainer = Trainer(load_config("smoke", overrides), env, output)
+    config = load_config("smoke", overrides)
+    trainer = Engine(DistillationTask(config, env), config, env, output)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader()))
     gradients = {}
     trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradients.update(
-        {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}))
+        {n: p.grad.clone() for n, p in trainer.task.student.named_parameters() if p.grad is not None}))
     trainer.train_step([batch], epoch=0)
-    weights = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in trainer.task.student.named_parameters()}
     torch.save({"batch": batch, "gradients": gradients, "weights": weights}, f"{output}/rank{env.rank}.pt")
     sys.exit(main(command))
 """)
@@ -61,13 +66,13 @@ def ddp_run(tmp_path_factory):
 
 def single_process_step(tmp_path, batch):
     """Gradients and weights after one step of a fresh single-process trainer on ``batch``."""
-    trainer = Trainer(load_config("smoke", [*TINY_RUN, "train.global_batch_size=2"]), setup_distributed("cpu"),
+    trainer = distillation_engine(load_config("smoke", [*TINY_RUN, "train.global_batch_size=2"]), setup_distributed("cpu"),
                       tmp_path / "single")
     gradients = {}
     trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradients.update(
-        {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}))
+        {n: p.grad.clone() for n, p in trainer.task.student.named_parameters() if p.grad is not None}))
     trainer.train_step([batch], epoch=0)
-    return gradients, {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    return gradients, {n: p.detach().clone() for n, p in trainer.task.student.named_parameters()}
 
 
 def test_one_ddp_step_averages_gradients_and_keeps_ranks_identical(ddp_run, tmp_path):

@@ -22,13 +22,15 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from denserc.catseg.task import CATSegTask
 from denserc.cli import main
 from denserc.detect.task import DetectionTask
-from denserc.train import Trainer, load_config, setup_distributed
-from denserc.train.checkpoint import (MARKER, TRAINER_STATE, DamagedCheckpointError, complete_checkpoints,
+from denserc.train import load_config, setup_distributed
+from denserc.engine.checkpoint import (MARKER, TRAINER_STATE, DamagedCheckpointError, complete_checkpoints,
                                       load_checkpoint, resume_checkpoint, save_checkpoint, verify_checkpoint)
-from denserc.train.metrics import read_metrics
+from denserc.engine.metrics import read_metrics
 from denserc.train.trainer import DistillationTask
 from denserc_testbed import catseg_run, write_split
 from denserc_testbed.evaluation import CLASS_NAMES_FILE, prepare_split
+
+from helpers import distillation_engine
 
 # Both runs: 1 epoch, global batch 2 = 1 image x 2 accumulated micro-batches, a checkpoint after every step
 EVERY_STEP = ["train.epochs=1", "train.global_batch_size=2", "train.batch_size=1", "train.log_every=1",
@@ -331,7 +333,7 @@ WORKER = textwrap.dedent("""
 
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the agent (workers have their own session)
     from denserc.cli import main
-    from denserc.train.engine import Engine
+    from denserc.engine.loop import Engine
 
     (fault, at_step), command = sys.argv[1].split(":"), sys.argv[2:]
     hooks = {"kill": lambda module, args, output: os.kill(os.getpid(), signal.SIGKILL),
@@ -400,7 +402,7 @@ def test_restarts_with_torchrun_s_shared_store_are_warned_of(tmp_path, monkeypat
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False" if share_store == "1" else "True")
     with caplog.at_level(logging.WARNING, logger="denserc"):
-        Trainer(load_config("smoke", [*DISTILLATION, *EVERY_STEP]), setup_distributed("cpu"), tmp_path)
+        distillation_engine(load_config("smoke", [*DISTILLATION, *EVERY_STEP]), setup_distributed("cpu"), tmp_path)
     assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text) == warned, caplog.text
 
 

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 import denserc
 from denserc.data import grid_boxes
 from denserc.models import normalize_images
-from denserc.models.teacher import Teacher, crop_and_resize, letterbox_crops
-from denserc.models.vfm import VFM
+from denserc.train.teacher import Teacher, crop_and_resize, letterbox_crops
+from denserc.train.vfm import VFM
 
 TINY_VFM = {"depth": 1, "embed_dim": 24, "num_heads": 2}
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from denserc.cli import main
-from denserc.train.checkpoint import complete_checkpoints
-from denserc.train.metrics import read_metrics
+from denserc.engine.checkpoint import complete_checkpoints
+from denserc.engine.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # whole training runs, one of them killed and resumed
 

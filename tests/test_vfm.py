@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from denserc.models.vfm import VFM
+from denserc.train.vfm import VFM
 
 TINY_VFM = {"depth": 1, "embed_dim": 24, "num_heads": 2}
 

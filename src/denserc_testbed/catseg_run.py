@@ -27,7 +27,7 @@ from denserc.catseg.export import load_catseg
 from denserc.catseg.task import CATSegTask
 from denserc.io import atomic_write, save_json
 from denserc.distributed import cleanup_distributed, setup_distributed
-from denserc.train.engine import Engine
+from denserc.engine.loop import Engine
 from .coco import write_split
 from .evaluation import CLASS_NAMES_FILE, DATASET, TRAIN_SPLIT, prepare_split
 from .settings import CATSEG_TRAIN_IMAGES, COMPARED_CLIPS, EVAL_IMAGES, EVAL_SEED

@@ -72,7 +72,8 @@ def run(backbones: Sequence[str], output: str | Path = "runs/testbed_detect", nu
     from denserc.detect.config import load_detect_config
     from denserc.detect.detector import load
     from denserc.detect.run import evaluate_detector
-    from denserc.detect.task import train_detector
+    from denserc.detect.task import DetectionTask
+    from denserc.engine.loop import Engine
     from denserc.distributed import cleanup_distributed, setup_distributed
 
     output = Path(output)
@@ -90,7 +91,7 @@ def run(backbones: Sequence[str], output: str | Path = "runs/testbed_detect", nu
         try:
             start = time.time()
             with logging_redirect_tqdm():
-                final = train_detector(config, env, run_dir, resume=None)
+                final = Engine(DetectionTask(config, env), config, env, run_dir).fit()
             minutes = (time.time() - start) / 60
         finally:
             cleanup_distributed()

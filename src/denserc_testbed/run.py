@@ -20,7 +20,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from denserc.distributed import cleanup_distributed, setup_distributed
 from denserc.io import atomic_write, save_json
 from denserc.models import TABLE5_VARIANTS, create_model, get_tokenizer, load
-from denserc.train import load_config, train
+from denserc.engine.loop import Engine
+from denserc.train import load_config
+from denserc.train.trainer import DistillationTask
 
 from .crops import ScenePool
 from .evaluation import evaluate, prepare_split
@@ -71,7 +73,7 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
             env = setup_distributed(config.train.device)
             try:
                 with logging_redirect_tqdm():
-                    final = train(config, env, run_dir)
+                    final = Engine(DistillationTask(config, env), config, env, run_dir).fit()
             finally:
                 cleanup_distributed()
             train_seconds = time.time() - started

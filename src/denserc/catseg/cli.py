@@ -21,7 +21,7 @@ see docs/segmentation.md (trained protocol)
 
 
 def register(subparsers) -> None:
-    from ..train.shipped import available_configs
+    from ..engine.shipped import available_configs
     from .defaults import BENCHMARKS, CONFIG_DIR
     parser = subparsers.add_parser("catseg", help="CAT-Seg: trained open-vocabulary segmentation on a (DenseRC) CLIP",
                                    description="Train CAT-Seg on a CLIP and evaluate it (the paper's A-847 / PC-459 / "
@@ -62,21 +62,16 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..distributed import run_training_command
-    from ..train.checkpoint import resume_checkpoint
-    from ..train.config import dump_config
-    from ..train.engine import Engine
+    from ..engine.config import dump_config
+    from ..engine.launch import run
     from .config import load_config
     from .task import CATSegTask
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    def fit(env, output_dir):
-        checkpoint = resume_checkpoint(output_dir, args.resume, env)
-        return Engine(CATSegTask(config, env), config, env, output_dir).fit(checkpoint)
-
-    env, final = run_training_command(config, args.config, fit)  # bad config, data or weights: cli.main says so
+    # bad config, data or weights: cli.main says so
+    env, final = run(lambda env: CATSegTask(config, env), config, args.config, args.resume)
     if env.is_main:
         print(f"denserc catseg train: done; segmenter in {final} (denserc catseg eval --model {final} ...)")
     return 0

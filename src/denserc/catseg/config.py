@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.config import ConfigError, OptimConfig, TrainConfig, load_structured
-from ..train.config import available_configs as _available
+from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, load_structured
+from ..engine.shipped import available_configs as _available
 from .defaults import CONFIG_DIR
 from .model import HeadConfig
 
@@ -82,6 +82,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 
 
 def _validate(config: CATSegConfig) -> None:
+    check_training(config)
     problems = []
     if config.data.root is None:
         problems.append("data.root is required (the training dataset's folder)")

@@ -1,4 +1,4 @@
-"""CAT-Seg training as a task on the library's training engine (``denserc.train.engine``).
+"""CAT-Seg training as a task on the library's training engine (``denserc.engine.loop``).
 
 The engine brings processes, accumulation, autocast, DDP, AdamW with the cosine schedule, gradient
 clipping, checkpoints with exact resume, metrics and the atomic export; this module says what trains:
@@ -24,9 +24,9 @@ from torch import nn
 from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..eval.text import load_class_names
 from ..models import PEER_PATHS, from_spec, get_tokenizer, load_state_dict_checked, normalize_images
-from ..train.config import ConfigError
+from ..engine.config import ConfigError
 from ..distributed import DistributedEnv
-from ..train.engine import Task
+from ..engine.loop import Task
 from .config import CATSegConfig
 from .data import Repeated, TrainingCrops, training_label_map
 from .defaults import DATASET_LAYOUT

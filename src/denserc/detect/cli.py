@@ -72,16 +72,15 @@ def register(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..distributed import run_training_command
-    from ..train.config import dump_config
+    from ..engine.config import dump_config
+    from ..engine.launch import run
     from .config import load_detect_config
     config = load_detect_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    from .task import train_detector
-    env, final = run_training_command(config, args.config, lambda env, output_dir: train_detector(
-        config, env, output_dir, args.resume))
+    from .task import DetectionTask
+    env, final = run(lambda env: DetectionTask(config, env), config, args.config, args.resume)
     if not env.is_main:
         return 0
     print(f"denserc detect train: done; detector in {final} (load with denserc.detect.load('{final}'))")

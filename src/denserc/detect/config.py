@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ..train import config as train_config
-from ..train.config import ConfigError, OptimConfig, TrainConfig
+from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, load_structured
+from ..engine.shipped import available_configs as _available
 from .model import DetectorConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -76,13 +76,14 @@ class DetectConfig:
 
 
 def available_configs() -> list[str]:
-    return train_config.available_configs(CONFIG_DIR)
+    return _available(CONFIG_DIR)
 
 
 def load_detect_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> DetectConfig:
     """The training engine's ``load_structured`` on this schema (``base:`` chains, typed overrides), then
     the ranges the types do not express."""
-    config = train_config.load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
+    config = load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
+    check_training(config)
     if len(config.model.taps) != 4:
         raise ConfigError(f"model.taps must list 4 block indices, got {config.model.taps}")
     if config.data.image_size <= 0:

@@ -1,4 +1,4 @@
-"""Detection training as a task on the library's training engine (``denserc.train.engine``).
+"""Detection training as a task on the library's training engine (``denserc.engine.loop``).
 
 The engine owns the run (accumulation to the global batch, autocast, DDP, AdamW + warm-up, clipping,
 atomic checkpoints, exact resume, metrics, progress, export); this task says what trains:
@@ -10,14 +10,13 @@ atomic checkpoints, exact resume, metrics, progress, export); this task says wha
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..distributed import DistributedEnv
-from ..train.engine import Task
+from ..engine.loop import Task
 from .config import DetectConfig
 from .data import DetectionDataset, augment, collate_samples, normalisation
 from .detector import build_heads, build_tower, save_detector
@@ -64,12 +63,3 @@ class DetectionTask(Task):
         return (f"F-ViT heads ({sum(p.numel() for p in self.module.parameters()):,} parameters) on frozen "
                 f"{self.tower.model_name}, {self.config.data.protocol}: {len(self.split.base_ids)} base / "
                 f"{len(self.split.novel_ids)} novel classes")
-
-
-def train_detector(config: DetectConfig, env: DistributedEnv, output_dir: str | os.PathLike,
-                   resume: str | None = None) -> Path:
-    """Train on the engine (``resume``: None, "auto" or a checkpoint folder); returns the export folder."""
-    from ..train.checkpoint import resume_checkpoint
-    from ..train.engine import Engine
-    engine = Engine(DetectionTask(config, env), config, env, output_dir)
-    return engine.fit(resume_checkpoint(output_dir, resume, env))

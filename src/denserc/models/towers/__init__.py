@@ -28,9 +28,9 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
-from .base import Tower, UnsupportedModelError, resample_pos_embed, run_block
+from .base import Tower, UnsupportedModelError, Workspace, resample_pos_embed, run_block
 from .eva import EvaTower
-from .openai import OpenCLIPTower, text_attention_weights
+from .openai import OpenCLIPTower, run_open_clip_block_into, text_attention_weights
 from .timm_vit import TimmViTTower, attention_pool_one_token
 
 SUPPORTED_FAMILIES = (
@@ -66,4 +66,5 @@ def tower_for(clip: nn.Module, model_name: str) -> "Tower":
 
 
 __all__ = ["SUPPORTED_FAMILIES", "EvaTower", "OpenCLIPTower", "TimmViTTower", "Tower", "UnsupportedModelError",
-           "attention_pool_one_token", "resample_pos_embed", "run_block", "text_attention_weights", "tower_for"]
+           "Workspace", "attention_pool_one_token", "resample_pos_embed", "run_block", "run_open_clip_block_into",
+           "text_attention_weights", "tower_for"]

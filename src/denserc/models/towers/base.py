@@ -42,6 +42,41 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], native_grid
                                   num_prefix_tokens=num_prefix_tokens, interpolation="bicubic", antialias=False)
 
 
+class Workspace:
+    """Output buffers reused by every block of one teacher call (inference only: nothing keeps a block's outputs).
+
+    A fresh tensor wider than glibc's mmap threshold (32 MiB at most) is new pages from the kernel on
+    every call, and the first write to each page faults: on this project's CPU that made a ViT-B
+    linear with a fresh (6304, 3072) output 16% slower than the same GEMM into a reused one
+    (benchmarks/RESULTS.md section 6). One buffer per role, sized by the first (largest) chunk.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, columns: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if (buffer is None or buffer.shape[0] < rows or buffer.shape[1] != columns or buffer.dtype != dtype
+                or buffer.device != like.device):
+            buffer = self.buffers[name] = torch.empty(rows, columns, dtype=dtype, device=like.device)
+        return buffer[:rows]
+
+
+def _linear_into(workspace: Workspace, name: str, x: torch.Tensor, linear_weight: torch.Tensor,
+                 linear_bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` of 2-D ``x`` written into the workspace's ``name`` buffer.
+
+    Under autocast the operands are cast as autocast casts ``F.linear``'s (``out=`` calls are not autocast).
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, linear_weight = x.to(dtype), linear_weight.to(dtype)
+    out = workspace.get(name, x.shape[0], linear_weight.shape[0], x, dtype)
+    if linear_bias is None:
+        return torch.mm(x, linear_weight.t(), out=out)
+    return torch.addmm(linear_bias.to(dtype), x, linear_weight.t(), out=out)
+
+
 class Tower(abc.ABC):
     """What dense construction needs from one family's image tower.
 
@@ -143,6 +178,12 @@ class Tower(abc.ABC):
         tokens as queries, keys and values from all tokens."""
         q, k, v = self.queries_keys_values(block, u, rope, count)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    def run_block_inference(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
+                            workspace: Workspace) -> torch.Tensor:
+        """``run_block(block, x, rope)`` for a frozen pass (the teacher): a family may write the block's
+        outputs into ``workspace``'s reused buffers instead of fresh tensors."""
+        return run_block(block, x, rope)
 
     def run_block_leading(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None,
                           count: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from .base import Tower, _mha_queries_keys_values, resample_pos_embed
+from .base import Tower, Workspace, _linear_into, _mha_queries_keys_values, resample_pos_embed, run_block
 
 
 class OpenCLIPTower(Tower):
@@ -95,6 +95,14 @@ class OpenCLIPTower(Tower):
         return [(f"transformer.resblocks.{i}.attn.in_proj_weight", block.attn.in_proj_weight,
                  slice(self.width, 2 * self.width)) for i, block in enumerate(self.blocks)]
 
+    def run_block_inference(self, block: ResidualAttentionBlock, x: torch.Tensor, rope: None,
+                            workspace: Workspace) -> torch.Tensor:
+        """Without autograd, every linear of open_clip's own block writes into ``workspace``
+        (``run_open_clip_block_into``); with autograd, or another block type, ``run_block``."""
+        if type(block) is ResidualAttentionBlock and not torch.is_grad_enabled():
+            return run_open_clip_block_into(block, x, workspace)
+        return run_block(block, x, rope)
+
     def attention_out(self, block: ResidualAttentionBlock, values: torch.Tensor) -> torch.Tensor:
         return block.ls_1(block.attn.out_proj(values))
 
@@ -134,3 +142,29 @@ def text_attention_weights(clip: nn.Module) -> list[tuple[str, nn.Parameter, sli
             weights.append((f"{prefix}.resblocks.{i}.attn.in_proj_weight", attn.in_proj_weight,
                             slice(width, 2 * width)))
     return weights
+
+
+def run_open_clip_block_into(block: ResidualAttentionBlock, x: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """``run_block(block, x)`` without autograd, every linear's output (q/k/v, attention projection, MLP
+    hidden and output) and the heads' concatenation written into ``workspace``, the MLP's GELU and the second
+    residual add applied in place."""
+    attn = block.attn
+    batch, tokens, width = x.shape
+    heads = attn.num_heads
+    u = block.ln_1(x).reshape(batch * tokens, width)
+    qkv = _linear_into(workspace, "qkv", u, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(q, k, v)
+    values = workspace.get("values", batch * tokens, width, attended, attended.dtype)
+    values.view(batch, tokens, heads, width // heads).copy_(attended.transpose(1, 2))
+    out = _linear_into(workspace, "attn_out", values, attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out.view(batch, tokens, width))  # x is new here: the caller's tokens stay as they were
+    h = block.ln_2(x).reshape(batch * tokens, width)
+    for name, layer in block.mlp.named_children():
+        if isinstance(layer, nn.Linear):
+            h = _linear_into(workspace, f"mlp.{name}", h, layer.weight, layer.bias)
+        elif isinstance(layer, nn.GELU):
+            h = torch._C._nn.gelu_(h, approximate=layer.approximate)
+        else:
+            h = layer(h)
+    return x.add_(block.ls_2(h.view(batch, tokens, -1)))

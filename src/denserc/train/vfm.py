@@ -17,8 +17,8 @@ from timm.models import is_model, split_model_name_tag
 from torch import nn
 
 from ..plugins import load_plugins
-from . import hub
-from .preprocess import normalize_images
+from ..models import hub
+from ..models import normalize_images
 
 DEFAULT_VFM = "vit_base_patch14_reg4_dinov2"
 

@@ -176,7 +176,9 @@ class Engine:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the dataset has {dataset_size} images, fewer than one global batch "
                               f"(train.global_batch_size={train.global_batch_size})")
-        self.total_steps = self.steps_per_epoch * train.epochs
+        self.total_steps = self.steps_per_epoch * train.epochs  # the schedule's length
+        # where this run stops: the schedule's end, or ``train.max_steps`` (a quick check keeps the schedule)
+        self.last_step = self.total_steps if train.max_steps is None else min(train.max_steps, self.total_steps)
         self.sampler = ResumableDistributedSampler(
             dataset_size, self.steps_per_epoch * train.global_batch_size,
             world_size=env.world_size, rank=env.rank, seed=train.seed)
@@ -298,18 +300,20 @@ class Engine:
             remove_stale_staging(self.checkpoint_dir)
             self._describe()
         metrics = MetricsLogger(self.output_dir, start_step=self.step) if self.env.is_main else None
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="denserc train", unit="step",
+        progress = tqdm(total=self.last_step, initial=self.step, desc="denserc train", unit="step",
                         disable=not self.env.is_main, dynamic_ncols=True)
         window = MetricsWindow()
         try:
             for epoch in range(self.epoch, train.epochs):
+                if self.step >= self.last_step:
+                    break
                 self.sampler.set_epoch(epoch, self.samples_done)
                 micro_batches = []
                 for batch in self.loader():
                     micro_batches.append(batch)
                     if len(micro_batches) < self.accumulation:
                         continue
-                    logging_step = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.total_steps
+                    logging_step = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.last_step
                     window.add(self.train_step(micro_batches, epoch, measure_grad_norm=logging_step))
                     micro_batches = []
                     self.step += 1
@@ -317,10 +321,14 @@ class Engine:
                     progress.update(1)
                     if logging_step:
                         self._log(window, metrics, progress, epoch)
-                    if self.step % train.checkpoint_every == 0:
+                    stopping = self.step == self.last_step < self.total_steps  # train.max_steps reached
+                    if self.step % train.checkpoint_every == 0 or stopping:
                         self.save()
-                self.epoch, self.samples_done = epoch + 1, 0
-                self.save()
+                    if stopping:
+                        break  # the checkpoint above resumes mid-epoch
+                else:
+                    self.epoch, self.samples_done = epoch + 1, 0
+                    self.save()
         finally:
             progress.close()
             if metrics is not None:
