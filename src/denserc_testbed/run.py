@@ -29,8 +29,10 @@ from .evaluation import evaluate, prepare_split
 from .settings import EVAL_IMAGES, EVAL_SEED, SCHEDULES
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 
-METRICS = (("boxes_top1", "boxes"), ("thing_boxes_top1", "thing boxes"), ("thing_masks_top1", "thing masks"),
-           ("stuff_masks_top1", "stuff masks"), ("mIoU", "mIoU"), ("crop_things_top1", "global: object crops"))
+# Thing boxes first: the paper's "Boxes" (CLIPSelf's protocol classifies the boxes of things); "all boxes" mixes in
+# the stuff segments, almost half of the testbed's.
+METRICS = (("thing_boxes_top1", "thing boxes"), ("thing_masks_top1", "thing masks"), ("stuff_masks_top1", "stuff masks"),
+           ("boxes_top1", "all boxes"), ("mIoU", "mIoU"), ("crop_things_top1", "global: object crops"))
 
 
 def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Path = "runs/testbed",
