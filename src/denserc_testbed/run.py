@@ -29,6 +29,11 @@ from .evaluation import evaluate, prepare_split
 from .settings import EVAL_IMAGES, EVAL_SEED, SCHEDULES
 from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 
+# What each runnable variant distils: Table 5's rows, and DeCLIP's dual-stream recipe (declip_eva02_b16_coco's
+# content and context streams and loss weights, at the testbed's size): the paper's single- vs dual-stream
+# comparison. name -> (construction, gating, config overrides)
+VARIANTS = {**{name: (construction, gating, ()) for name, (construction, gating) in TABLE5_VARIANTS.items()},
+            "declip": ("v", "declip", ("loss.coherence_features=queries", "loss.coherence_weight=0.1"))}
 # Thing boxes first: the paper's "Boxes" (CLIPSelf's protocol classifies the boxes of things); "all boxes" mixes in
 # the stuff segments, almost half of the testbed's.
 METRICS = (("thing_boxes_top1", "thing boxes"), ("thing_masks_top1", "thing masks"), ("stuff_masks_top1", "stuff masks"),
@@ -42,10 +47,10 @@ def run(schedule: str = "short", variants=("hsg",), seeds=(0,), output: str | Pa
     ``threads`` sets torch's CPU threads: on a 2-core machine shared with other jobs, one thread runs
     a step several (up to ~25) times faster than two, which stall each other.
     """
-    unknown = [v for v in variants if v not in TABLE5_VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown or schedule not in SCHEDULES:
         raise ValueError(f"unknown variant(s) {unknown} or schedule {schedule!r}; variants: "
-                         f"{list(TABLE5_VARIANTS)}, schedules: {list(SCHEDULES)}")
+                         f"{list(VARIANTS)}, schedules: {list(SCHEDULES)}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -60,8 +65,8 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
     tokenizer = get_tokenizer(MODEL_NAME)
     records = []
     for variant in variants:
-        construction, gating = TABLE5_VARIANTS[variant]
-        settings = [f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null"]
+        construction, gating, recipe = VARIANTS[variant]
+        settings = [f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null", *recipe]
         image_size = load_config(SCHEDULES[schedule], [*settings, *overrides]).data.image_size
         before = evaluate(create_model(MODEL_NAME, PRETRAINED_TAG, construction=construction, gating=gating),
                           tokenizer, root, crops, image_size)
