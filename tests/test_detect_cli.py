@@ -125,7 +125,7 @@ def _record_settings(detector, seen):
 
 
 def test_transfer_protocols_run_with_clipselfs_transfer_head_settings_then_restore(exported_detector, coco_images):
-    from denserc.detect.run import evaluate_detector
+    from denserc.detect.validation import evaluate_detector
     detector, seen = load(exported_detector), []
     _record_settings(detector, seen)
     report, _ = evaluate_detector(detector, *coco_images, "coco", progress=False)

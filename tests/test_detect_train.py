@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from denserc.detect import load
 from denserc.detect.config import load_detect_config
-from denserc.detect.run import evaluate_detector
+from denserc.detect.validation import evaluate_detector
 from denserc.detect.task import DetectionTask
 from denserc_testbed import write_split
 from denserc_testbed.detection import PROTOCOL

@@ -32,7 +32,6 @@ from .coco import write_split
 from .evaluation import CLASS_NAMES_FILE, DATASET, TRAIN_SPLIT, prepare_split
 from .settings import CATSEG_TRAIN_IMAGES, COMPARED_CLIPS, EVAL_IMAGES, EVAL_SEED
 from .scenes import SceneConfig
-from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 from .vocabulary import CATEGORIES, COLOURS, PATTERNS, STUFF_ID, THING_ID, label_of
 
 CONFIG = Path(__file__).parent / "catseg_testbed.yaml"

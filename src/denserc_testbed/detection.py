@@ -71,7 +71,7 @@ def run(backbones: Sequence[str], output: str | Path = "runs/testbed_detect", nu
     """Train and evaluate F-ViT on each backbone; one record per backbone (also in results.json)."""
     from denserc.detect.config import load_detect_config
     from denserc.detect.detector import load
-    from denserc.detect.run import evaluate_detector
+    from denserc.detect.validation import evaluate_detector
     from denserc.detect.task import DetectionTask
     from denserc.engine.loop import Engine
     from denserc.distributed import cleanup_distributed, setup_distributed

@@ -88,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         from ..io import save_json
         from .detector import load
         from .evaluation import markdown_row
-        from .run import evaluate_detector
+        from .validation import evaluate_detector
         report, _ = evaluate_detector(load(final, env.device), config.data.val_annotations, config.data.val_images,
                                       config.data.protocol, max_images=config.data.max_val_images)
         save_json(report, final.parent / "eval.json")
@@ -111,7 +111,7 @@ def run_eval(args: argparse.Namespace) -> int:
         settings = _inference_settings(args.overrides)
         from ..distributed import resolve_device
         from .detector import load
-        from .run import evaluate_detector
+        from .validation import evaluate_detector
         detector = load(args.detector, resolve_device(args.device))
         report, detections = evaluate_detector(detector, args.annotations, args.images, args.protocol,
                                                batch_size=args.batch_size, max_images=args.max_images,
