@@ -23,6 +23,7 @@ from denserc.models import TABLE5_VARIANTS, create_model, get_tokenizer, load
 from denserc.engine.loop import Engine
 from denserc.train import load_config
 from denserc.train.trainer import DistillationTask
+from denserc.reports import markdown_table
 
 from .crops import ScenePool
 from .evaluation import evaluate, prepare_split
@@ -95,22 +96,20 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
 
 def format_table(records: list[dict]) -> str:
     """Markdown: one row per variant, ``before -> after`` per metric (after: mean +- std over seeds)."""
-    header = "| variant | " + " | ".join(label for _, label in METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    table = []
     for variant in dict.fromkeys(r["variant"] for r in records):
         rows = [r for r in records if r["variant"] == variant]
-        cells = []
+        cells = [variant]
         for key, _ in METRICS:
             after = [r["after"][key] for r in rows]
             spread = f" ± {statistics.stdev(after):.1f}" if len(after) > 1 else ""
             cells.append(f"{rows[0]['before'][key]:.1f} → {statistics.mean(after):.1f}{spread}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        table.append(cells)
     seeds = sorted({r["seed"] for r in records})
-    lines.append("")
-    lines.append(f"Top-1 accuracy / mIoU in %, un-distilled → distilled ({records[0]['schedule']} schedule, "
-                 f"{records[0]['steps']} steps, seed(s) {', '.join(map(str, seeds))}; "
-                 f"{records[0]['before']['segments']} held-out segments).")
-    return "\n".join(lines) + "\n"
+    note = (f"Top-1 accuracy / mIoU in %, un-distilled → distilled ({records[0]['schedule']} schedule, "
+            f"{records[0]['steps']} steps, seed(s) {', '.join(map(str, seeds))}; "
+            f"{records[0]['before']['segments']} held-out segments).")
+    return markdown_table(["variant", *(label for _, label in METRICS)], table, [note]) + "\n"
 
 
 def _steps(config) -> int:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 import time
 from pathlib import Path
 
@@ -78,9 +76,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
 
-    from .. import __version__
+    from ..reports import provenance
     from ..distributed import cleanup_distributed, setup_distributed
     from ..io import save_json
     from .evaluate import SlidingWindowProtocol, evaluate_catseg
@@ -103,10 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if shard.is_main:
             out = args.out or Path(f"eval-catseg-{args.dataset}.json")
             save_json({"task": "catseg", "benchmark": args.dataset, "data": str(args.data), "results": rows,
-                       "argv": sys.argv, "denserc_version": __version__, "torch_version": torch.__version__,
-                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-                       "precision": args.precision, "world_size": shard.world_size, "limit": args.limit,
-                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, out)
+                       **provenance(device, args.precision, shard.world_size, limit=args.limit)}, out)
             print(markdown_table(rows))
             print(f"\nwrote {out}")
     finally:
@@ -116,13 +110,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def markdown_table(rows: list[dict]) -> str:
     """One row per trained segmenter: benchmark, images, mIoU, mAcc, aAcc."""
-    header = ["model", "benchmark", "images", "mIoU", "mAcc", "aAcc"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["model"], row["benchmark"], str(row["num_images"]),
-                 *("n/a" if row[k] is None else f"{row[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCAT-Seg sliding-window inference (trained protocol): mIoU (mean over the classes " \
-                              "present in the ground truth, CAT-Seg's detectron2 rule), mean class accuracy, pixel " \
-                              "accuracy (%)"
+    from ..reports import markdown_table as table
+    cells = [[row["model"], row["benchmark"], str(row["num_images"]),
+              *("n/a" if row[k] is None else f"{row[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))] for row in rows]
+    return table(["model", "benchmark", "images", "mIoU", "mAcc", "aAcc"], cells,
+                 ["CAT-Seg sliding-window inference (trained protocol): mIoU (mean over the classes present in the "
+                  "ground truth, CAT-Seg's detectron2 rule), mean class accuracy, pixel accuracy (%)"])
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import read_json
+from ..reports import markdown_table
 from .protocols import Protocol, Split, get_protocol
 
 LVIS_MAX_DETECTIONS = 300
@@ -95,16 +96,14 @@ def markdown_row(report: dict, label: str = "") -> str:
     """One Markdown table row: the protocol's headline numbers, in percent."""
     if "ap50_novel" in report:
         cells = [report["ap50_novel"], report["ap50_base"], report["ap50_all"]]
-        header = "| model | AP50 novel | AP50 base | AP50 all |"
+        header = ["model", "AP50 novel", "AP50 base", "AP50 all"]
     elif "apr" in report:
         cells = [report["apr"], report["apc"], report["apf"], report["ap"]]
-        header = "| model | APr | APc | APf | AP |"
+        header = ["model", "APr", "APc", "APf", "AP"]
     else:
         cells = [report["ap"], report["ap50"], report["ap75"]]
-        header = "| model | AP | AP50 | AP75 |"
-    row = "| " + " | ".join([label or report["protocol"]] + [f"{value:.1f}" for value in cells]) + " |"
-    separator = "|" + "---|" * (len(cells) + 1)
-    return "\n".join([header, separator, row])
+        header = ["model", "AP", "AP50", "AP75"]
+    return markdown_table(header, [[label or report["protocol"], *(f"{value:.1f}" for value in cells)]])
 
 
 def _check_detections(detections: list[dict], ground_truth: dict) -> None:

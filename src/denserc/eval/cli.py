@@ -10,13 +10,12 @@ images and the counts are summed; rank 0 writes the report.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
 from pathlib import Path
 
-from .. import __version__
+from .. import reports
 from ..models.variants import CONSTRUCTIONS, GATINGS, PRECISIONS, TABLE5_VARIANTS
 from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, SKIP_UNREADABLE_HELP, default_cache_dir
 
@@ -194,13 +193,9 @@ def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
 
 
 def _report(args, task: str, dataset: str, rows: list[dict], device, shard) -> dict:
-    import torch
-
-    return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows, "argv": sys.argv,
-            "denserc_version": __version__, "torch_version": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "precision": args.precision, "world_size": shard.world_size, "limit": args.limit,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    from ..reports import provenance
+    return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows,
+            **provenance(device, args.precision, shard.world_size, limit=args.limit)}
 
 
 def markdown_table(task: str, rows: list[dict]) -> str:
@@ -217,15 +212,12 @@ def markdown_table(task: str, rows: list[dict]) -> str:
         cells = [[row[key] for key in SEGMENTATION_COLUMNS] for row in rows]
         note = (f"{rows[0]['dataset'] if rows else ''}: mIoU (mean over every class predicted or in the ground truth, "
                 "mmseg's rule), mean class accuracy, pixel accuracy (%)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, values in zip(rows, cells):
-        config = row["config"]
-        shown = [row["model"], config["construction"], config["gating"], str(config["num_layers"]),
-                 str(row["num_images"]), *("n/a" if v is None else f"{v:.2f}" for v in values)]
-        lines.append("| " + " | ".join(shown) + " |")
+    shown = [[row["model"], row["config"]["construction"], row["config"]["gating"], str(row["config"]["num_layers"]),
+              str(row["num_images"]), *("n/a" if v is None else f"{v:.2f}" for v in values)]
+             for row, values in zip(rows, cells)]
     notes = [note]
     notes += [f"{row['model']}: random weights (seed {row['seed']}), no :TAG or :FILE given; the scores measure "
               "the pipeline, not a trained model" for row in rows if row.get("random_weights")]
     notes += [f"{row['label']}: {row['unreadable_images']} unreadable image(s) skipped (--skip-unreadable)"
               for row in rows if row.get("unreadable_images")]
-    return "\n".join(lines) + "\n\n" + "\n".join(dict.fromkeys(notes))
+    return reports.markdown_table(header, shown, notes)
