@@ -25,6 +25,8 @@ reproduces each draw exactly.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -33,6 +35,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
 from ..data.grid import draw_seed
+from ..eval.datasets import resize_short_side
 from ..eval.metrics import IGNORE_INDEX
 
 
@@ -115,14 +118,13 @@ class TrainingCrops(Dataset):
         return {"image": image, "label": label.to(torch.uint8)}
 
     def _resize(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        height, width = image.shape[1:]
-        scale = self.crop_size / min(height, width)
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
-        if size == (height, width):
+        """Short side to the crop size (the evaluation's ``resize_short_side``, no cap on the long side); the
+        label nearest."""
+        resized = resize_short_side(image, self.crop_size, max_long_side=math.inf)
+        if resized.shape == image.shape:
             return image, label
-        image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        return image.round().clamp(0, 255).to(torch.uint8), label
+        label = F.interpolate(label[None, None].float(), size=resized.shape[1:], mode="nearest")[0, 0].long()
+        return resized, label
 
     def _crop(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator):
         size = self.crop_size
