@@ -126,12 +126,21 @@ def in_fresh_process(target: str, *, memory_probe: bool = False, **kwargs) -> di
     fixes glibc's mmap threshold (see module doc); that makes every large allocation a page-faulting
     mmap, 1.5-2.5x slower here, so a process measuring CPU memory must not also measure time.
     """
-    command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)]
-    env = {**os.environ, **(PROBE_ENV if memory_probe else {}), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command, env = worker_command(target, kwargs, memory_probe=memory_probe)
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({shlex.join(command)}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def worker_command(target: str, kwargs: dict, *, memory_probe: bool = False) -> tuple[list[str], dict]:
+    """(command, environment) of a new interpreter running ``target(**kwargs)`` (run it in ``REPO_ROOT``).
+
+    The worker inherits this process's torch thread count; it prints ``target``'s JSON result as its last line.
+    """
+    command = [sys.executable, "-m", "benchmarks.common", target, json.dumps(kwargs)]
+    env = {**os.environ, **(PROBE_ENV if memory_probe else {}), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return command, env
 
 
 def cpu_peak_mib(build: str, **kwargs) -> float:
@@ -265,3 +274,16 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit("usage: python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON (benchmark worker)")
     print(json.dumps(_resolve(sys.argv[1])(**json.loads(sys.argv[2]))))
+
+
+def distillation_engine(raw: dict, env, output_dir):
+    """The engine on the distillation task of the config ``raw`` (nested sections over the schema's defaults,
+    validated as ``denserc train`` validates a file): what every benchmark of the training step runs."""
+    from omegaconf import OmegaConf
+
+    from denserc.engine.loop import Engine
+    from denserc.train.config import Config, validate
+    from denserc.train.trainer import DistillationTask
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+    validate(config)
+    return Engine(DistillationTask(config, env), config, env, output_dir)

@@ -46,6 +46,11 @@ def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0
     return paths
 
 
+def folder_dataset(root: Path, size: int, aspect: str) -> TrainingImages:
+    """The trainer's dataset over an image folder: ``build_source`` + ``TrainingImages`` + ``SquareResize``."""
+    return TrainingImages(build_source(DataConfig(type="folder", root=str(root))), SquareResize(size, aspect))
+
+
 def per_sample_split(dataset: TrainingImages, files: list[Path], size: int) -> tuple[float, float, float]:
     """Median ms, in this process, of one whole sample (``dataset[i]``), of decoding and of the resize."""
     sample, decode, resize = [], [], []
@@ -105,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             write_jpegs(root, args.images, *args.source_size)
         files = list_images(root)
         mean_kib = statistics.mean(path.stat().st_size for path in files) / 1024
-        dataset = TrainingImages(build_source(DataConfig(type="folder", root=str(root))),
-                                 SquareResize(args.size, args.aspect))
+        dataset = folder_dataset(root, args.size, args.aspect)
         for path in files:
             path.read_bytes()  # page cache: time decoding, not the disk
         sample_ms, decode_ms, resize_ms = per_sample_split(dataset, files, args.size)

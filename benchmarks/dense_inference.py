@@ -42,9 +42,9 @@ def build_variants(base: DenseRCModel) -> dict[tuple[str, str], DenseRCModel]:
     return models
 
 
-def make_call(encode, images: torch.Tensor, precision: str, compile_model: bool):
+def make_call(encode, images: torch.Tensor, precision: str, compile_model: bool, compile_backend: str = "inductor"):
     """A no-grad call of ``encode(images)`` under the requested precision (optionally compiled)."""
-    encode = torch.compile(encode) if compile_model else encode
+    encode = torch.compile(encode, backend=compile_backend) if compile_model else encode
 
     def call():
         with torch.no_grad(), autocast(images.device, precision):
@@ -53,16 +53,17 @@ def make_call(encode, images: torch.Tensor, precision: str, compile_model: bool)
 
 
 def size_calls(models: dict[tuple[str, str], DenseRCModel], images: torch.Tensor, precision: str,
-               compile_model: bool) -> dict[str, object]:
-    """Every call compared at one size, the reference first."""
+               compile_model: bool, compile_backend: str = "inductor") -> dict[str, object]:
+    """Every call compared at one size, the reference first (``compile_backend``: torch.compile's backend)."""
     any_model = next(iter(models.values()))
     calls = {}
     if tuple(images.shape[-2:]) == any_model.native_size:
-        calls[OPEN_CLIP_IMAGE] = make_call(any_model.clip.encode_image, images, precision, compile_model)
-    calls[DENSERC_IMAGE] = make_call(any_model.encode_image, images, precision, compile_model)
+        calls[OPEN_CLIP_IMAGE] = make_call(any_model.clip.encode_image, images, precision, compile_model,
+                                           compile_backend)
+    calls[DENSERC_IMAGE] = make_call(any_model.encode_image, images, precision, compile_model, compile_backend)
     for (construction, gating), model in models.items():
         calls[variant_label(construction, gating)] = make_call(model.encode_dense, images, precision,
-                                                               compile_model)
+                                                               compile_model, compile_backend)
     return calls
 
 

@@ -16,7 +16,7 @@ import open_clip
 import torch
 
 from denserc import create_model
-from denserc.models.vfm import DEFAULT_VFM, VFM
+from denserc.train.vfm import DEFAULT_VFM, VFM
 
 from .common import environment, markdown_table
 

@@ -1,7 +1,7 @@
-"""Training step: images/s, peak memory and a per-phase breakdown of DenseRC's real ``Trainer.train_step``.
+"""Training step: images/s, peak memory and a per-phase breakdown of DenseRC's real ``Engine.train_step``.
 
 Each configuration (precision x activation checkpointing x ``torch.compile``) is built as a real
-``denserc.train.Trainer`` (random weights, generated images) in a fresh process, so peak memory
+the distillation ``Engine`` (random weights, generated images) in a fresh process, so peak memory
 belongs to that configuration alone. Per configuration:
 
 1. ``--warmup`` steps (compilation, allocator, AdamW state);
@@ -32,7 +32,7 @@ import time
 import torch
 from torch.utils.data import default_collate
 
-from .common import (MIB, PRECISIONS, add_common_arguments, environment, in_fresh_process, markdown_table,
+from .common import (MIB, PRECISIONS, add_common_arguments, distillation_engine, environment, in_fresh_process, markdown_table,
                      peak_rss_mib, reset_peak_rss, setup, synchronize)
 
 # model, input size, images per step, VFM (timm name + create_model kwargs)
@@ -52,7 +52,7 @@ CUDA_CONTEXT_GIB = 1  # ... which leaves about this much for the CUDA context an
 
 
 class PhaseClock:
-    """Timestamps at the boundaries of ``Trainer.train_step``'s phases, via wrappers and hooks.
+    """Timestamps at the boundaries of ``Engine.train_step``'s phases, via wrappers and hooks.
 
     Every mark synchronizes the device first, so the phases add up to the step (the synchronisation
     itself costs a little overlap; the end-to-end throughput is measured without it).
@@ -105,20 +105,18 @@ class PhaseClock:
 def build_trainer(*, model: str, size: int, batch: int, vfm: str, vfm_kwargs: dict, construction: str,
                   gating: str, precision: str, checkpointing: bool, compile_model: bool, device: torch.device,
                   batches: int, output_dir: str):
-    """A real Trainer on random weights and ``batches * batch`` generated images."""
-    from denserc.train.config import from_dict
+    """The real distillation engine on random weights and ``batches * batch`` generated images."""
     from denserc.distributed import DistributedEnv
-    from denserc.train.trainer import Trainer
-    config = from_dict({
+    raw = {
         "model": {"name": model, "pretrained": None, "construction": construction, "gating": gating,
                   "grad_checkpointing": checkpointing, "compile": compile_model},
         "vfm": {"name": vfm, "pretrained": False, "model_kwargs": vfm_kwargs},
         "data": {"type": "generated", "num_images": batches * batch, "image_size": size, "num_workers": 0},
         "train": {"global_batch_size": batch, "batch_size": batch, "precision": precision,
                   "device": device.type},
-    })
+    }
     env = DistributedEnv(rank=0, world_size=1, local_rank=0, device=device)
-    return Trainer(config, env, output_dir)
+    return distillation_engine(raw, env, output_dir)
 
 
 def run_configuration(*, device: str, warmup: int, steps: int, profile_rows: int = 0, memory_only: bool = False,
@@ -272,10 +270,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def targets_apply(settings: dict, device: torch.device) -> bool:
+    """Whether this is the configuration the issue's training targets name (ViT-B/16 @1024, batch 4, a GPU)."""
+    return (settings["model"] == "ViT-B-16" and settings["size"] == 1024 and settings["batch"] == 4
+            and device.type == "cuda")
+
+
+def card_verdict(peak_reserved_mib: float) -> str:
+    """Whether a step with this peak reserved CUDA memory fits the 24 GB card (after the CUDA context)."""
+    budget = (FIT_CARD_GIB - CUDA_CONTEXT_GIB) * 1024
+    verdict = "fits" if peak_reserved_mib <= budget else "does not fit"
+    return f"{verdict} a {FIT_CARD_GIB} GB card (<= {budget} MiB after {CUDA_CONTEXT_GIB} GiB CUDA context)"
+
+
 def target_lines(settings: dict, device: torch.device, results: list) -> list[str]:
     """Where this run stands against the issue's training targets (only for the configuration they name)."""
-    if not (settings["model"] == "ViT-B-16" and settings["size"] == 1024 and settings["batch"] == 4
-            and device.type == "cuda"):
+    if not targets_apply(settings, device):
         return ["Targets (ViT-B/16 @1024, batch 4, one GPU): not applicable to this configuration."]
     lines = []
     for (precision, checkpointing, compile_model), r in results:
@@ -284,11 +294,8 @@ def target_lines(settings: dict, device: torch.device, results: list) -> list[st
             lines.append(f"- bf16, ckpt {checkpointing}, compile {compile_model}: {r['images_per_second']:.1f} "
                          f"images/s, {verdict} the target >= {TARGET_IMAGES_PER_SECOND}")
         if checkpointing == "on":
-            budget = (FIT_CARD_GIB - CUDA_CONTEXT_GIB) * 1024
-            verdict = "fits" if r["peak_reserved_mib"] <= budget else "does not fit"
             lines.append(f"- {precision}, ckpt on, compile {compile_model}: peak reserved "
-                         f"{r['peak_reserved_mib']:.0f} MiB, {verdict} a {FIT_CARD_GIB} GB card "
-                         f"(<= {budget} MiB after {CUDA_CONTEXT_GIB} GiB CUDA context)")
+                         f"{r['peak_reserved_mib']:.0f} MiB, {card_verdict(r['peak_reserved_mib'])}")
     return lines
 
 

@@ -5,7 +5,7 @@ DenseRC's Table 5 starts from. This benchmark runs its real training step from a
 ``--clipself PATH`` (nothing of it is copied here): ``training.train.train_one_epoch`` over one batch,
 with ``training.clipself.CLIPSelf`` as the method, its open_clip fork's ``ViT-B-16`` as student and
 teacher (``dist_model``), its AdamW groups and ``cosine_lr`` schedule as its ``training/main.py``
-builds them. Beside it run DenseRC's ``Trainer.train_step`` with ``x+v`` (CLIPSelf's construction: the
+builds them. Beside it run DenseRC's ``Engine.train_step`` with ``x+v`` (CLIPSelf's construction: the
 same method, so the ratio isolates the implementation) and with the default ``multi-v/hsg``.
 
 Identical work per step: the same open_clip ViT config with random weights, ``--size`` px images,
@@ -26,11 +26,21 @@ life (building, warm-up and the timed steps: weights, optimizer state, activatio
 libraries). A ViT-B step takes a minute or more on one shared core, so there is no separate
 memory-probe process per side as in ``benchmarks.train_step``, which would double every step's time.
 
+``--family eva`` compares EVA-02-CLIP, the backbone of CLIPSelf's and DeCLIP's detection results:
+CLIPSelf's own EVA-CLIP code (``src/open_clip/eva_clip/``, ``EVA02-CLIP-B-16``: RoPE, sub-LN, SwiGLU,
+separate q/k/v) against DenseRC's ``EVA02-B-16`` (open_clip over timm's ``Eva``). Its config asks for
+xformers attention and apex's fused LayerNorm (``xattn``, ``fusedLN``), neither installed here: both are
+switched off, so its attention is its plain ``softmax(q k^T) v`` path and its norms are torch's (DenseRC's
+side has neither option: SDPA and torch norms). The CLIPSelf worker's initial weights are passed to
+DenseRC's worker through ``denserc.models.convert`` (the peers' EVA-CLIP layout), so both train the same
+weights.
+
 CLIPSelf's fork imports ``einops`` (``pip install einops``, or ``pip install --target DIR einops`` and
 ``PYTHONPATH=DIR``); nothing else outside this project's environment.
 
     git clone https://github.com/wusize/CLIPSelf /tmp/CLIPSelf
     python -m benchmarks.vs_clipself --clipself /tmp/CLIPSelf --threads 1
+    python -m benchmarks.vs_clipself --clipself /tmp/CLIPSelf --threads 1 --family eva
 """
 from __future__ import annotations
 
@@ -45,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from .common import environment, markdown_table, paired_ratios, peak_rss_mib, quartiles, setup
+from .common import distillation_engine, environment, markdown_table, paired_ratios, peak_rss_mib, quartiles, setup
 
 CLIPSELF = "CLIPSelf"
 OURS = {"DenseRC x+v": ("x+v", "none"), "DenseRC multi-v/hsg": ("multi-v", "hsg")}
@@ -53,6 +63,8 @@ PHASES = ("batch to device (+ grids)", "teacher (crops +) forward", "student for
           "optimizer step", "other")
 TARGET_DEFAULT = 0.9  # DenseRC's default step <= 0.9x CLIPSelf's (issue 17)
 TARGET_XV = 1.0  # x+v below 1
+# per family: (CLIPSelf's model name, DenseRC's) by default
+FAMILIES = {"openai": ("ViT-B-16", "ViT-B-16"), "eva": ("EVA02-CLIP-B-16", "EVA02-B-16")}
 
 
 class Marks:
@@ -96,8 +108,10 @@ def phase_times(marks: Marks, step_seconds: float, prepare: str, teacher: str, s
 
 
 # ---------------------------------------------------------------------------------- the two sides
-def build_clipself(*, clipself: str, model: str, size: int, batch: int, grid: int, batches: int, **_):
-    """CLIPSelf's step as ``step()`` -> phase seconds: its own ``train_one_epoch`` on one batch."""
+def build_clipself(*, clipself: str, clipself_model: str, size: int, batch: int, grid: int, batches: int,
+                   family: str, weights_file: str, **_):
+    """CLIPSelf's step as ``step()`` -> phase seconds: its own ``train_one_epoch`` on one batch. Its initial
+    weights are saved to ``weights_file`` for DenseRC's worker."""
     source = Path(clipself) / "src"
     if not (source / "training" / "clipself.py").is_file():
         raise SystemExit(f"--clipself {clipself}: expected a CLIPSelf checkout with src/training/clipself.py")
@@ -112,9 +126,18 @@ def build_clipself(*, clipself: str, model: str, size: int, batch: int, grid: in
 
     torch.manual_seed(0)
     with contextlib.redirect_stdout(sys.stderr):
-        student = open_clip.create_model(model, None, output_dict=True)
-        teacher = open_clip.create_model(model, None, output_dict=True)
+        if family == "eva":
+            from open_clip import eva_clip
+            from open_clip.eva_clip import factory
+            for tower in ("vision_cfg", "text_cfg"):  # no xformers, no apex here (module docstring)
+                factory._MODEL_CONFIGS[clipself_model][tower].update(xattn=False, fusedLN=False)
+            student, teacher = (eva_clip.create_model(clipself_model, pretrained=None, force_custom_clip=True)
+                                for _ in range(2))
+        else:
+            student = open_clip.create_model(clipself_model, None, output_dict=True)
+            teacher = open_clip.create_model(clipself_model, None, output_dict=True)
     teacher.load_state_dict(student.state_dict())  # both start from the same CLIP, as in CLIPSelf
+    torch.save({"state_dict": student.state_dict()}, weights_file)
     # its main.py: AdamW, no weight decay on gains and biases
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     exclude = [p for n, p in named if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n]
@@ -127,7 +150,7 @@ def build_clipself(*, clipself: str, model: str, size: int, batch: int, grid: in
                               rank=1)  # a non-master rank: no logging on the step
     scheduler = cosine_lr(optimizer, 1e-5, 1000, 100_000)
 
-    native = student.visual.image_size
+    native = student.visual.image_size  # EVA-CLIP's tower has it too
     native = (native, native) if isinstance(native, int) else tuple(native)
     cells = torch.linspace(0, 1, grid + 1)
     boxes = torch.tensor([[cells[c], cells[r], cells[c + 1], cells[r + 1], 1.0]
@@ -176,26 +199,32 @@ class _Loader(list):
 
 
 def build_ours(*, construction: str, gating: str, model: str, size: int, batch: int, grid: int, batches: int,
-               output_dir: str, **_):
-    """DenseRC's ``Trainer.train_step`` as ``step()`` -> phase seconds, on a fixed grid and without a VFM."""
+               output_dir: str, weights_file: str, **_):
+    """DenseRC's ``Engine.train_step`` as ``step()`` -> phase seconds, on a fixed grid and without a VFM,
+    from the CLIPSelf worker's initial weights."""
     import denserc.train.trainer
     from denserc.data import grid_boxes
     from denserc.distributed import DistributedEnv
-    from denserc.train.config import from_dict
+    from denserc.models.convert import convert_checkpoint
+    from denserc.models.serialization import CLIP_WEIGHTS
     from torch.utils.data import default_collate
+
+    # only the CLIP weights file is read from the folder; the trainer builds its own construction on it
+    initial = convert_checkpoint(weights_file, Path(output_dir) / "initial", model, construction="x+v").directory
+    converted = str(initial / CLIP_WEIGHTS)
 
     # every image gets the same grid (the benchmark's identical work), not a random one
     denserc.train.trainer.sample_grid_boxes = lambda indices, sizes, **_: [
         grid_boxes(grid, grid, height, width) for height, width in torch.as_tensor(sizes).tolist()]
-    config = from_dict({
-        "model": {"name": model, "pretrained": None, "construction": construction, "gating": gating},
+    raw = {
+        "model": {"name": model, "pretrained": converted, "construction": construction, "gating": gating},
         "loss": {"coherence_weight": 0.0},
         "data": {"type": "generated", "num_images": batches * batch, "image_size": size, "num_workers": 0},
         "train": {"global_batch_size": batch, "batch_size": batch, "precision": "fp32", "device": "cpu",
                   "log_every": 10 ** 9},
-    })
+    }
     env = DistributedEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    trainer = denserc.train.trainer.Trainer(config, env, output_dir)
+    trainer = distillation_engine(raw, env, output_dir)
     task = trainer.task
     data = [default_collate([task.dataset[i] for i in range(k * batch, (k + 1) * batch)]) for k in range(batches)]
 
@@ -251,16 +280,24 @@ def interleaved_rounds(sides: list[str], settings: dict, *, threads: int, warmup
     """
     context = multiprocessing.get_context("spawn")
     workers = {}
-    for side in sides:
+
+    def start(side: str) -> None:
         mine, theirs = context.Pipe()
         process = context.Process(target=serve, args=(side, settings, threads, warmup, theirs), daemon=True)
         process.start()
         workers[side] = (process, mine)
+
+    def wait(side: str) -> None:
+        kind, message = workers[side][1].recv()
+        if kind == "error":
+            raise RuntimeError(f"the {side} worker failed to start: {message}")
     try:
-        for side, (process, connection) in workers.items():  # built one after the other would be slower
-            kind, message = connection.recv()
-            if kind == "error":
-                raise RuntimeError(f"the {side} worker failed to start: {message}")
+        start(sides[0])  # CLIPSelf's worker writes the initial weights the others load
+        wait(sides[0])
+        for side in sides[1:]:  # then the others, built side by side
+            start(side)
+        for side in sides[1:]:
+            wait(side)
         results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
         started = time.perf_counter()
         for round_index in range(rounds):
@@ -296,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_clipself", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clipself", required=True, help="path to a checkout of github.com/wusize/CLIPSelf")
-    parser.add_argument("--model", default="ViT-B-16", help="open_clip ViT config (random weights), in both")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="openai",
+                        help="openai: open_clip ViT-B-16 on both sides; eva: CLIPSelf's EVA02-CLIP-B-16 vs DenseRC's "
+                             "EVA02-B-16")
+    parser.add_argument("--model", default=None, help="DenseRC's open_clip model (default: the family's B/16)")
+    parser.add_argument("--clipself-model", default=None, help="CLIPSelf's model (default: the family's B/16)")
     parser.add_argument("--size", type=int, default=448, help="square training input size")
     parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--grid", type=int, default=4, help="a fixed GRID x GRID grid of teacher crops per image")
@@ -312,11 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2:
         raise SystemExit(f"--rounds must be at least 2 (quartiles), got {args.rounds}")
     device = setup(args)
-    settings = {"clipself": str(Path(args.clipself).resolve()), "model": args.model, "size": args.size,
-                "batch": args.batch, "grid": args.grid, "batches": 2}
+    clipself_model, model = FAMILIES[args.family]
+    args.model, args.clipself_model = args.model or model, args.clipself_model or clipself_model
+    weights = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
+    settings = {"clipself": str(Path(args.clipself).resolve()), "model": args.model,
+                "clipself_model": args.clipself_model, "family": args.family, "size": args.size,
+                "batch": args.batch, "grid": args.grid, "batches": 2, "weights_file": weights.name}
     sides = [CLIPSELF, *OURS]
 
-    print(f"## DenseRC vs CLIPSelf training step: {args.model} @{args.size}, batch {args.batch}, "
+    print(f"## DenseRC vs CLIPSelf training step: {args.model} (CLIPSelf: {args.clipself_model}) @{args.size}, "
+          f"batch {args.batch}, "
           f"{args.grid}x{args.grid} grid ({args.batch * args.grid ** 2} teacher crops), fp32, cpu\n")
     print("\n".join(environment(device)))
     print(f"- CLIPSelf: {settings['clipself']} at commit {_commit(args.clipself)}")

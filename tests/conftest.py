@@ -1,33 +1,16 @@
 """Shared fixtures: tiny random open_clip models (bundled config "ViT-Tiny-16"), no network."""
 import logging
+import os
 
 import pytest
 import torch
 
 import denserc
 
-TINY = "ViT-Tiny-16"
+from helpers import TINY
 
 # open_clip warns at every random-weight creation; the tests create many on purpose.
 logging.getLogger().setLevel(logging.ERROR)
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial random values (LayerNorms and zero-init gates included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return module
-
-
-def variant(model, **settings):
-    """Same weights, another construction/gating (a gate, if any, random so that it is not uniform)."""
-    other = denserc.DenseRCModel(model.clip, model_name=model.model_name, model_cfg=model.model_cfg,
-                                 preprocess_cfg=model.preprocess_cfg, **settings).eval()
-    if other.gate is not None:
-        randomize_(other.gate, seed=3)
-    return other
 
 
 @pytest.fixture
@@ -39,3 +22,16 @@ def tiny_model():
 @pytest.fixture
 def images():
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def text_embedding_cache(tmp_path_factory):
+    """The text embeddings tests compute (``denserc.detect`` caches every vocabulary's) go to a temporary
+    folder, never to the user's ``~/.cache/denserc``."""
+    previous = os.environ.get("DENSERC_CACHE")
+    os.environ["DENSERC_CACHE"] = str(tmp_path_factory.mktemp("denserc_cache"))
+    yield
+    if previous is None:
+        del os.environ["DENSERC_CACHE"]
+    else:
+        os.environ["DENSERC_CACHE"] = previous

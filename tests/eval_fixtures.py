@@ -19,7 +19,8 @@ import denserc
 from denserc.eval import build_text_classifier, load_class_names
 from denserc.distributed import DistributedEnv
 
-TINY = "ViT-Tiny-16"
+from helpers import TINY
+
 PATCH = 16
 
 # COCO panoptic category ids (80 things with gaps in 1..90, 53 stuff in 92..200), in id order.
@@ -79,12 +80,29 @@ def voc_palette() -> list[int]:
     return palette
 
 
+# Where CAT-Seg's datasets/prepare_*.py write each dataset's labels (train ids as they are, 255 = ignore).
+DETECTRON2_LABEL_DIRS = {"ade20k": "annotations_detectron2/validation", "voc20": "annotations_detectron2/val",
+                         "voc21": "annotations_detectron2_bg/val", "context59": "annotations_detectron2/pc59_val",
+                         "coco-stuff": "annotations_detectron2/val2017"}
+DETECTRON2_IMAGE_DIRS = {"ade20k": "images/validation", "voc20": "JPEGImages", "voc21": "JPEGImages",
+                         "context59": "JPEGImages", "coco-stuff": "images/val2017"}
+
+
 def write_segmentation_dataset(name: str, root: Path, labels: list[np.ndarray],
-                               images: list[np.ndarray]) -> Path:
-    """Write ``labels`` (class ids 0..C-1, 255 = ignore) and ``images`` in the dataset's real layout."""
+                               images: list[np.ndarray], layout: str = "mmseg") -> Path:
+    """Write ``labels`` (class ids 0..C-1, 255 = ignore) and ``images`` in the dataset's real layout: the one
+    mmseg reads, or (``layout="detectron2"``) the one CAT-Seg's ``datasets/prepare_*.py`` write."""
     def shifted(label):  # stored 0 = ignore, k + 1 = class k
         return np.where(label == 255, 0, label.astype(np.int64) + 1).astype(np.uint8)
 
+    if layout == "detectron2":
+        for index, (label, image) in enumerate(zip(labels, images)):
+            stem = f"{index + 1:012d}" if name == "coco-stuff" else f"2008_{index:06d}"
+            save_jpeg(image, root / DETECTRON2_IMAGE_DIRS[name] / f"{stem}.jpg")
+            if name == "voc21":  # background last: VOC-21 class 0 -> 20, class k -> k - 1
+                label = np.where(label == 0, 20, np.where(label == 255, 255, label.astype(np.int64) - 1))
+            save_png(label.astype(np.uint8), root / DETECTRON2_LABEL_DIRS[name] / f"{stem}.png")
+        return root
     for index, (label, image) in enumerate(zip(labels, images)):
         if name == "ade20k":
             stem = f"ADE_val_{index + 1:08d}"
@@ -197,3 +215,14 @@ def run_as_two_ranks(monkeypatch, module, evaluate):
     result = evaluate(DistributedEnv(0, 2))
     assert next(pending, None) is None, "rank 0 reduced fewer tensors than rank 1"
     return result
+
+
+def write_coco_stuff(root, count=3, raw_value_in=None):
+    """COCO-Stuff fixture of ``count`` 32x48 images with classes 0 and 3; ``raw_value_in``: that image's label
+    map also holds 175, a raw COCO-Stuff id (a 'wood' region) that the converted numbering does not have."""
+    levels = grey_levels([0, 3])
+    labels = [stripes(32, 48, [0, 3], rows=16) for _ in range(count)]
+    if raw_value_in is not None:
+        labels[raw_value_in][:4] = 175
+    return write_segmentation_dataset("coco-stuff", root, labels, [grey_image(label, levels) for label in labels])
+

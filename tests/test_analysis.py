@@ -9,6 +9,7 @@ from PIL import Image
 
 import denserc
 from denserc.analysis import AnalysisData, Segment, register_analysis_data
+from denserc.analysis.data import ANALYSIS_DATA
 from denserc.analysis.decomposition import delta_l_monte_carlo
 from denserc.analysis.internals import (block_branches, class_embedding_without_head, class_token_decomposition,
                                         mean_attention_distance, patch_distances)
@@ -18,7 +19,7 @@ from denserc.analysis.variants import GRADIENT_VARIANTS, same_weights
 from denserc.cli import main
 from denserc.models.towers import run_block
 
-from conftest import TINY, randomize_, variant
+from helpers import TINY, randomize_, variant
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -175,6 +176,8 @@ def tiny_data(num_images, workdir, progress):
 @pytest.fixture
 def tiny_provider():
     register_analysis_data(TINY, tiny_data)
+    yield
+    ANALYSIS_DATA.remove(TINY)
 
 
 def run_cli(*argv):

@@ -1,4 +1,4 @@
-"""The training-step benchmark reads its phases off a real Trainer.train_step (guards against trainer changes)."""
+"""The training-step benchmark reads its phases off a real Engine.train_step (guards against trainer changes)."""
 import math
 import sys
 import time
@@ -11,7 +11,7 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the package
 from benchmarks.train_step import PHASES, PhaseClock, build_trainer  # noqa: E402
 
-from conftest import TINY  # noqa: E402
+from helpers import TINY  # noqa: E402
 
 pytestmark = pytest.mark.slow  # benchmark helper
 

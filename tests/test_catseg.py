@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from denserc.catseg import CATSeg, HeadConfig, class_tokens, cost_volume, fine_tuned_clip_parameters, segmentation_loss
-from denserc.catseg.aggregator import (PADDED_CLASS_LOGIT, ClassAggregation, CostAggregator, GuidedSwinBlock,
+from denserc.catseg.aggregator import (PADDED_CLASS_LOGIT, CostAggregator, GuidedSwinBlock,
                                        SpatialAggregation)
 from denserc.catseg.data import TrainingCrops, training_label_map
 from denserc.catseg.evaluate import SlidingWindowProtocol, evaluate_catseg, sliding_window_scores
@@ -16,7 +16,7 @@ from denserc.catseg.export import load_catseg, save_catseg
 import denserc
 from denserc.models import PEER_PATHS, get_tokenizer
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 from eval_fixtures import write_segmentation_dataset
 
 EVA, SIGLIP = "EVA02-Tiny-16", "ViT-Tiny-16-MAP"
@@ -246,7 +246,7 @@ def test_training_crops_never_label_a_held_out_class():
         ignored = (crop == 255).sum()
         held = sum(int((label == c).sum()) for c in held_out) + int((label == 255).sum())
         assert ignored <= held and ignored > 0
-    assert torch.equal(crops[2]["image"], crops[2]["image"])  # (seed, index) fixes the augmentation
+    assert torch.equal(crops[2]["image"], crops[2]["image"])  # (seed, epoch, draw) fixes the augmentation
     with pytest.raises(ValueError, match="training classes must be distinct ids in 0..5"):
         training_label_map(6, [0, 6])
 
@@ -271,10 +271,32 @@ def test_export_round_trip_and_sliding_window_scores(tiny_model, tmp_path):
         load_catseg(tmp_path)
 
 
+def test_whole_image_view_is_made_from_the_short_side_image_not_the_square_canvas():
+    """CAT-Seg's ``global_image`` resizes ``images[0]`` (short side 640) to the window, not the 640 x 640 canvas."""
+    seen = []
+
+    def recording_segmenter(images, class_embeddings):
+        seen.append(images)
+        return torch.zeros(len(images), class_embeddings.shape[0], 5, 5)
+    image = torch.randn(1, 3, 40, 60, generator=torch.Generator().manual_seed(0))
+    protocol = SlidingWindowProtocol(short_side=40, size=40, window=20, overlap=0.0)
+    sliding_window_scores(recording_segmenter, image, torch.zeros(3, 8), protocol)
+    views = seen[0]
+    assert views.shape == (5, 3, 20, 20)  # four windows of the 40 x 40 canvas, then the whole image
+    whole = F.interpolate(image, size=(20, 20), mode="bilinear", align_corners=False)[0]
+    via_canvas = F.interpolate(F.interpolate(image, size=(40, 40), mode="bilinear", align_corners=False),
+                               size=(20, 20), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(views[-1], whole)
+    assert not torch.allclose(views[-1], via_canvas, atol=1e-3)
+    canvas = F.interpolate(image, size=(40, 40), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(views[1], canvas[:, :20, 20:])  # windows: row-major over the canvas
+
+
 def test_voc20b_scores_the_extra_names_as_background(tiny_model, tmp_path, monkeypatch):
     """VOC-20b: 59 names; a pixel won by name >= 20 is background (0), name k < 20 is VOC class k + 1."""
     labels = [np.array([0, 1, 20, 255], dtype=np.uint8)[np.arange(32) // 8][:, None].repeat(32, 1)]
     root = write_segmentation_dataset("voc21", tmp_path / "voc", labels, [np.zeros((32, 32, 3), np.uint8)])
+    write_segmentation_dataset("voc21", root, labels, [np.zeros((32, 32, 3), np.uint8)], layout="detectron2")
     segmenter = CATSeg(tiny_model, HeadConfig(**SMALL_HEAD), prompts=1, clip_resolution=224).eval()
     winners = torch.zeros(32, 32, dtype=torch.long)
     winners[:8], winners[8:16], winners[16:24] = 30, 0, 19  # background row -> extra name, class 1, class 20
@@ -285,3 +307,12 @@ def test_voc20b_scores_the_extra_names_as_background(tiny_model, tmp_path, monke
     result = evaluate_catseg(segmenter, get_tokenizer(TINY), ["{}"], root, "voc20b", workers=0, progress=False,
                              protocol=SlidingWindowProtocol(short_side=32, size=32, window=32, overlap=0.0))
     assert result["mIoU"] == 100.0 and len(result["per_class"]) == 21
+    assert result["layout"] == "detectron2"  # CAT-Seg's annotations_detectron2_bg read before mmseg's layout
+    # two rows of class 1 predicted as VOC class 5, absent from the labels: CAT-Seg's (detectron2's) mean leaves
+    # class 5 out, so mIoU = (background 1 + class 1 6/8 + class 20 1) / 3, not / 4 with a 0 as mmseg's would
+    winners[8:10] = 4
+    result = evaluate_catseg(segmenter, get_tokenizer(TINY), ["{}"], root, "voc20b", workers=0, progress=False,
+                             protocol=SlidingWindowProtocol(short_side=32, size=32, window=32, overlap=0.0))
+    assert result["miou_rule"] == "detectron2"
+    assert result["mIoU"] == pytest.approx(100 * (1 + 6 / 8 + 1) / 3)
+    assert result["per_class"][5]["IoU"] is None

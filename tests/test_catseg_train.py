@@ -12,10 +12,11 @@ from denserc_testbed import catseg_run
 from denserc_testbed.coco import write_split
 from denserc_testbed.evaluation import CLASS_NAMES_FILE, prepare_split
 from denserc_testbed.vocabulary import CATEGORIES
-from denserc.train import Engine, resume_checkpoint, setup_distributed
-from denserc.train.checkpoint import complete_checkpoints
-from denserc.train.config import ConfigError
-from denserc.train.metrics import read_metrics
+from denserc.engine import Engine
+from denserc.distributed import setup_distributed
+from denserc.engine.checkpoint import complete_checkpoints
+from denserc.engine.config import ConfigError
+from denserc.engine.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,17 @@ def make_config(root, output, *overrides):
 
 
 def test_held_out_classes_are_neither_in_the_vocabulary_nor_in_any_training_label(testbed_root, tmp_path):
-    task = CATSegTask(make_config(testbed_root, tmp_path), setup_distributed("cpu"))
+    task = CATSegTask(make_config(testbed_root, tmp_path, "iterations=8"), setup_distributed("cpu"))
     held_out_names = {CATEGORIES[c]["name"] for c in catseg_run.HELD_OUT}
     assert len(task.class_names) == len(CATEGORIES) - len(catseg_run.HELD_OUT)
     assert not any(name[0].split(" ", 1)[-1] in held_out_names for name in task.class_names)
     assert task.module.tokens.shape[:2] == (len(task.class_names), 4)
-    base = task.dataset.base.base  # Repeated -> TrainingCrops -> SegmentationDataset
+    base = task.dataset.base.base  # TrainingCrops -> Repeated (16 draws) -> SegmentationDataset (8 scenes)
+    assert len(task.dataset) == 2 * len(base)
+    # each draw is augmented afresh: the second draw of every scene gets its own crop, jitter and flip
+    assert all(not torch.equal(task.dataset[i]["image"], task.dataset[i + len(base)]["image"])
+               for i in range(len(base)))
+    assert torch.equal(task.dataset[3]["image"], task.dataset[3]["image"])  # (seed, epoch, draw) fixes it
     held_out_pixels = 0
     for index in range(len(task.dataset)):
         label = task.dataset[index]["label"].long()
@@ -125,7 +131,30 @@ def test_bad_configs_name_the_key(testbed_root, tmp_path, capsys):
         load_config("catseg_vitb16", ["data.root=/x", "train.epochs=3"])
     with pytest.raises(ConfigError, match=r"data.held_out has class ids \[99\] outside 0..52"):
         CATSegTask(make_config(testbed_root, tmp_path, "data.held_out=[99]"), setup_distributed("cpu"))
-    assert main(["catseg", "train", "no_such_config", "data.root=/x"]) == 2
+    assert main(["catseg", "train", "no_such_config", "data.root=/x"]) == 1
     assert main(["catseg", "eval", "--model", str(tmp_path), "--data", str(testbed_root), "--dataset", "testbed",
-                 "--device", "cpu"]) == 2
-    assert "is not a CAT-Seg folder: missing catseg_config.json" in capsys.readouterr().err
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "denserc catseg eval: error: " in err and "is not a CAT-Seg folder: missing catseg_config.json" in err
+
+
+def test_default_batch_is_one_image_per_forward_accumulated_to_cat_segs_four():
+    """CAT-Seg's global batch 4 (4 GPUs x 1 image); one image per forward fits a 24 GB device (docs/segmentation.md)."""
+    from denserc.engine.config import accumulation_steps
+    for name in ("catseg_vitb16", "catseg_vitl14"):
+        train = load_config(name, ["data.root=/data/coco-stuff"]).train
+        assert (train.batch_size, train.global_batch_size) == (1, 4)
+        assert accumulation_steps(train, 1, "cuda") == 4 and accumulation_steps(train, 4, "cuda") == 1
+
+
+def test_examples_name_folders_that_a_command_writes():
+    """Every runs/NAME/final in the catseg help and configs is what `denserc train NAME` or `denserc catseg train
+    NAME` writes (train.output_dir defaults to runs/<config name>)."""
+    import re
+    from denserc.catseg.cli import EXAMPLES
+    from denserc.catseg.defaults import CONFIG_DIR
+    from denserc.engine.shipped import available_configs
+    from denserc.train.shipped import CONFIG_DIR as TRAINING_CONFIGS
+    texts = [EXAMPLES, *(path.read_text() for path in CONFIG_DIR.glob("*.yaml"))]
+    named = {name for text in texts for name in re.findall(r"runs/([\w-]+)/final", text)}
+    assert named and named <= set(available_configs(TRAINING_CONFIGS)) | set(available_configs(CONFIG_DIR))

@@ -12,6 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from denserc.data import (GeneratedSource, SquareResize, TrainingImages, UnreadableImageError, build_source,
                           grid_boxes, register_source, sample_grid_boxes, sample_grid_shape, source_types)
+from denserc.data.datasets import SOURCES
 from denserc.data.grid import clipself_grid_shapes
 
 
@@ -154,7 +155,7 @@ def test_folder_source_errors_name_the_path(tmp_path):
 
 
 def test_unknown_data_type_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown dataset type 'imagenet'.*'folder'"):
+    with pytest.raises(ValueError, match=r"data.type: unknown data type 'imagenet'; known: .*folder"):
         build_source(data_config(type="imagenet"))
 
 
@@ -242,7 +243,11 @@ def test_new_data_types_can_be_registered():
     def build(config):
         return GeneratedSource(config.options["count"], config.image_size)
 
-    assert name in source_types()
-    assert len(build_source(data_config(type=name, options={"count": 5}))) == 5
-    with pytest.raises(ValueError, match="already registered"):
-        register_source(name)(build)
+    try:
+        assert name in source_types()
+        assert len(build_source(data_config(type=name, options={"count": 5}))) == 5
+        with pytest.raises(ValueError, match="already registered"):
+            register_source(name)(build)
+    finally:
+        SOURCES.remove(name)
+    assert name not in source_types()

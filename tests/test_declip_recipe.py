@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import denserc
 from denserc.losses import coherence_loss, semantics_loss
-from denserc.train import Trainer, load_config, setup_distributed
+from denserc.train import load_config, setup_distributed
 from denserc.train.trainer import DistillationModule
 
-from conftest import randomize_
+from helpers import distillation_engine, randomize_
 
 EVA = "EVA02-Tiny-16"
 
@@ -104,13 +104,13 @@ TESTBED = ["model.name=ViT-Testbed-P8", "model.pretrained=testbed", "model.unloc
 
 
 def test_declip_recipe_trains_on_the_testbed_and_freezes_what_no_stream_reaches(tmp_path):
-    trainer = Trainer(load_config("declip_eva02_b16_coco", TESTBED), setup_distributed("cpu"), tmp_path / "run")
-    last = len(trainer.student.tower.blocks) - 1
-    assert all(f"blocks.{last}.mlp" in name or f"blocks.{last}.ln_2" in name for name in trainer.frozen_off_path)
-    assert trainer.frozen_off_path  # the last block's MLP: DeCLIP's freeze list (src/training/utils.py)
-    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+    trainer = distillation_engine(load_config("declip_eva02_b16_coco", TESTBED), setup_distributed("cpu"), tmp_path / "run")
+    last = len(trainer.task.student.tower.blocks) - 1
+    assert all(f"blocks.{last}.mlp" in name or f"blocks.{last}.ln_2" in name for name in trainer.task.frozen_off_path)
+    assert trainer.task.frozen_off_path  # the last block's MLP: DeCLIP's freeze list (src/training/utils.py)
+    before = {n: p.detach().clone() for n, p in trainer.task.student.named_parameters() if p.requires_grad}
     final = trainer.fit()
     assert denserc.load(final).config == {"model_name": "ViT-Testbed-P8", "construction": "v", "gating": "declip",
                                           "num_layers": 1}
-    moved = [n for n, p in trainer.student.named_parameters() if n in before and not torch.equal(p, before[n])]
+    moved = [n for n, p in trainer.task.student.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert any(".attn.in_proj_weight" in n and f"resblocks.{last}." in n for n in moved)

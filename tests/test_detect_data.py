@@ -58,6 +58,13 @@ def test_images_missing_from_the_folder_are_named_before_any_sample_is_read(coco
     assert len(DetectionDataset(annotations, images, SPLIT, base_only=True)) == 1  # needs image 1 only
 
 
+def test_evaluation_set_keeps_the_given_images_only(coco_folder):
+    annotations, images = coco_folder
+    (images / "2.png").unlink()  # not among the kept images: not looked for
+    kept = DetectionDataset(annotations, images, SPLIT, base_only=False, image_ids=[3, 1])
+    assert [kept[k]["image_id"] for k in range(len(kept))] == [1, 3]
+
+
 def test_augmentation_is_seeded_per_image_and_epoch_and_boxes_follow_the_pixels(coco_folder):
     annotations, images = coco_folder
     sample = DetectionDataset(annotations, images, SPLIT, base_only=True)[0]

@@ -10,7 +10,7 @@ from denserc.detect.model import (DetectorConfig, FViT, FViTHeads, StridedAnchor
 from denserc.models import PEER_PATHS
 from torchvision.models.detection.image_list import ImageList
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 NOVEL = torch.tensor([False, True, False, True])
 
@@ -140,3 +140,46 @@ def test_background_is_the_fixed_text_embedding_in_both_softmaxes(tiny_model):
     torch.testing.assert_close(classifier.embeddings()[0], classifier.background)
     region = background[None] * 3
     assert classifier(region).argmax(-1).item() == 0  # the background column is that exact vector
+
+
+def test_rpn_convs_carry_batch_norm_in_the_lvis_configs_only(tiny_model):
+    from denserc.detect.config import load_detect_config
+    plain, normed = _heads(tiny_model).rpn.head.conv, _heads(tiny_model, rpn_norm=True).rpn.head.conv
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert [type(m).__name__ for m in normed[0]] == ["Conv2d", "BatchNorm2d", "ReLU"] and len(normed) == 2
+    assert normed[0][0].bias is None  # mmcv's ConvModule drops the conv bias before a norm
+    assert load_detect_config("fvit_b16_ovlvis").model.rpn_norm and load_detect_config("fvit_l14_ovlvis").model.rpn_norm
+    assert not load_detect_config("fvit_b16_ovcoco").model.rpn_norm
+
+
+def test_mask_targets_are_binary_and_sampled_aligned_as_mmdets():
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+    from denserc.detect.model import mask_loss, mask_targets
+    gt = torch.zeros(1, 16, 16)
+    gt[0, 4:12, 4:8] = 1  # the left half of the box [4, 4, 12, 12]
+    box, matched = torch.tensor([[4.0, 4, 12, 12]]), torch.tensor([0])
+    expected = torch.zeros(4, 4)
+    expected[:, :2] = 1
+    torch.testing.assert_close(mask_targets(gt, box, matched, 4)[0], expected, rtol=0, atol=0)
+    soft = project_masks_on_boxes(gt, box, matched, 4)[0]  # torchvision's: half a pixel off and soft
+    assert not torch.equal(soft, expected) and ((soft > 0) & (soft < 1)).any()
+    logits = torch.randn(1, 1, 4, 4)
+    by_hand = torch.nn.functional.binary_cross_entropy_with_logits(logits[0, 0], expected)
+    assert mask_loss(logits, [box], [gt], [matched]).item() == pytest.approx(by_hand.item())
+
+
+def test_a_fixed_temperature_replaces_the_learned_one_at_inference(tiny_model):
+    tower = randomize_(denserc.create_model(TINY)).eval()
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    heads = _heads(tower, score_threshold=0.0)
+    detector = FViT(tower, heads).eval()
+    with torch.no_grad():
+        heads.classifier.temperature.fill_(50.0)
+        learned = detector(images, [(128, 128)])[0]
+        heads.classifier.temperature.fill_(3.0)
+        heads.config.fixed_temperature = 50.0
+        fixed = detector(images, [(128, 128)])[0]
+        heads.config.fixed_temperature = None
+        other = detector(images, [(128, 128)])[0]
+    torch.testing.assert_close(fixed["scores"], learned["scores"])
+    assert not torch.allclose(other["scores"][:5], learned["scores"][:5])

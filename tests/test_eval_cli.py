@@ -6,7 +6,8 @@ import pytest
 
 from denserc.cli import main
 from denserc.models import TABLE5_VARIANTS
-from eval_fixtures import TINY, grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
+from helpers import TINY
+from eval_fixtures import grey_image, grey_levels, stripes, tiny_model, write_panoptic, \
     write_segmentation_dataset, write_templates
 
 
@@ -85,7 +86,7 @@ def test_region_variants_give_one_row_per_table5_variant(tmp_path, capsys):
 def test_variants_reject_an_explicit_construction(tmp_path, capsys):
     assert main(["eval", "region", "--model", TINY, "--variants", "--gating", "qk", "--data", str(tmp_path),
                  "--device", "cpu", "--no-progress"]) == 1
-    assert capsys.readouterr().err == ("denserc eval: error: --variants sets construction and gating itself; "
+    assert capsys.readouterr().err == ("denserc eval region: error: --variants sets construction and gating itself; "
                                        "drop --construction/--gating\n")
 
 
@@ -93,5 +94,5 @@ def test_seg_without_dataset_on_an_ambiguous_layout_asks_for_one(tmp_path, capsy
     label = stripes(32, 32, [1, 2])
     root = write_segmentation_dataset("voc21", tmp_path / "VOC2012", [label], [grey_image(label, {})])
     assert main(["eval", "seg", "--model", TINY, "--data", str(root), "--device", "cpu", "--no-progress"]) == 1
-    assert capsys.readouterr().err == (f"denserc eval: error: {root} has the layout of voc20 and voc21: choose one "
+    assert capsys.readouterr().err == (f"denserc eval seg: error: {root} has the layout of voc20 and voc21: choose one "
                                        "with --dataset\n")

@@ -30,6 +30,28 @@ def test_miou_leaves_out_classes_absent_from_both_and_keeps_false_positives():
     assert metrics["mAcc"] == 50.0
 
 
+def test_both_miou_rules_on_a_hand_made_confusion_matrix():
+    """mmseg averages every class with a non-empty union, detectron2 (CAT-Seg) only the classes in the ground
+    truth: class 2 is predicted (2 pixels) but absent from the ground truth, class 3 is absent from both."""
+    confusion = torch.tensor([[3, 0, 1, 0],   # class 0: TP 3, FN 1, FP 1 -> IoU 3/5
+                              [1, 2, 1, 0],   # class 1: TP 2, FN 2, FP 0 -> IoU 2/4
+                              [0, 0, 0, 0],   # class 2: TP 0, FN 0, FP 2 -> IoU 0
+                              [0, 0, 0, 0]])  # class 3: nowhere
+    names = ["a", "b", "c", "d"]
+    mmseg = segmentation_metrics(confusion, names, miou_rule="mmseg")
+    detectron2 = segmentation_metrics(confusion, names, miou_rule="detectron2")
+    assert mmseg["mIoU"] == pytest.approx(100 * (3 / 5 + 2 / 4 + 0) / 3)
+    assert detectron2["mIoU"] == pytest.approx(100 * (3 / 5 + 2 / 4) / 2)
+    assert [c["IoU"] for c in mmseg["per_class"]] == [pytest.approx(60.0), 50.0, 0.0, None]
+    assert [c["IoU"] for c in detectron2["per_class"]] == [pytest.approx(60.0), 50.0, None, None]
+    assert (mmseg["miou_rule"], detectron2["miou_rule"]) == ("mmseg", "detectron2")
+    for key in ("mAcc", "aAcc"):  # the rules differ only in which classes the mIoU averages
+        assert mmseg[key] == detectron2[key]
+    assert segmentation_metrics(confusion, names)["mIoU"] == mmseg["mIoU"]  # the training-free default
+    with pytest.raises(ValueError, match="unknown mIoU rule 'coco'; known: mmseg, detectron2"):
+        segmentation_metrics(confusion, names, miou_rule="coco")
+
+
 def test_confusion_matrix_rejects_labels_outside_the_classes():
     with pytest.raises(ValueError, match=r"ground-truth labels must be in 0\.\.2 .*found 0\.\.7"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)

@@ -12,7 +12,8 @@ from denserc.eval import DatasetLayoutError, PanopticRegions, decode_panoptic_pn
 from denserc.eval.text import load_class_names, load_templates
 from denserc.models import pool_boxes, pool_masks
 from denserc.eval import region
-from eval_fixtures import (TINY, grey_image, grey_levels, ids_to_rgb, make_oracle, run_as_two_ranks, save_png,
+from helpers import TINY
+from eval_fixtures import (grey_image, grey_levels, ids_to_rgb, make_oracle, run_as_two_ranks, save_png,
                            shifted, tiny_model, write_panoptic, write_templates)
 
 

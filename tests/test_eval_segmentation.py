@@ -4,10 +4,11 @@ import torch
 
 import denserc
 from denserc import distributed
-from denserc.eval import (PROTOCOLS, SegmentationProtocol, TextClassifier, evaluate_segmentation, predict_labels,
+from denserc.eval import (DEFAULT_PROTOCOLS, SegmentationProtocol, TextClassifier, evaluate_segmentation, predict_labels,
                           protocol_for, segmentation)
 from denserc.eval.text import load_class_names, load_templates
-from eval_fixtures import (TINY, grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
+from helpers import TINY
+from eval_fixtures import (grey_image, grey_levels, make_oracle, run_as_two_ranks, shifted, stripes,
                            tiny_model, write_segmentation_dataset, write_templates)
 
 # class 0 = background with two synonyms, class 1 = cat, class 2 = dog
@@ -46,11 +47,11 @@ def test_classes_winning_too_little_area_are_dropped():
 
 
 def test_protocol_defaults_follow_sclip_and_can_be_overridden():
-    assert PROTOCOLS["voc21"] == SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1)
-    assert PROTOCOLS["context60"].prob_threshold == 0.1 and PROTOCOLS["context60"].logit_scale == 50.0
-    assert [PROTOCOLS[name].short_side for name in ("ade20k", "coco-stuff", "cityscapes")] == [336, 448, 560]
+    assert DEFAULT_PROTOCOLS["voc21"] == SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1)
+    assert DEFAULT_PROTOCOLS["context60"].prob_threshold == 0.1 and DEFAULT_PROTOCOLS["context60"].logit_scale == 50.0
+    assert [DEFAULT_PROTOCOLS[name].short_side for name in ("ade20k", "coco-stuff", "cityscapes")] == [336, 448, 560]
     sclip_datasets = ("ade20k", "context59", "context60", "voc20", "voc21", "coco-stuff", "cityscapes")
-    assert {(PROTOCOLS[name].window, PROTOCOLS[name].stride) for name in sclip_datasets} == {(224, 112)}
+    assert {(DEFAULT_PROTOCOLS[name].window, DEFAULT_PROTOCOLS[name].stride) for name in sclip_datasets} == {(224, 112)}
     custom = protocol_for("cityscapes", window=448, stride=None)
     assert (custom.window, custom.stride, custom.short_side) == (448, 112, 560)
     with pytest.raises(ValueError, match="stride must be positive, got 0; prob_threshold must be in"):

@@ -7,7 +7,8 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGE
 import denserc
 from denserc.eval.text import (TextClassifier, build_text_classifier, builtin_class_names, load_class_names,
                                load_templates, render)
-from eval_fixtures import TINY, tiny_model, write_templates
+from helpers import TINY
+from eval_fixtures import tiny_model, write_templates
 
 EXPECTED_SIZES = {"ade20k": 150, "cityscapes": 19, "coco_panoptic": 133, "coco_stuff": 171, "context59": 59,
                   "context60": 60, "voc20": 20, "voc21": 21, "ade847": 847, "context459": 459, "voc20b": 59,

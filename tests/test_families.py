@@ -16,7 +16,7 @@ import denserc
 from denserc.models import DenseRCModel, UnsupportedModelError
 from denserc.models.towers import attention_pool_one_token, tower_for
 
-from conftest import randomize_, variant
+from helpers import randomize_, variant
 
 EVA, SIGLIP = "EVA02-Tiny-16", "ViT-Tiny-16-MAP"
 FAMILIES = [EVA, SIGLIP]

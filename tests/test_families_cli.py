@@ -10,9 +10,12 @@ from PIL import Image
 
 import denserc
 from denserc.cli import main
-from denserc.train import ConfigError, Trainer, load_config, setup_distributed
+from denserc.models import normalize_images
+from denserc.engine.config import ConfigError
+from denserc.train import load_config, setup_distributed
 from eval_fixtures import grey_image, grey_levels, stripes, write_panoptic, write_segmentation_dataset, \
     write_templates
+from helpers import distillation_engine
 
 EVA, SIGLIP = "EVA02-Tiny-16", "ViT-Tiny-16-MAP"
 # two optimizer steps of the smoke config: 4 generated 64-px images, 2 per step
@@ -45,14 +48,14 @@ def test_two_training_steps_then_segment_with_the_exported_student(name, tmp_pat
 @pytest.mark.slow
 def test_unlocked_blocks_train_only_the_last_blocks_and_the_gate(tmp_path):
     config = load_config("smoke", [f"model.name={EVA}", "model.unlocked_blocks=2", *TWO_STEPS])
-    trainer = Trainer(config, setup_distributed("cpu"), tmp_path / "run")
-    trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    trainer = distillation_engine(config, setup_distributed("cpu"), tmp_path / "run")
+    trainable = {n for n, p in trainer.task.student.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("clip.visual.trunk.blocks.2.", "clip.visual.trunk.blocks.3.", "gate."))
                              for n in trainable)
     assert "gate.linear.weight" in trainable and "clip.visual.trunk.blocks.2.attn.v_proj.weight" in trainable
     with pytest.raises(ConfigError, match=r"model.unlocked_blocks: unlocked_blocks must be in 1..4 for "
                                           "EVA02-Tiny-16 \\(4 blocks\\)"):
-        Trainer(load_config("smoke", [f"model.name={EVA}", "model.unlocked_blocks=5", *TWO_STEPS]),
+        distillation_engine(load_config("smoke", [f"model.name={EVA}", "model.unlocked_blocks=5", *TWO_STEPS]),
                 setup_distributed("cpu"), tmp_path / "bad")
     with pytest.raises(ConfigError, match="model.unlocked_blocks: must be at least 1 or null, got 0"):
         load_config("smoke", ["model.unlocked_blocks=0"])
@@ -66,6 +69,16 @@ def test_a_dinov3_vfm_is_one_key(tmp_path):
     assert (run / "final" / "denserc_config.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["loss_coherence"]) for r in records)
+    trainer = distillation_engine(load_config("smoke", ["vfm.name=vit_small_patch16_dinov3", *TWO_STEPS]), setup_distributed("cpu"),
+                      tmp_path / "inspect")
+    vfm, grid = trainer.task.vfm, (64 // trainer.task.student.patch_size,) * 2
+    assert (vfm.patch_size, vfm.model.num_prefix_tokens) == (16, 5)  # cls + 4 registers
+    pixels = torch.rand(2, 3, 64, 64)
+    features = vfm(pixels, grid)
+    with torch.no_grad():  # the same size: no resampling, and the 5 prefix tokens dropped
+        tokens = vfm.model.forward_features(normalize_images(pixels, vfm.model.pretrained_cfg, white=1.0))
+    assert features.shape[:2] == (2, grid[0] * grid[1]) == (2, tokens.shape[1] - 5)
+    torch.testing.assert_close(features, tokens[:, 5:])
 
 
 @pytest.mark.slow

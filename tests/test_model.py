@@ -9,7 +9,7 @@ import denserc
 from denserc.models import HeadSelectionGate
 from denserc.models.dense import DenseRCModel
 
-from conftest import TINY, randomize_, variant
+from helpers import TINY, variant
 
 
 def block_inputs(model: DenseRCModel, images: torch.Tensor) -> list[torch.Tensor]:

@@ -4,7 +4,7 @@ import torch
 
 import denserc
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 
 @pytest.mark.parametrize("construction,num_layers,taps", [("multi-v", 3, [3, 0, 2]), ("multi-v", 1, [3, 0, 2]),

@@ -22,9 +22,10 @@ from denserc.catseg.config import load_config as load_catseg_config
 from denserc.detect.config import load_detect_config
 from denserc.detect.detector import build_tower
 from denserc.models import PEER_PATHS
-from denserc.train.config import available_configs as available_training_configs
+from denserc.engine.shipped import available_configs
+from denserc.train.shipped import CONFIG_DIR as TRAINING_CONFIGS
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 EVA = "EVA02-Tiny-16"
 SIGLIP = "ViT-Tiny-16-MAP"
@@ -202,7 +203,7 @@ def test_eva_detection_configs_are_clipselfs_settings_on_the_eva_distillation_ou
     eva, reference = load_detect_config(name), load_detect_config(base)
     assert eva.backbone.model == f"runs/{trained_by}/final"
     assert eva.model == reference.model and eva.data == reference.data and eva.optim == reference.optim
-    assert trained_by in available_training_configs()
+    assert trained_by in available_configs(TRAINING_CONFIGS)
 
 
 @pytest.mark.parametrize("name,base,trained_by", [("catseg_eva02_b16", "catseg_vitb16", "eva02_b16_coco"),

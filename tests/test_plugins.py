@@ -18,12 +18,12 @@ from denserc import plugins
 from denserc.cli import main
 from denserc.data import build_source, source_types
 from denserc.data import datasets as data_sources
-from denserc.eval import (PROTOCOLS, SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout,
+from denserc.eval import (DEFAULT_PROTOCOLS, SEGMENTATION_DATASETS, SegmentationDataset, SegmentationLayout,
                           SegmentationProtocol, detect_segmentation_dataset, protocol_for,
                           register_segmentation_dataset)
 from denserc.models import register_pretrained
 
-from conftest import TINY
+from helpers import TINY, isolate_open_clip_configs
 
 TOY_TYPE = "toy-plugin-images"
 TOY_PLUGIN = f'''
@@ -54,7 +54,7 @@ def install_plugin(tmp_path, monkeypatch):
                             else [])
     yield install
     sys.modules.pop("toy_plugin", None)
-    data_sources._SOURCES.pop(TOY_TYPE, None)
+    data_sources.SOURCES.remove(TOY_TYPE)
 
 
 def test_a_plugin_registers_once_and_only_when_a_name_is_unknown(install_plugin):
@@ -66,7 +66,7 @@ def test_a_plugin_registers_once_and_only_when_a_name_is_unknown(install_plugin)
     assert sys.modules["toy_plugin"].CALLS == ["register"]
     assert plugins.load_plugins() == {"toy": "toy_plugin:register"}
     assert sys.modules["toy_plugin"].CALLS == ["register"]
-    with pytest.raises(ValueError, match=rf"data.type: unknown dataset type 'nope'; registered types: .*'{TOY_TYPE}'"):
+    with pytest.raises(ValueError, match=rf"data.type: unknown data type 'nope'; known: .*{TOY_TYPE}"):
         build_source(data_config("nope"))
 
 
@@ -79,6 +79,7 @@ def test_a_failing_plugin_is_named(install_plugin):
 
 
 def test_register_pretrained_makes_a_tag_of_a_local_weights_file(tmp_path, monkeypatch, images):
+    isolate_open_clip_configs(monkeypatch)  # the Toy-Plugin-16 config below does not outlive the test
     monkeypatch.setattr(open_clip.pretrained, "_PRETRAINED",
                         {name: dict(tags) for name, tags in open_clip.pretrained._PRETRAINED.items()})
     reference = open_clip.create_model(TINY).eval()
@@ -124,8 +125,8 @@ def test_register_segmentation_dataset_makes_it_readable_and_detectable_by_name(
         with pytest.raises(ValueError, match="segmentation dataset 'my-scans' is already registered"):
             register_segmentation_dataset(layout)
     finally:
-        SEGMENTATION_DATASETS.pop("my-scans", None)
-        PROTOCOLS.pop("my-scans", None)
+        SEGMENTATION_DATASETS.remove("my-scans")
+        DEFAULT_PROTOCOLS.pop("my-scans", None)
     with pytest.raises(ValueError, match="unknown segmentation dataset 'my-scans'; known: ade20k, "):
         SegmentationDataset("my-scans", tmp_path)
 
@@ -140,11 +141,11 @@ def test_plugin_commands_and_defaults_join_the_command_line(capsys):
 
 def test_without_a_plugin_default_train_and_segment_ask_for_a_config_and_a_model(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(plugins, "entry_points", lambda group: [])
-    assert main(["train", "optim.lr=1e-4"]) == 2
+    assert main(["train", "optim.lr=1e-4"]) == 1
     assert "no CONFIG given and no plug-in sets a built-in default; give a shipped config (" in capsys.readouterr().err
     image = tmp_path / "photo.png"
     Image.new("RGB", (32, 32)).save(image)
-    assert main(["segment", str(image), "--classes", "a,b"]) == 2
+    assert main(["segment", str(image), "--classes", "a,b"]) == 1
     assert "no --model given and no installed plug-in sets a default model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["testbed"])

@@ -9,8 +9,10 @@ from PIL import Image
 
 import denserc
 from denserc.data import ProposalSource, build_source, sample_proposal_boxes
-from denserc.train import Trainer, load_config, setup_distributed
+from denserc.train import load_config, setup_distributed
 from denserc.train.config import DataConfig
+
+from helpers import distillation_engine
 
 
 def _source(boxes, size=(200, 100)):
@@ -91,7 +93,7 @@ def test_the_proposal_recipe_trains_and_its_teacher_embeds_the_enlarged_crops(tm
     path = _write_proposals(tmp_path, [[[4, 4, 20, 16], [30, 10, 24, 30]], [[0, 0, 64, 48]]])
     config = load_config("clipself_eva02_b16_coco_proposals",
                          [*TESTBED, f"data.root={tmp_path}", f"data.annotations={path}"])
-    trainer = Trainer(config, setup_distributed("cpu"), tmp_path / "run")
+    trainer = distillation_engine(config, setup_distributed("cpu"), tmp_path / "run")
     batch = next(iter(trainer.loader()))
     prepared = trainer.task.prepare(batch, epoch=0)
     _, images, boxes, crops = trainer.task.images_and_grids(batch, 0)

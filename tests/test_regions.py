@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import denserc
 
-from conftest import TINY, randomize_
+from helpers import TINY, randomize_
 
 PATCH = 16
 HEIGHT, WIDTH = 160, 224  # a 10 x 14 patch grid: not square, so swapped x/y cannot pass

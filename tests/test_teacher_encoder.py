@@ -7,7 +7,8 @@ import denserc
 from denserc.data import grid_boxes
 from open_clip.transformer import LayerScale, QuickGELU
 
-from denserc.models.teacher import Teacher, Workspace, letterbox_crops, run_open_clip_block_into
+from denserc.models.towers import Workspace, run_open_clip_block_into
+from denserc.train.teacher import Teacher, letterbox_crops
 from denserc.models.towers import run_block
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import denserc
 from denserc.data import build_source
 from denserc.eval.datasets import SegmentationDataset
-from denserc.models.vfm import VFM
+from denserc.train.vfm import VFM
 from denserc_testbed.appearance_vfm import VFM_NAME, AppearanceFeatures
 from denserc_testbed.crops import ScenePool
 from denserc_testbed.evaluation import DATASET, SPLIT, evaluate, prepare_split
@@ -17,7 +17,7 @@ from denserc_testbed.run import METRICS
 from denserc_testbed.scenes import render_scene, scene_rng
 from denserc.train.config import DataConfig
 
-from conftest import TINY
+from helpers import TINY
 
 
 def test_testbed_data_type_renders_the_seeded_scenes():

@@ -13,7 +13,7 @@ from denserc_testbed.probe import (attribute_accuracy, linear_probe, load_testbe
 from denserc_testbed.run import EVAL_SEED
 from denserc_testbed.tiny_clip import pretrained_path
 
-from conftest import TINY
+from helpers import TINY
 
 RED_SOLID, ORANGE_SOLID, RED_STRIPED, GRASS = 0, 1, 8, 48  # labels = category id - 1, pattern-major order
 

@@ -8,7 +8,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from denserc.eval.datasets import panoptic_ids_to_rgb, panoptic_rgb_to_ids
+from denserc.eval.panoptic import panoptic_ids_to_rgb, panoptic_rgb_to_ids
 from denserc_testbed.coco import crop_caption, write_split
 from denserc_testbed.scenes import SceneConfig, Segment, render_scene, scene_caption, scene_rng
 from denserc_testbed.vocabulary import CATEGORIES, CATEGORY_BY_ID, COLOURS, STUFF_ID, THING_ID

@@ -8,8 +8,10 @@ import pytest
 from omegaconf import MISSING
 
 from denserc.cli import main
-from denserc.train.config import (CONFIG_DIR, Config, ConfigError, OptimConfig, TrainConfig, available_configs,
-                                  changed_keys, load_config, load_structured)
+from denserc.engine.config import ConfigError, OptimConfig, TrainConfig, changed_keys, load_structured
+from denserc.engine.shipped import available_configs
+from denserc.train.config import Config, load_config
+from denserc.train.shipped import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +49,7 @@ def test_real_data_configs_carry_the_peers_recipe_choices():
 def test_every_table5_variant_and_model_has_a_shipped_config():
     expected = {"ablation_xv": ("x+v", "none"), "ablation_v": ("v", "none"), "ablation_multiv": ("multi-v", "none"),
                 "ablation_qk": ("multi-v", "qk"), "ablation_qq": ("multi-v", "qq"), "ablation_hsg": ("multi-v", "hsg")}
-    assert set(expected) | {"smoke", "vitb16_coco", "vitl14_coco"} <= set(available_configs())
+    assert set(expected) | {"smoke", "vitb16_coco", "vitl14_coco"} <= set(available_configs(CONFIG_DIR))
     for name, (construction, gating) in expected.items():
         config = load_config(name)
         assert (config.model.construction, config.model.gating) == (construction, gating), name
@@ -112,12 +114,12 @@ def test_base_chains_resolve_relative_to_the_file_and_reject_loops(tmp_path):
 
 def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "smoke", "train.epoch=1"]) == 2
+    assert main(["train", "smoke", "train.epoch=1"]) == 1
     assert "unknown config key 'train.epoch'" in capsys.readouterr().err
-    assert main(["train", "vitb16_coco", f"data.root={tmp_path / 'coco' / 'train2017'}"]) == 2
+    assert main(["train", "vitb16_coco", f"data.root={tmp_path / 'coco' / 'train2017'}"]) == 1
     err = capsys.readouterr().err
     assert "data.root" in err and "does not exist" in err and "Traceback" not in err
-    assert main(["train", "smoke", "model.pretrained=/no/such/weights.safetensors"]) == 2
+    assert main(["train", "smoke", "model.pretrained=/no/such/weights.safetensors"]) == 1
     assert "neither a file nor a pretrained tag" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "runs" / "smoke" / "checkpoints")
 

@@ -10,13 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from denserc.cli import main
-from denserc.train import Trainer, load_config, setup_distributed
-from denserc.train.metrics import read_metrics
+from denserc.train import load_config, setup_distributed
+from denserc.engine.metrics import read_metrics
+
+from helpers import distillation_engine
 
 pytestmark = pytest.mark.slow  # a 2-process torchrun launch
 
 # 2 processes x 2 images = global batch 4; the single-process reference takes 2 images per step
-TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.batch_size=2",
+TINY_RUN = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.batch_size=2",
         "train.epochs=1", "optim.warmup_steps=0", "optim.lr=1e-3", "train.log_every=1",
         "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
 
@@ -26,19 +28,22 @@ WORKER = textwrap.dedent("""
     import sys
     import torch
     from denserc.cli import main
-    from denserc.train import Trainer, load_config, setup_distributed
+    from denserc.engine.loop import Engine
+    from denserc.train import load_config, setup_distributed
+    from denserc.train.trainer import DistillationTask
 
     output, command = sys.argv[1], sys.argv[2:]
     overrides = [a for a in command[2:] if not a.startswith("train.output_dir=")]
     env = setup_distributed("cpu")
-    trainer = Trainer(load_config("smoke", overrides), env, output)
+    config = load_config("smoke", overrides)
+    trainer = Engine(DistillationTask(config, env), config, env, output)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader()))
     gradients = {}
     trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradients.update(
-        {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}))
+        {n: p.grad.clone() for n, p in trainer.task.student.named_parameters() if p.grad is not None}))
     trainer.train_step([batch], epoch=0)
-    weights = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in trainer.task.student.named_parameters()}
     torch.save({"batch": batch, "gradients": gradients, "weights": weights}, f"{output}/rank{env.rank}.pt")
     sys.exit(main(command))
 """)
@@ -50,7 +55,7 @@ def ddp_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("ddp")
     script = output / "worker.py"
     script.write_text(WORKER)
-    command = ["train", "smoke", *TINY, "train.global_batch_size=4", "train.checkpoint_every=1",
+    command = ["train", "smoke", *TINY_RUN, "train.global_batch_size=4", "train.checkpoint_every=1",
                f"train.output_dir={output / 'run'}"]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(script), str(output), *command], env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -61,13 +66,13 @@ def ddp_run(tmp_path_factory):
 
 def single_process_step(tmp_path, batch):
     """Gradients and weights after one step of a fresh single-process trainer on ``batch``."""
-    trainer = Trainer(load_config("smoke", [*TINY, "train.global_batch_size=2"]), setup_distributed("cpu"),
+    trainer = distillation_engine(load_config("smoke", [*TINY_RUN, "train.global_batch_size=2"]), setup_distributed("cpu"),
                       tmp_path / "single")
     gradients = {}
     trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: gradients.update(
-        {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}))
+        {n: p.grad.clone() for n, p in trainer.task.student.named_parameters() if p.grad is not None}))
     trainer.train_step([batch], epoch=0)
-    return gradients, {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    return gradients, {n: p.detach().clone() for n, p in trainer.task.student.named_parameters()}
 
 
 def test_one_ddp_step_averages_gradients_and_keeps_ranks_identical(ddp_run, tmp_path):
@@ -96,7 +101,7 @@ def test_torchrun_command_logs_checkpoints_and_exports_from_rank_zero(ddp_run):
     last = load_file(output / "checkpoints" / "step_000000002" / "student.safetensors")
     assert all(torch.equal(t, last[f"clip.{n}"]) for n, t in exported.items())
     # the 2-process checkpoint resumes in one process (same global batch) and re-exports the same weights
-    assert main(["train", "smoke", *TINY, "train.global_batch_size=4", f"train.output_dir={output}",
+    assert main(["train", "smoke", *TINY_RUN, "train.global_batch_size=4", f"train.output_dir={output}",
                  "--resume", "auto"]) == 0
     again = load_file(output / "final" / "open_clip_model.safetensors")
     assert all(torch.equal(t, again[n]) for n, t in exported.items())

@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from denserc.io import save_tensors
-from denserc.train import Engine, Task, resume_checkpoint, setup_distributed
-from denserc.train.checkpoint import complete_checkpoints
-from denserc.train.config import OptimConfig, TrainConfig
-from denserc.train.metrics import read_metrics
+from denserc.engine import Engine, Task, resume_checkpoint
+from denserc.distributed import setup_distributed
+from denserc.engine.checkpoint import complete_checkpoints
+from denserc.engine.config import OptimConfig, TrainConfig
+from denserc.engine.metrics import read_metrics
 
 DIM = 6
 NUM_POINTS = 40  # 5 steps of 8 per epoch, 50 steps in all
@@ -155,3 +156,22 @@ def test_accumulated_micro_batches_equal_one_large_batch(tmp_path):
         assert gradient.abs().sum() > 0
     torch.testing.assert_close(half_metrics["loss"], whole_metrics["loss"])
     torch.testing.assert_close(halves.task.module.linear.weight, whole.task.module.linear.weight)
+
+
+def test_max_steps_stops_early_with_a_checkpoint_and_the_same_schedule(tmp_path):
+    """``train.max_steps``: a quick check stops after N steps (checkpoint and export) on the full run's schedule,
+    and resuming without it continues to the end as if it had never stopped."""
+    straight = make_engine(tmp_path / "straight")
+    expected = load_file(straight.fit() / "regressor.safetensors")
+    short_config = ToyConfig()
+    short_config.train.max_steps = 12  # mid-epoch (5 steps an epoch), off the checkpoint interval of 8
+    short = make_engine(tmp_path / "short", short_config)
+    exported = short.fit()
+    assert short.step == 12 and exported.is_dir()
+    assert [r["step"] for r in read_metrics(tmp_path / "short")][-1] == 12
+    assert complete_checkpoints(tmp_path / "short" / "checkpoints")[-1][0] == 12
+    resumed = make_engine(tmp_path / "short")
+    final = resumed.fit(resume_checkpoint(tmp_path / "short", "auto", setup_distributed("cpu")))
+    assert resumed.step == STEPS
+    actual = load_file(final / "regressor.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)

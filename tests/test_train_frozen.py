@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 import denserc
 from denserc.data import grid_boxes
 from denserc.models import normalize_images
-from denserc.models.teacher import Teacher, crop_and_resize, letterbox_crops
-from denserc.models.vfm import VFM
+from denserc.train.teacher import Teacher, crop_and_resize, letterbox_crops
+from denserc.train.vfm import VFM
 
 TINY_VFM = {"depth": 1, "embed_dim": 24, "num_heads": 2}
 
@@ -138,7 +138,7 @@ def test_vfm_features_are_on_the_students_patch_grid_without_prefix_tokens():
     features = vfm(pixels, (4, 3))
     assert features.shape == (2, 12, 24)
     resized = F.interpolate(pixels, size=(56, 42), mode="bilinear", align_corners=False, antialias=True)
-    tokens = vfm.model.forward_features((resized - vfm.mean) / vfm.std)
+    tokens = vfm.model.forward_features(_imagenet_style(resized, vfm.model.pretrained_cfg))
     assert tokens.shape[1] == 12 + 5
     torch.testing.assert_close(features, tokens[:, 5:])
     assert not any(p.requires_grad for p in vfm.parameters())
@@ -169,3 +169,9 @@ def test_vfm_without_reachable_weights_fails_fast_with_instructions(monkeypatch,
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # nothing cached
     with pytest.raises(RuntimeError, match="unreachable.*vfm.weights=/path/to/file"):
         VFM("vit_small_patch14_reg4_dinov2", model_kwargs=TINY_VFM)
+
+
+def _imagenet_style(pixels, config):
+    """The VFM's own normalisation, written out: (pixels - mean) / std with its pretrained_cfg."""
+    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (pixels - mean) / std

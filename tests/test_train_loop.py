@@ -8,20 +8,23 @@ from PIL import Image
 
 import denserc
 from denserc.cli import main
-from denserc.train import ConfigError, Trainer, load_config, setup_distributed, train
-from denserc.train.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from denserc.train.metrics import MetricsLogger, read_metrics
-from denserc.train.optim import warmup_cosine
-from denserc.train.sampler import ResumableDistributedSampler
+from denserc.engine.config import ConfigError
+from denserc.train import load_config, setup_distributed
+from denserc.engine.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from denserc.engine.metrics import MetricsLogger, read_metrics
+from denserc.engine.optim import warmup_cosine
+from denserc.engine.sampler import ResumableDistributedSampler
 
-TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
+from helpers import distillation_engine
+
+TINY_RUN = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
         "train.batch_size=2", "train.epochs=1", "optim.warmup_steps=0", "train.log_every=1",
         "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
 
 
 def make_trainer(tmp_path, *overrides):
-    config = load_config("smoke", [*TINY, *overrides])
-    return Trainer(config, setup_distributed("cpu"), tmp_path / "run")
+    config = load_config("smoke", [*TINY_RUN, *overrides])
+    return distillation_engine(config, setup_distributed("cpu"), tmp_path / "run")
 
 
 def capture_gradients(trainer):
@@ -29,7 +32,7 @@ def capture_gradients(trainer):
     captured = {}
 
     def hook(optimizer, args, kwargs):
-        captured.update({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None})
+        captured.update({n: p.grad.clone() for n, p in trainer.task.student.named_parameters() if p.grad is not None})
     trainer.optimizer.register_step_pre_hook(hook)
     return captured
 
@@ -43,19 +46,19 @@ def first_batches(trainer, count):
 # ------------------------------------------------------------------------- what trains, and how
 def test_only_the_image_tower_and_gate_train_and_off_path_tensors_are_frozen(tmp_path):
     trainer = make_trainer(tmp_path)
-    student = trainer.student
+    student = trainer.task.student
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     tower = {id(p) for p in student.image_tower_parameters()}
     assert optimised <= tower
     assert not any(p.requires_grad for p in student.clip.transformer.parameters())  # text tower
-    assert not any(p.requires_grad for p in trainer.teacher.parameters())
-    assert not any(p.requires_grad for p in trainer.vfm.parameters())
+    assert not any(p.requires_grad for p in trainer.task.teacher.parameters())
+    assert not any(p.requires_grad for p in trainer.task.vfm.parameters())
     last = "clip.visual.transformer.resblocks.3."
-    assert sorted(trainer.frozen_off_path) == sorted(f"{last}{n}" for n in
+    assert sorted(trainer.task.frozen_off_path) == sorted(f"{last}{n}" for n in
                                                      ["ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                                                       "mlp.c_proj.weight", "mlp.c_proj.bias"])
     named = dict(student.named_parameters())
-    assert optimised == {id(p) for n, p in named.items() if id(p) in tower and n not in trainer.frozen_off_path}
+    assert optimised == {id(p) for n, p in named.items() if id(p) in tower and n not in trainer.task.frozen_off_path}
     assert id(named["gate.linear.weight"]) in optimised
 
 
@@ -67,8 +70,8 @@ STEM_AND_HEAD = ["clip.visual.conv1.weight", "clip.visual.class_embedding", "cli
 def test_a_run_leaves_stem_ln_post_proj_and_text_tower_bit_identical_in_the_export(tmp_path):
     """The peers' 'what trains' (blocks only; CLIPSelf's VisionTransformer.lock), under their 0.7 export."""
     trainer = make_trainer(tmp_path, "export.alpha=0.7")
-    initial = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
-    trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    initial = {n: p.detach().clone() for n, p in trainer.task.student.named_parameters()}
+    trainable = {n for n, p in trainer.task.student.named_parameters() if p.requires_grad}
     assert not trainable & set(STEM_AND_HEAD)
     assert all(n.startswith(("clip.visual.transformer.resblocks.", "gate.")) for n in trainable)
     exported = denserc.load(trainer.fit())
@@ -81,7 +84,7 @@ def test_a_run_leaves_stem_ln_post_proj_and_text_tower_bit_identical_in_the_expo
 
 def test_train_stem_and_head_trains_the_whole_image_tower(tmp_path):
     trainer = make_trainer(tmp_path, "model.train_stem_and_head=true")
-    trainable = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in trainer.task.student.named_parameters() if p.requires_grad}
     assert set(STEM_AND_HEAD) <= trainable
     with pytest.raises(ConfigError, match="model.train_stem_and_head=true trains the whole image tower, every block "
                                           "included; model.unlocked_blocks must be null with it, got 2"):
@@ -90,14 +93,14 @@ def test_train_stem_and_head_trains_the_whole_image_tower(tmp_path):
 
 def test_x_plus_v_uses_the_last_mlp_so_nothing_is_frozen(tmp_path):
     trainer = make_trainer(tmp_path, "model.construction=x+v", "model.gating=none", "model.num_layers=1")
-    assert trainer.frozen_off_path == []
+    assert trainer.task.frozen_off_path == []
 
 
 def test_weight_decay_spares_norms_biases_embeddings_and_the_gate(tmp_path):
     trainer = make_trainer(tmp_path, "model.train_stem_and_head=true")
     decay, no_decay = trainer.optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    names = {id(p): n for n, p in trainer.student.named_parameters()}
+    names = {id(p): n for n, p in trainer.task.student.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert {"gate.linear.weight", "gate.linear.bias", "clip.visual.ln_post.weight",
             "clip.visual.class_embedding", "clip.visual.transformer.resblocks.0.attn.in_proj_bias"} <= no_decay_names
@@ -212,7 +215,7 @@ def test_smoke_default_lowers_semantics_loss_and_exports_an_open_clip_model(tmp_
     config = load_config("smoke", ["train.epochs=1", "data.num_images=32", "train.log_every=2"])
     torch.manual_seed(config.train.seed)
     initial = denserc.create_model("ViT-Tiny-16")  # the run's initial weights: the text tower must keep them
-    final = train(config, setup_distributed("cpu"), tmp_path / "smoke")
+    final = distillation_engine(config, setup_distributed("cpu"), tmp_path / "smoke").fit()
     records = read_metrics(tmp_path / "smoke")
     semantics = [r["loss_semantics"] for r in records]
     assert len(records) == 2 and all({"loss", "loss_coherence", "lr", "grad_norm"} <= r.keys() for r in records)
@@ -240,14 +243,14 @@ def test_smoke_default_lowers_semantics_loss_and_exports_an_open_clip_model(tmp_
 def test_export_averages_the_image_tower_with_the_teacher(tmp_path, alpha):
     trainer = make_trainer(tmp_path, f"export.alpha={alpha}")
     with torch.no_grad():
-        for parameter in trainer.student.visual.parameters():
+        for parameter in trainer.task.student.visual.parameters():
             parameter.add_(1.0)
     exported = denserc.load(trainer.export())
-    teacher = dict(trainer.teacher.visual.named_parameters())
+    teacher = dict(trainer.task.teacher.visual.named_parameters())
     for name, parameter in exported.visual.named_parameters():
         expected = alpha * (teacher[name] + 1.0) + (1 - alpha) * teacher[name]
         torch.testing.assert_close(parameter, expected, msg=name)
-    assert torch.equal(exported.gate.linear.weight, trainer.student.gate.linear.weight)
+    assert torch.equal(exported.gate.linear.weight, trainer.task.student.gate.linear.weight)
 
 
 def test_a_corrupt_image_is_skipped_and_counted_in_the_log_or_stops_a_strict_run(tmp_path, capsys):
@@ -257,10 +260,10 @@ def test_a_corrupt_image_is_skipped_and_counted_in_the_log_or_stops_a_strict_run
         Image.new("RGB", (40, 30), (30 * index, 0, 0)).save(images / f"{index}.png")
     (images / "7.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     folder = ["data.type=folder", f"data.root={images}"]
-    assert main(["train", "smoke", *TINY, *folder, f"train.output_dir={tmp_path / 'run'}"]) == 0
+    assert main(["train", "smoke", *TINY_RUN, *folder, f"train.output_dir={tmp_path / 'run'}"]) == 0
     records = read_metrics(tmp_path / "run")
     assert len(records) == 4 and records[-1]["skipped_images"] == 1  # every image is visited once
     capsys.readouterr()
-    assert main(["train", "smoke", *TINY, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 2
+    assert main(["train", "smoke", *TINY_RUN, *folder, "data.strict=true", f"train.output_dir={tmp_path / 'strict'}"]) == 1
     error = capsys.readouterr().err
     assert "cannot read image" in error and "7.png" in error and "Traceback" not in error

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from denserc.cli import main
-from denserc.train.checkpoint import complete_checkpoints
-from denserc.train.metrics import read_metrics
+from denserc.engine.checkpoint import complete_checkpoints
+from denserc.engine.metrics import read_metrics
 
 pytestmark = pytest.mark.slow  # whole training runs, one of them killed and resumed
 
@@ -69,7 +69,7 @@ def test_a_finished_run_refuses_a_fresh_start_and_resume_only_exports_again(tmp_
     assert main(arguments(output, "train.epochs=1")) == 0
     before = final_weights(output)
     capsys.readouterr()
-    assert main(arguments(output, "train.epochs=1")) == 2
+    assert main(arguments(output, "train.epochs=1")) == 1
     error = capsys.readouterr().err
     assert "already has checkpoints (newest: step 4)" in error and "--resume auto" in error
     with caplog.at_level(logging.INFO, logger="denserc"):

@@ -2,17 +2,19 @@
 import pytest
 import torch
 
-from denserc.train import Trainer, load_config, setup_distributed
-from denserc.train.metrics import read_metrics
+from denserc.train import load_config, setup_distributed
+from denserc.engine.metrics import read_metrics
 
-TINY = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
+from helpers import distillation_engine
+
+TINY_RUN = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "train.global_batch_size=2",
         "train.batch_size=2", "train.epochs=1", "optim.warmup_steps=0", "train.precision=fp32",
         "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
 
 
 def make_trainer(tmp_path, *overrides):
-    config = load_config("smoke", [*TINY, *overrides])
-    return Trainer(config, setup_distributed("cpu"), tmp_path)
+    config = load_config("smoke", [*TINY_RUN, *overrides])
+    return distillation_engine(config, setup_distributed("cpu"), tmp_path)
 
 
 def test_without_coherence_weight_no_vfm_is_built_or_run_and_the_loss_is_semantics(tmp_path, monkeypatch):
@@ -21,7 +23,7 @@ def test_without_coherence_weight_no_vfm_is_built_or_run_and_the_loss_is_semanti
     monkeypatch.setattr("denserc.train.trainer.VFM", no_vfm)
     monkeypatch.setattr("denserc.losses.coherence_loss", lambda *a: pytest.fail("L_coherence was computed"))
     trainer = make_trainer(tmp_path / "run", "loss.coherence_weight=0", "train.log_every=2")
-    assert trainer.vfm is None and trainer.task.progress_fields == {"sem": "loss_semantics"}
+    assert trainer.task.vfm is None and trainer.task.progress_fields == {"sem": "loss_semantics"}
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader()))
     with torch.no_grad():
@@ -53,8 +55,8 @@ def test_the_gradient_norm_is_measured_on_logging_steps_only_and_the_training_is
     third.optimizer.register_step_pre_hook(lambda optimizer, *_: norms.append(torch.nn.utils.get_total_norm(
         [p.grad for p in third.trainable if p.grad is not None]).item()))
     every.fit(), third.fit()
-    for name, tensor in every.student.state_dict().items():
-        assert torch.equal(tensor, third.student.state_dict()[name]), name
+    for name, tensor in every.task.student.state_dict().items():
+        assert torch.equal(tensor, third.task.student.state_dict()[name]), name
 
     logged_every, logged_third = read_metrics(tmp_path / "every"), read_metrics(tmp_path / "third")
     assert [r["step"] for r in logged_third] == [3, 4]  # every 3rd step and the last

@@ -11,7 +11,7 @@ from PIL import Image
 import denserc
 from denserc.viz import draw, predict, similarity_map, text_embeddings
 
-from conftest import TINY
+from helpers import TINY
 
 CLASSES = ["dog", "grass", "sky"]
 COLOUR_OF = {"dog": (230, 30, 30), "grass": (30, 200, 40), "sky": (40, 60, 230)}  # red, green, blue

@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "denserc.catseg.cli",
     "denserc.viz.cli",
     "denserc.detect.cli",
+    "denserc.models.cli",
     "denserc.analysis.cli",
 )
 
@@ -47,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. An expected failure (bad input, missing file, unreadable data) prints one line,
-    ``denserc COMMAND: error: ...``, and exits with 1; ``--debug`` (anywhere on the line) shows the
-    traceback instead, as any unexpected error does."""
+    """Run one command. An expected failure (bad input, missing file, unreadable data), raised by any command
+    as an ``EXPECTED_ERRORS`` exception, prints one line, ``denserc COMMAND: error: ...``, and exits with 1,
+    whatever the command; ``--debug`` (anywhere on the line) shows the traceback instead, as any unexpected
+    error does. (argparse's own syntax errors exit with 2 before a command runs.)"""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
@@ -63,13 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as error:
         if debug:
             raise
-        print(f"denserc {args.command}: error: {error}", file=sys.stderr)
+        print(f"denserc {_command_name(args)}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"denserc {args.command}: interrupted", file=sys.stderr)
+        print(f"denserc {_command_name(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``train``, or ``detect eval`` for a command with subcommands (their parsers set ``command_name``)."""
+    return getattr(args, "command_name", args.command)
 
 
 if __name__ == "__main__":

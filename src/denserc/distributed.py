@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -43,6 +41,13 @@ class DistributedEnv:
         return list(range(self.rank, count, self.world_size))
 
 
+def resolve_device(device: str | None) -> str:
+    """"auto" (or None): CUDA if available, else the CPU; any other torch device name as it is."""
+    if device in ("auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def setup_distributed(device: str | None = "auto") -> DistributedEnv:
     """Read torchrun's environment, pick the device and join the process group if there is one.
 
@@ -52,8 +57,7 @@ def setup_distributed(device: str | None = "auto") -> DistributedEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in ("auto", None):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     torch_device = torch.device(device)
     if torch_device.type == "cuda":
         if not torch.cuda.is_available():
@@ -75,28 +79,6 @@ def cleanup_distributed() -> None:
     """Leave the process group joined by ``setup_distributed`` (if any)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def run_training_command(config, config_name: str, fit: Callable[[DistributedEnv, Path], Path]
-                         ) -> tuple[DistributedEnv, Path]:
-    """What every ``... train`` command does around its task: the output folder (``train.output_dir``, else
-    ``runs/<config name>``), the process group, per-rank logging, then ``fit(env, output_dir)`` (its
-    progress bars kept apart from log lines); returns the environment and what ``fit`` returned. The
-    process group is left whatever happens; errors reach the caller, which reports them its own way."""
-    import logging
-
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    output_dir = Path(config.train.output_dir or Path("runs") / Path(config_name).name.removesuffix(".yaml"))
-    env = setup_distributed(config.train.device)
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
-    try:
-        with logging_redirect_tqdm():
-            return env, fit(env, output_dir)
-    finally:
-        cleanup_distributed()
 
 
 def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write never leaves a truncated file where a good one was."""
+"""Files: atomic writes (a crash mid-write never leaves a truncated file where a good one was), and reading
+JSON and the format version of what the library exports, with errors that name the file."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,26 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     """Write a safetensors file atomically (tensors are copied to contiguous CPU memory)."""
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON"):
+    """The parsed content of a JSON file; a missing file or invalid JSON is one error naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from error
+
+
+FORMAT_KEY = "format_version"  # the key every exported folder's JSON records its format under
+
+
+def check_format_version(content: dict, expected: int, path: str | os.PathLike) -> None:
+    """Refuse an exported folder's JSON whose ``format_version`` is not the one this code reads."""
+    if content.get(FORMAT_KEY) != expected:
+        raise ValueError(f"{path}: {FORMAT_KEY} {content.get(FORMAT_KEY)!r} is not supported (expected {expected})")
 
 
 def save_json(obj, path: str | os.PathLike) -> None:

@@ -27,12 +27,12 @@ from denserc.catseg.export import load_catseg
 from denserc.catseg.task import CATSegTask
 from denserc.io import atomic_write, save_json
 from denserc.distributed import cleanup_distributed, setup_distributed
-from denserc.train.engine import Engine
+from denserc.engine.loop import Engine
+from denserc.reports import markdown_table
 from .coco import write_split
 from .evaluation import CLASS_NAMES_FILE, DATASET, TRAIN_SPLIT, prepare_split
 from .settings import CATSEG_TRAIN_IMAGES, COMPARED_CLIPS, EVAL_IMAGES, EVAL_SEED
 from .scenes import SceneConfig
-from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
 from .vocabulary import CATEGORIES, COLOURS, PATTERNS, STUFF_ID, THING_ID, label_of
 
 CONFIG = Path(__file__).parent / "catseg_testbed.yaml"
@@ -101,12 +101,11 @@ def run(clips=COMPARED_CLIPS, output: str | Path = "runs/testbed-catseg", overri
 
 
 def format_table(records: list[dict]) -> str:
-    lines = ["| CLIP | iterations | train s | mIoU seen | mIoU unseen | mIoU all |", "|---|---|---|---|---|---|"]
-    for r in records:
-        cells = [r["clip"], str(r["iterations"]), f"{r['train_seconds']:.0f}",
-                 *("n/a" if r[k] is None else f"{r[k]:.2f}" for k in ("mIoU_seen", "mIoU_unseen", "mIoU"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nunseen classes (never a training label): {', '.join(records[0]['held_out'])}\n"
+    cells = [[r["clip"], str(r["iterations"]), f"{r['train_seconds']:.0f}",
+              *("n/a" if r[k] is None else f"{r[k]:.2f}" for k in ("mIoU_seen", "mIoU_unseen", "mIoU"))]
+             for r in records]
+    return markdown_table(["CLIP", "iterations", "train s", "mIoU seen", "mIoU unseen", "mIoU all"], cells,
+                          [f"unseen classes (never a training label): {', '.join(records[0]['held_out'])}"]) + "\n"
 
 
 def _main(args) -> int:

@@ -56,7 +56,8 @@ def register_run(subparsers) -> None:
     parser.add_argument("--schedule", choices=list(SCHEDULES), default="short",
                         help="short: ~2-5 min per variant on 2 CPU cores; full: the docs' results (default: short)")
     parser.add_argument("--variants", default="hsg",
-                        help=f"comma-separated subset of {','.join(TABLE5_VARIANTS)}, or 'all' (default: hsg)")
+                        help=f"comma-separated subset of {','.join(TABLE5_VARIANTS)} (Table 5) and declip (DeCLIP's "
+                             "dual-stream recipe), or 'all' (Table 5; default: hsg)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="distillation seeds (default: 0)")
     parser.add_argument("--output", type=Path, default=Path("runs/testbed"),
                         help="folder for the held-out split, the runs and the results; its runs are "

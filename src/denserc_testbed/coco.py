@@ -18,7 +18,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from denserc.eval.datasets import panoptic_ids_to_rgb
+from denserc.eval.panoptic import panoptic_ids_to_rgb
 from denserc.io import atomic_write, save_json
 
 from .scenes import Scene, SceneConfig, render_scene, scene_rng

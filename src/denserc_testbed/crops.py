@@ -5,7 +5,7 @@ box, and for every stuff segment a window that is mostly (>= ``STUFF_PURITY``) t
 keeps each scene's segment map, so that any box can be captioned by what it shows
 (``region_caption``): DenseRC's teacher embeds arbitrary grid cells, and a CLIP that has only
 seen object-centred crops misreads them. Crops are cut and resized with the teacher's RoIAlign
-cropping (``denserc.models.teacher.crop_and_resize``), the way DenseRC's teacher crops grid cells.
+cropping (``denserc.train.teacher.crop_and_resize``), the way DenseRC's teacher crops grid cells.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from denserc.models.teacher import crop_and_resize
+from denserc.train.teacher import crop_and_resize
 
 from .scenes import SceneConfig, caption_of, render_scene, scene_rng
 from .vocabulary import CATEGORIES

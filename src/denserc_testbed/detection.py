@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from denserc.detect.protocols import Protocol, Split
 from denserc.io import save_json
+from denserc.reports import markdown_table
 from .coco import write_split
 from .vocabulary import COLOURS, PATTERNS
 
@@ -71,8 +72,9 @@ def run(backbones: Sequence[str], output: str | Path = "runs/testbed_detect", nu
     """Train and evaluate F-ViT on each backbone; one record per backbone (also in results.json)."""
     from denserc.detect.config import load_detect_config
     from denserc.detect.detector import load
-    from denserc.detect.run import evaluate_detector
-    from denserc.detect.task import train_detector
+    from denserc.detect.validation import evaluate_detector
+    from denserc.detect.task import DetectionTask
+    from denserc.engine.loop import Engine
     from denserc.distributed import cleanup_distributed, setup_distributed
 
     output = Path(output)
@@ -90,7 +92,7 @@ def run(backbones: Sequence[str], output: str | Path = "runs/testbed_detect", nu
         try:
             start = time.time()
             with logging_redirect_tqdm():
-                final = train_detector(config, env, run_dir, resume=None)
+                final = Engine(DetectionTask(config, env), config, env, run_dir).fit()
             minutes = (time.time() - start) / 60
         finally:
             cleanup_distributed()
@@ -103,11 +105,9 @@ def run(backbones: Sequence[str], output: str | Path = "runs/testbed_detect", nu
 
 
 def format_table(records: list[dict]) -> str:
-    lines = ["| backbone | AP50 novel | AP50 base | AP50 all | train min |", "|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['backbone']} | {r['ap50_novel']:.1f} | {r['ap50_base']:.1f} | {r['ap50_all']:.1f} | "
-                     f"{r['train_minutes']:.1f} |")
-    return "\n".join(lines) + "\n"
+    cells = [[r["backbone"], *(f"{r[k]:.1f}" for k in ("ap50_novel", "ap50_base", "ap50_all", "train_minutes"))]
+             for r in records]
+    return markdown_table(["backbone", "AP50 novel", "AP50 base", "AP50 all", "train min"], cells) + "\n"
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from denserc.eval.datasets import PanopticRegions
+from denserc.eval.panoptic import PanopticRegions
 from denserc.eval.text import build_text_classifier, load_class_names, load_templates
 from denserc.models import create_model, get_tokenizer, load, normalize_images, pool_boxes, pool_masks
 

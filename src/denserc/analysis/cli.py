@@ -11,11 +11,8 @@ for ``ViT-Testbed-P8``); with it, an image folder such as COCO val2017.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
-
-from .. import __version__
 
 ANALYSES = ("gradients", "heads", "layers", "lambda", "decomposition", "consistency", "delta-l")
 DEFAULT_VARIANTS = ("none", "qk", "qq", "hsg")
@@ -148,17 +145,17 @@ def _write(args, report: dict) -> Path:
     import torch
 
     from ..io import save_json
+    from ..reports import provenance
     out = _out(args)
-    save_json({"analysis": args.analysis, "argv": ["denserc", *sys.argv[1:]], "denserc_version": __version__,
-               "torch_version": torch.__version__,
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **report}, out)
+    device = _device(args) if hasattr(args, "device") else torch.device("cpu")
+    save_json({"analysis": args.analysis, **provenance(device, "fp32", 1), "argv": ["denserc", *sys.argv[1:]],
+               **report}, out)
     return out
 
 
 def _table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    from ..reports import markdown_table
+    return markdown_table(header, [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows])
 
 
 # ------------------------------------------------------------------------------------------ commands

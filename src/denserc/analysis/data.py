@@ -11,7 +11,7 @@ import torch
 
 from ..data.transforms import SquareResize
 from ..images import load_image
-from ..plugins import load_plugins
+from ..registry import Registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -46,13 +46,13 @@ class AnalysisData:
 
 
 # model name -> builder(num_images, workdir, progress) -> AnalysisData
-_PROVIDERS: dict[str, Callable] = {}
+ANALYSIS_DATA: Registry[Callable] = Registry("analysis data")
 
 
 def register_analysis_data(model_name: str, builder: Callable) -> None:
     """Make ``builder(num_images, workdir, progress) -> AnalysisData`` what ``denserc analyze`` runs on for
     models named ``model_name`` when no ``--data`` is given (the testbed registers its held-out scenes)."""
-    _PROVIDERS[model_name] = builder
+    ANALYSIS_DATA.register(model_name, builder)
 
 
 def analysis_data(model, data: str | os.PathLike | None, num_images: int, *, image_size: int | None = None,
@@ -62,12 +62,10 @@ def analysis_data(model, data: str | os.PathLike | None, num_images: int, *, ima
     if num_images < 1:
         raise ValueError(f"--images must be at least 1, got {num_images}")
     if data is None:
-        if model.model_name not in _PROVIDERS:
-            load_plugins()
-        if model.model_name not in _PROVIDERS:
+        if ANALYSIS_DATA.find(model.model_name) is None:  # the plug-ins are asked first
             raise ValueError(f"no --data given and no plug-in provides analysis images for {model.model_name}; "
                              "pass --data IMAGE_FOLDER (e.g. COCO val2017)")
-        return _PROVIDERS[model.model_name](num_images, Path(workdir), progress)
+        return ANALYSIS_DATA.get(model.model_name)(num_images, Path(workdir), progress)
     return image_folder_data(model, Path(data), num_images, image_size or 448, class_names, templates)
 
 

@@ -1,7 +1,7 @@
 """Where L_semantics sends its gradient: per patch, for each dense-construction variant (the paper's Fig. 3).
 
 For each image: the training grid (``sample_grid_boxes``, CLIPSelf's rule), the teacher's embeddings of the
-letterboxed cells (``Teacher``), L_semantics of the variant's dense features (``semantics_loss``, the image's
+letterboxed cells (``denserc.train.teacher.Teacher``), L_semantics of the variant's dense features (``semantics_loss``, the image's
 own mean over its cells), and its gradient with respect to the tokens the variant's construction reads: the
 inputs of its value blocks, cut from the trunk (``DenseRCModel.dense_from_block_inputs``), so that a token's
 gradient measures what the construction alone does with it. A patch's value is the norm of its gradient over
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..data import sample_grid_boxes
 from ..losses import semantics_loss
 from ..models import normalize_images
-from ..models.teacher import Teacher
+from ..train.teacher import Teacher
 from .stats import concentration
 from .variants import GRADIENT_VARIANTS, same_weights
 

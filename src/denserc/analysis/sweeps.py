@@ -12,7 +12,10 @@ from tqdm import tqdm
 
 from ..distributed import cleanup_distributed, setup_distributed
 from ..models import load
-from ..train import load_config, train
+from ..reports import markdown_table
+from ..engine.loop import Engine
+from ..train import load_config
+from ..train.trainer import DistillationTask
 from .variants import same_weights
 
 LAMBDAS = (0.0, 0.0125, 0.025, 0.05, 0.1)
@@ -37,7 +40,7 @@ def trained_model(config_name: str, runs: Path, num_layers: int, coherence_weigh
                          f"got {config.model.construction}")
     env = setup_distributed(config.train.device)
     try:
-        return Path(train(config, env, run_dir)), False
+        return Path(Engine(DistillationTask(config, env), config, env, run_dir).fit()), False
     finally:
         cleanup_distributed()
 
@@ -84,12 +87,12 @@ def summarise(rows: list[dict], key: str, metrics) -> list[dict]:
 
 def markdown(summary: list[dict], key: str, metrics, labels: dict) -> str:
     header = [key if key != "num_layers" else "L", "trained", "seeds", *(labels.get(m, m) for m in metrics)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for entry in summary:
         cells = []
         for metric in metrics:
             spread = entry[f"{metric}_std"]
             cells.append(f"{entry[metric]:.1f}" + (f" ± {spread:.1f}" if spread is not None else ""))
         seeds = ", ".join(str(s) for s in entry["seeds"]) if entry["trained"] else "-"
-        lines.append(f"| {entry[key]:g} | {'yes' if entry['trained'] else 'no'} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append([f"{entry[key]:g}", "yes" if entry["trained"] else "no", seeds, *cells])
+    return markdown_table(header, rows) + "\n"

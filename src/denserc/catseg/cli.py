@@ -2,23 +2,24 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 import time
 from pathlib import Path
 
+from ..eval.defaults import SKIP_UNREADABLE_HELP
+from ..models.variants import PRECISIONS
+
 EXAMPLES = """examples:
-  denserc catseg train catseg_vitb16 data.root=/data/coco_stuff164k                     plain OpenAI ViT-B/16
-  denserc catseg train catseg_vitb16 data.root=/data/coco_stuff164k clip.model=runs/vitb16/final   DenseRC
-  torchrun --standalone --nproc_per_node 4 -m denserc catseg train catseg_vitb16 data.root=... \\
-      train.batch_size=1                                                                 4 GPUs, batch 4
+  denserc catseg train catseg_vitb16 data.root=/data/coco-stuff                         plain OpenAI ViT-B/16
+  denserc catseg train catseg_vitb16 data.root=/data/coco-stuff clip.model=runs/vitb16_coco/final   DenseRC
+      (the folder `denserc train vitb16_coco` writes; global batch 4 = 1 image per forward x 4 accumulated)
+  torchrun --standalone --nproc_per_node 4 -m denserc catseg train catseg_vitb16 data.root=...   4 GPUs x 1
   denserc catseg eval --model runs/catseg_vitb16/final --data /data/ADE20K_2021_17_01 --dataset ade847
 see docs/segmentation.md (trained protocol)
 """
 
 
 def register(subparsers) -> None:
-    from ..train.shipped import available_configs
+    from ..engine.shipped import available_configs
     from .defaults import BENCHMARKS, CONFIG_DIR
     parser = subparsers.add_parser("catseg", help="CAT-Seg: trained open-vocabulary segmentation on a (DenseRC) CLIP",
                                    description="Train CAT-Seg on a CLIP and evaluate it (the paper's A-847 / PC-459 / "
@@ -30,11 +31,11 @@ def register(subparsers) -> None:
                                         f"({', '.join(available_configs(CONFIG_DIR))}) or a YAML "
                                         "file; overrides are section.key=value.")
     train.add_argument("config", help="config name or YAML path")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. clip.model=runs/vitb16/final")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. clip.model=runs/vitb16_coco/final")
     train.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
                        help="'auto': continue from the newest complete checkpoint (fresh if none); or a folder")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=run_train, command_name="catseg train")
     evaluate = jobs.add_parser("eval", help="mIoU of trained CAT-Seg models on one benchmark",
                                description="Sliding-window CAT-Seg inference -> mIoU; one Markdown row per model.")
     evaluate.add_argument("--model", action="append", required=True, metavar="FOLDER",
@@ -47,79 +48,59 @@ def register(subparsers) -> None:
     evaluate.add_argument("--out", type=Path, default=None, help="JSON report (default: eval-catseg-DATASET.json)")
     evaluate.add_argument("--workers", type=int, default=4)
     evaluate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    evaluate.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default="fp32")
     for flag, kind, meaning in (("--short-side", int, "short side after the first resize (640)"),
                                 ("--size", int, "square size the image is then resized to (640)"),
                                 ("--window", int, "sliding-window size (384)"),
                                 ("--overlap", float, "window overlap (0.333)")):
         evaluate.add_argument(flag, type=kind, default=None, help=f"{meaning}; default: CAT-Seg's")
+    evaluate.add_argument("--skip-unreadable", action="store_true", help=SKIP_UNREADABLE_HELP)
     evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(func=run_eval)
+    evaluate.set_defaults(func=run_eval, command_name="catseg eval")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..distributed import run_training_command
-    from ..train.checkpoint import resume_checkpoint
-    from ..train.config import ConfigError, dump_config
-    from ..train.engine import Engine
+    from ..engine.config import dump_config
+    from ..engine.launch import run
     from .config import load_config
     from .task import CATSegTask
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        return _report("train", error)
+    config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    def fit(env, output_dir):
-        checkpoint = resume_checkpoint(output_dir, args.resume, env)
-        return Engine(CATSegTask(config, env), config, env, output_dir).fit(checkpoint)
-
-    try:
-        env, final = run_training_command(config, args.config, fit)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:  # bad config, data or weights
-        return _report("train", error)
+    # bad config, data or weights: cli.main says so
+    env, final = run(lambda env: CATSegTask(config, env), config, args.config, args.resume)
     if env.is_main:
         print(f"denserc catseg train: done; segmenter in {final} (denserc catseg eval --model {final} ...)")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
 
-    from .. import __version__
+    from ..reports import provenance
     from ..distributed import cleanup_distributed, setup_distributed
     from ..io import save_json
     from .evaluate import SlidingWindowProtocol, evaluate_catseg
     from .export import load_catseg
     overrides = {"short_side": args.short_side, "size": args.size, "window": args.window, "overlap": args.overlap}
-    try:
-        protocol = SlidingWindowProtocol(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as error:
-        return _report("eval", error)
+    protocol = SlidingWindowProtocol(**{k: v for k, v in overrides.items() if v is not None})
     shard = setup_distributed(args.device)
     device = shard.device
     try:
         rows = []
         for folder in args.model:
-            try:
-                segmenter, tokenizer, templates = load_catseg(folder, device=device, precision=args.precision)
-                start = time.perf_counter()
-                result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset,
-                                         protocol=protocol, class_names=args.class_names, workers=args.workers,
-                                         limit=args.limit, shard=shard, progress=not args.no_progress,
-                                         description=folder)
-            except (FileNotFoundError, ValueError) as error:  # a wrong folder, dataset or class list
-                return _report("eval", error)
+            segmenter, tokenizer, templates = load_catseg(folder, device=device, precision=args.precision)
+            start = time.perf_counter()
+            result = evaluate_catseg(segmenter, tokenizer, templates, args.data, args.dataset,
+                                     protocol=protocol, class_names=args.class_names, workers=args.workers,
+                                     limit=args.limit, shard=shard, progress=not args.no_progress,
+                                     description=folder, skip_unreadable=args.skip_unreadable)
             rows.append({"model": folder, "seconds": round(time.perf_counter() - start, 2), **result})
             del segmenter
         if shard.is_main:
             out = args.out or Path(f"eval-catseg-{args.dataset}.json")
             save_json({"task": "catseg", "benchmark": args.dataset, "data": str(args.data), "results": rows,
-                       "argv": sys.argv, "denserc_version": __version__, "torch_version": torch.__version__,
-                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-                       "precision": args.precision, "world_size": shard.world_size, "limit": args.limit,
-                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, out)
+                       **provenance(device, args.precision, shard.world_size, limit=args.limit)}, out)
             print(markdown_table(rows))
             print(f"\nwrote {out}")
     finally:
@@ -129,16 +110,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def markdown_table(rows: list[dict]) -> str:
     """One row per trained segmenter: benchmark, images, mIoU, mAcc, aAcc."""
-    header = ["model", "benchmark", "images", "mIoU", "mAcc", "aAcc"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["model"], row["benchmark"], str(row["num_images"]),
-                 *("n/a" if row[k] is None else f"{row[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nCAT-Seg sliding-window inference (trained protocol): mIoU, mean class accuracy, " \
-                              "pixel accuracy (%)"
+    from ..reports import markdown_table as table
+    cells = [[row["model"], row["benchmark"], str(row["num_images"]),
+              *("n/a" if row[k] is None else f"{row[k]:.2f}" for k in ("mIoU", "mAcc", "aAcc"))] for row in rows]
+    return table(["model", "benchmark", "images", "mIoU", "mAcc", "aAcc"], cells,
+                 ["CAT-Seg sliding-window inference (trained protocol): mIoU (mean over the classes present in the "
+                  "ground truth, CAT-Seg's detectron2 rule), mean class accuracy, pixel accuracy (%)"])
 
-
-def _report(job: str, error: Exception) -> int:
-    print(f"denserc catseg {job}: error: {error}", file=sys.stderr)
-    return 2

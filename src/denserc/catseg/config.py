@@ -1,7 +1,8 @@
 """CAT-Seg training configs: dataclasses holding CAT-Seg's released settings, YAML files, key=value overrides.
 
 Defaults are ``cvlab-kaist/CAT-Seg`` ``configs/vitb_384.yaml`` over ``configs/config.yaml``: COCO-Stuff-171,
-384 x 384 crops, batch 4, 80k iterations, AdamW lr 2e-4 (CLIP attention x 0.01), weight decay 1e-4,
+384 x 384 crops, batch 4 (one image per forward, ``train.batch_size: 1``, accumulated to 4 on one device;
+one per device on four), 80k iterations, AdamW lr 2e-4 (CLIP attention x 0.01), weight decay 1e-4,
 cosine decay without warm-up, full-model gradient clipping at norm 0.01, the single prompt
 "A photo of a {} in the scene". ``catseg_vitl14.yaml`` switches to ViT-L/14 at 336 px.
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.config import ConfigError, OptimConfig, TrainConfig, load_structured
-from ..train.config import available_configs as _available
+from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, load_structured
+from ..engine.shipped import available_configs as _available
 from .defaults import CONFIG_DIR
 from .model import HeadConfig
 
@@ -50,7 +51,9 @@ def _optim() -> OptimConfig:
 
 
 def _train() -> TrainConfig:
-    return TrainConfig(epochs=1, global_batch_size=4, batch_size=4, precision="fp32", checkpoint_every=5000,
+    # batch 4 as one image per forward, accumulated: CAT-Seg trains one image per GPU on four GPUs, and one
+    # image at 384 px with 171 classes already takes about 14 GB (docs/segmentation.md, "Memory")
+    return TrainConfig(epochs=1, global_batch_size=4, batch_size=1, precision="fp32", checkpoint_every=5000,
                        log_every=20)
 
 
@@ -79,6 +82,7 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 
 
 def _validate(config: CATSegConfig) -> None:
+    check_training(config)
     problems = []
     if config.data.root is None:
         problems.append("data.root is required (the training dataset's folder)")

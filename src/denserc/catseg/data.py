@@ -14,10 +14,18 @@ The pipeline is detectron2's ``mask_former_semantic`` mapper as CAT-Seg configur
 Colour jitter uses torchvision's saturation/hue operators (grey blend, HSV rotation); detectron2's
 version scales OpenCV's HSV channels, which differs at the level of rounding and clipping.
 Labels can be remapped (``label_map``): classes held out of training map to 255 and so are never
-a training target. Every sample's randomness comes from (seed, index), so a resumed run reproduces it
-(CAT-Seg's schedule is one pass over ``iterations x batch`` draws, so indices do not repeat; ``task.py``).
+a training target.
+
+CAT-Seg's schedule is one pass over ``iterations x batch`` draws of the training images (``Repeated``;
+``config.py``): an image recurs about three times in 80k x 4 draws, and each draw is augmented afresh, as
+detectron2's mapper does on every read. The crops are therefore made over the draws, not the images:
+every draw's randomness comes from (seed, epoch, draw index), with the epoch always 0 (the schedule is
+one epoch), so two draws of one image get their own crop, jitter and flip while a resumed run
+reproduces each draw exactly.
 """
 from __future__ import annotations
+
+import math
 
 from typing import Sequence
 
@@ -26,6 +34,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
+from ..data.grid import draw_seed
+from ..eval.datasets import resize_short_side
 from ..eval.metrics import IGNORE_INDEX
 
 
@@ -67,8 +77,23 @@ def photometric_distortion(image: torch.Tensor, generator: torch.Generator) -> t
     return x
 
 
+class Repeated(Dataset):
+    """``length`` draws from ``base``, index i -> base[i mod len(base)] (the sampler shuffles the draws)."""
+
+    def __init__(self, base: Dataset, length: int):
+        self.base = base
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return self.base[index % len(self.base)]
+
+
 class TrainingCrops(Dataset):
-    """``base[i]`` = {"image": (3, H, W) uint8, "label": (H, W)} -> a CAT-Seg training crop and its label."""
+    """``base[i]`` = {"image": (3, H, W) uint8, "label": (H, W)} -> a CAT-Seg training crop and its label;
+    ``base`` is indexed by draw (``Repeated``), and each index gets its own augmentation."""
 
     def __init__(self, base: Dataset, crop_size: int, label_map: torch.Tensor | None = None, seed: int = 0):
         self.base = base
@@ -81,7 +106,7 @@ class TrainingCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
-        generator = torch.Generator().manual_seed(hash((self.seed, index)) % 2 ** 63)
+        generator = torch.Generator().manual_seed(draw_seed(self.seed, 0, index))  # epoch 0: one pass
         image, label = sample["image"], sample["label"].long()
         if self.label_map is not None:
             label = self.label_map[label].long()
@@ -93,14 +118,13 @@ class TrainingCrops(Dataset):
         return {"image": image, "label": label.to(torch.uint8)}
 
     def _resize(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        height, width = image.shape[1:]
-        scale = self.crop_size / min(height, width)
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
-        if size == (height, width):
+        """Short side to the crop size (the evaluation's ``resize_short_side``, no cap on the long side); the
+        label nearest."""
+        resized = resize_short_side(image, self.crop_size, max_long_side=math.inf)
+        if resized.shape == image.shape:
             return image, label
-        image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-        return image.round().clamp(0, 255).to(torch.uint8), label
+        label = F.interpolate(label[None, None].float(), size=resized.shape[1:], mode="nearest")[0, 0].long()
+        return resized, label
 
     def _crop(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator):
         size = self.crop_size

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Datasets are read first in the layout CAT-Seg's datasets/prepare_*.py write for detectron2
+# (annotations_detectron2), then in mmseg's (denserc.eval.datasets).
+DATASET_LAYOUT = "detectron2"
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,17 @@
 Inference is CAT-Seg's ``inference_sliding_window`` (``cvlab-kaist/CAT-Seg`` ``cat_seg/cat_seg_model.py``,
 run by ``eval.sh`` with ``TEST.SLIDING_WINDOW True`` and class pooling 1):
 
-    the image (short side 640, long side at most 2560: ``INPUT.MIN_SIZE_TEST``) is resized to 640 x 640;
-    four 384 x 384 windows (stride 384 * (1 - 0.333) = 256) and the whole image resized to 384 x 384
-    go through the segmenter; per-class sigmoid scores are upsampled to 384, the windows averaged
-    where they overlap, then averaged with the whole-image scores; the result is resized to the
-    label's size and the arg-max class is the prediction.
+    the image (short side 640, long side at most 2560: ``INPUT.MIN_SIZE_TEST``) is resized to 640 x 640
+    and cut into four 384 x 384 windows (stride 384 * (1 - 0.333) = 256); the whole-image view is the
+    short-side-640 image itself resized to 384 x 384 (``global_image``, line 196, is made from
+    ``images[0]``, not from the 640 x 640 canvas); all five go through the segmenter; per-class
+    sigmoid scores are upsampled to 384, the windows averaged where they overlap, then averaged with
+    the whole-image scores; the result is resized to the label's size and the arg-max class is the
+    prediction.
 
-mIoU comes from the same confusion matrix as ``denserc eval seg``. Class names are CAT-Seg's lists
+mIoU comes from the same confusion matrix as ``denserc eval seg`` but is averaged the way CAT-Seg
+reports it, detectron2's ``SemSegEvaluator`` rule: over the classes present in the ground truth
+(``denserc.eval.metrics``, rule ``detectron2``; the report's ``miou_rule``). Class names are CAT-Seg's lists
 (``datasets/*.json``; each class prompted with its first name). VOC-20b scores VOC's 21-class labels
 with CAT-Seg's 59-name vocabulary: a pixel predicted as any of the 39 non-VOC names counts as
 background (``VOCbEvaluator`` in CAT-Seg's ``train_net.py``).
@@ -21,15 +25,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from ..eval.datasets import SegmentationDataset, segmentation_layout
-from ..distributed import DistributedEnv, all_reduce
-from ..eval.metrics import confusion_matrix, segmentation_metrics
+from ..distributed import DistributedEnv
+from ..eval.metrics import segmentation_metrics
+from ..eval.segmentation import evaluation_loop
 from ..eval.text import load_class_names
-from .defaults import BENCHMARKS, Benchmark
+from ..models import normalize_images
+from .defaults import BENCHMARKS, DATASET_LAYOUT, Benchmark
 from .model import CATSeg, class_tokens
+
+MIOU_RULE = "detectron2"  # CAT-Seg's evaluator: the mean over classes present in the ground truth
 
 
 def benchmark(name: str) -> Benchmark:
@@ -69,10 +75,11 @@ class SlidingWindowProtocol:
 @torch.no_grad()
 def sliding_window_scores(segmenter: CATSeg, image: torch.Tensor, class_embeddings: torch.Tensor,
                           protocol: SlidingWindowProtocol) -> torch.Tensor:
-    """(1, 3, H, W) normalised image -> (T, size, size) per-class probabilities (module docstring)."""
+    """(1, 3, H, W) normalised image (short side ``protocol.short_side``) -> (T, size, size) per-class
+    probabilities (module docstring)."""
     size, window, stride = protocol.size, protocol.window, protocol.stride
-    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-    crops = F.unfold(image, window, stride=stride).transpose(1, 2).reshape(-1, 3, window, window)
+    canvas = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    crops = F.unfold(canvas, window, stride=stride).transpose(1, 2).reshape(-1, 3, window, window)
     whole = F.interpolate(image, size=(window, window), mode="bilinear", align_corners=False)
     logits = segmenter(torch.cat([crops, whole]), class_embeddings)
     scores = F.interpolate(logits.float(), size=(window, window), mode="bilinear", align_corners=False).sigmoid()
@@ -88,41 +95,37 @@ def sliding_window_scores(segmenter: CATSeg, image: torch.Tensor, class_embeddin
 def evaluate_catseg(segmenter: CATSeg, tokenizer, templates: list[str], root: str | os.PathLike, name: str, *,
                     protocol: SlidingWindowProtocol = SlidingWindowProtocol(), class_names: str | None = None,
                     workers: int = 4, limit: int | None = None, shard: DistributedEnv = DistributedEnv(),
-                    progress: bool = True,
-                    description: str | None = None) -> dict:
-    """mIoU / mAcc / aAcc and per-class IoU of ``segmenter`` on one benchmark (this rank's shard, then summed)."""
+                    progress: bool = True, description: str | None = None, skip_unreadable: bool = False) -> dict:
+    """mIoU / mAcc / aAcc and per-class IoU of ``segmenter`` on one benchmark (this rank's shard, then summed),
+    through the library's one evaluation loop (label checks first; ``skip_unreadable`` as ``eval seg``)."""
     spec = benchmark(name)
     layout = segmentation_layout(spec.dataset)
     names = load_class_names(class_names or spec.class_names)
     if spec.background_from is None and len(names) != layout.num_classes:
         raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
                          f"{class_names or spec.class_names!r} has {len(names)}")
-    data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side)
-    segmenter.eval()
-    parameter = next(segmenter.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    embeddings = segmenter.encode_classes(class_tokens(tokenizer, names, templates).to(device)).float()
-    to_label = torch.arange(len(names), device=device)
-    if spec.background_from is not None:
-        to_label = torch.where(to_label < spec.background_from, to_label + 1, 0)
-    preprocess = segmenter.clip.preprocess_cfg
-    mean, std = (torch.tensor(preprocess[k], device=device).view(3, 1, 1) * 255 for k in ("mean", "std"))
-    count = len(data) if limit is None else min(limit, len(data))
-    loader = DataLoader(Subset(data, shard.indices(count)), batch_size=None, num_workers=workers)
-    confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
-    images = torch.zeros((), dtype=torch.long, device=device)
-    for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
-        image = ((sample["image"].to(device).float() - mean) / std).to(dtype)[None]
-        label = sample["label"].to(device)
-        scores = sliding_window_scores(segmenter, image, embeddings.to(dtype), protocol)
-        scores = F.interpolate(scores[None], size=label.shape, mode="bilinear", align_corners=False)[0]
-        prediction = to_label[scores.argmax(dim=0)]
-        confusion += confusion_matrix(prediction, label, layout.num_classes, layout.ignore_index)
-        images += 1
-    all_reduce(confusion, op="sum")
-    all_reduce(images, op="sum")
+    data = SegmentationDataset(spec.dataset, root, protocol.short_side, protocol.max_long_side, prefer=DATASET_LAYOUT)
+
+    def make_predictor():
+        segmenter.eval()
+        parameter = next(segmenter.parameters())
+        device, dtype = parameter.device, parameter.dtype
+        to_label = torch.arange(len(names), device=device)
+        if spec.background_from is not None:
+            to_label = torch.where(to_label < spec.background_from, to_label + 1, 0)
+        embeddings = segmenter.encode_classes(class_tokens(tokenizer, names, templates).to(device)).to(dtype)
+
+        def predict(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            image = normalize_images(pixels, segmenter.clip.preprocess_cfg).to(dtype)[None]
+            scores = sliding_window_scores(segmenter, image, embeddings, protocol)
+            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+            return to_label[scores.argmax(dim=0)]
+        return predict, device
+    confusion, counts = evaluation_loop(data, layout, make_predictor, workers=workers, limit=limit, shard=shard,
+                                        progress=progress, description=description, skip_unreadable=skip_unreadable)
     label_names = [", ".join(synonyms) for synonyms in
                    (names if spec.background_from is None else load_class_names(layout.class_names))]
-    return {"benchmark": name, "dataset": spec.dataset, "num_images": int(images), "protocol": asdict(protocol),
+    return {"benchmark": name, "dataset": spec.dataset, "layout": data.layout.convention, **counts,
+            "protocol": asdict(protocol),
             "templates": templates, "class_names": class_names or spec.class_names,
-            **segmentation_metrics(confusion, label_names)}
+            **segmentation_metrics(confusion, label_names, miou_rule=MIOU_RULE)}

@@ -6,23 +6,20 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
-from ..io import save_json, save_tensors
-from ..models import get_tokenizer, load, load_state_dict_checked
+from ..io import check_format_version, read_json, save_json, save_tensors
+from ..models import get_tokenizer, load, load_state_dict_checked, precision_dtype
 from .model import CATSeg, HeadConfig
 
 CLIP_DIR = "clip"
 HEAD_WEIGHTS = "catseg_head.safetensors"
 CONFIG_FILE = "catseg_config.json"
 FORMAT_VERSION = 1
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _outside_clip(name: str) -> bool:
@@ -51,21 +48,14 @@ def load_catseg(folder: str | os.PathLike, device="cpu", precision: str = "fp32"
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder} is not a CAT-Seg folder: missing {name} (expected {CLIP_DIR}/, "
                                     f"{HEAD_WEIGHTS} and {CONFIG_FILE} written by `denserc catseg train`)")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{folder / CONFIG_FILE} is not valid JSON: {error}") from error
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{folder / CONFIG_FILE}: format_version {config.get('format_version')!r} is not "
-                         f"supported (expected {FORMAT_VERSION})")
+    config = read_json(folder / CONFIG_FILE, "CAT-Seg config")
+    check_format_version(config, FORMAT_VERSION, folder / CONFIG_FILE)
     clip = load(folder / CLIP_DIR)
     segmenter = CATSeg(clip, HeadConfig(**config["head"]), prompts=len(config["templates"]),
                        clip_resolution=config["clip_resolution"])
     load_state_dict_checked(StateSubset(segmenter, _outside_clip), load_file(folder / HEAD_WEIGHTS),
                             folder / HEAD_WEIGHTS)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    segmenter = segmenter.to(device=device, dtype=PRECISIONS[precision]).eval()
+    segmenter = segmenter.to(device=device, dtype=precision_dtype(precision)).eval()
     return segmenter, get_tokenizer(folder / CLIP_DIR), config["templates"]
 
 

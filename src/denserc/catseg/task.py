@@ -1,4 +1,4 @@
-"""CAT-Seg training as a task on the library's training engine (``denserc.train.engine``).
+"""CAT-Seg training as a task on the library's training engine (``denserc.engine.loop``).
 
 The engine brings processes, accumulation, autocast, DDP, AdamW with the cosine schedule, gradient
 clipping, checkpoints with exact resume, metrics and the atomic export; this module says what trains:
@@ -6,7 +6,7 @@ clipping, checkpoints with exact resume, metrics and the atomic export; this mod
 - ``module``: the segmenter plus the training vocabulary's prompt tokens; its forward embeds the
   classes (text tower fine-tuned, so every step), segments the crops and returns the BCE loss;
 - ``dataset``: CAT-Seg training crops of the configured dataset, classes in ``data.held_out`` mapped
-  to 255 (never a target), drawn ``iterations x global batch`` times (see ``config.py``);
+  to 255 (never a target), over ``iterations x global batch`` draws, each augmented afresh (``data.py``);
 - ``parameter_groups``: CAT-Seg's ``build_optimizer`` (``train_net.py``): weight decay on everything
   but normalisation layers; the CLIP's attention at ``lr x clip_lr_multiplier`` without weight decay
   (decoupled decay would also shrink the frozen key rows that share ``in_proj_weight``; CAT-Seg's
@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..eval.datasets import SegmentationDataset, segmentation_layout
 from ..eval.text import load_class_names
-from ..models import PEER_PATHS, from_spec, get_tokenizer, load_state_dict_checked
-from ..train.config import ConfigError
+from ..models import PEER_PATHS, from_spec, get_tokenizer, load_state_dict_checked, normalize_images
+from ..engine.config import ConfigError
 from ..distributed import DistributedEnv
-from ..train.engine import Task
+from ..engine.loop import Task
 from .config import CATSegConfig
-from .data import TrainingCrops, training_label_map
+from .data import Repeated, TrainingCrops, training_label_map
+from .defaults import DATASET_LAYOUT
 from .export import StateSubset, save_catseg
 from .model import CATSeg, class_tokens, fine_tuned_clip_parameters, segmentation_loss
 
@@ -49,27 +49,12 @@ class CATSegTraining(nn.Module):
         return {"loss": segmentation_loss(logits, labels)}
 
 
-class Repeated(Dataset):
-    """``length`` draws from ``base``, index i -> base[i mod len(base)] (the sampler shuffles the draws)."""
-
-    def __init__(self, base: Dataset, length: int):
-        self.base = base
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        return self.base[index % len(self.base)]
-
-
 def build_segmenter(config: CATSegConfig, device) -> tuple[CATSeg, object]:
     """The (DenseRC or plain) CLIP named by ``clip.model`` under a fresh CAT-Seg head, and its tokenizer."""
     spec = config.clip.model
-    is_folder = Path(spec).is_dir()
     clip = from_spec(spec, plain_path=PEER_PATHS["CAT-Seg"], construction=config.clip.construction,
                      gating=config.clip.gating, num_layers=config.clip.num_layers)
-    tokenizer = get_tokenizer(spec if is_folder else clip.model_name)
+    tokenizer = get_tokenizer(spec)
     segmenter = CATSeg(clip, config.head, prompts=len(config.templates), clip_resolution=config.clip_resolution)
     return segmenter.to(device), tokenizer
 
@@ -85,7 +70,8 @@ class CATSegTask(Task):
             layout = segmentation_layout(data.dataset)
         except ValueError as error:
             raise ConfigError(f"data.dataset: {error}") from error
-        base = SegmentationDataset(data.dataset, data.root, train=True)  # first: a wrong path fails before any model
+        # first: a wrong path fails before any model; CAT-Seg's annotations_detectron2 tree first (eval.datasets)
+        base = SegmentationDataset(data.dataset, data.root, train=True, prefer=DATASET_LAYOUT)
         names = load_class_names(data.class_names)
         if len(names) != layout.num_classes:
             raise ConfigError(f"data.class_names={data.class_names!r} lists {len(names)} classes but "
@@ -95,9 +81,9 @@ class CATSegTask(Task):
             raise ConfigError(f"data.held_out has class ids {unknown} outside 0..{layout.num_classes - 1}")
         self.train_classes = [c for c in range(layout.num_classes) if c not in set(data.held_out)]
         self.class_names = [names[c] for c in self.train_classes]
-        crops = TrainingCrops(base, data.crop_size, training_label_map(layout.num_classes, self.train_classes),
-                              seed=config.train.seed)
-        self.dataset = Repeated(crops, config.iterations * config.train.global_batch_size)
+        draws = Repeated(base, config.iterations * config.train.global_batch_size)
+        self.dataset = TrainingCrops(draws, data.crop_size,
+                                     training_label_map(layout.num_classes, self.train_classes), seed=config.train.seed)
         self.num_workers = data.workers
 
         torch.manual_seed(config.train.seed)  # identical initial head weights on every process
@@ -106,12 +92,9 @@ class CATSegTask(Task):
         tokens = class_tokens(tokenizer, self.class_names, config.templates)
         self.module = CATSegTraining(self.segmenter, tokens).to(env.device)
         self.trained_names = {f"segmenter.clip.{name}" for name in self.clip_parameters}  # names in module
-        preprocess = self.segmenter.clip.preprocess_cfg
-        self.mean, self.std = (torch.tensor(preprocess[k], device=env.device).view(1, 3, 1, 1) * 255
-                               for k in ("mean", "std"))
 
     def prepare(self, batch, epoch: int) -> dict:
-        images = (batch["image"].to(self.device, non_blocking=True).float() - self.mean) / self.std
+        images = normalize_images(batch["image"].to(self.device, non_blocking=True), self.segmenter.clip.preprocess_cfg)
         return {"images": images, "labels": batch["label"].to(self.device, non_blocking=True).long()}
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

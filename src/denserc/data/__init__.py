@@ -6,7 +6,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "IMAGE_EXTENSIONS": ".datasets", "GeneratedSource": ".datasets", "ImageSource": ".datasets",
     "TrainingImages": ".datasets", "UnreadableImageError": ".datasets", "build_source": ".datasets",
     "list_images": ".datasets", "register_source": ".datasets", "source_types": ".datasets", "GRID_RULES": ".grid",
-    "grid_boxes": ".grid", "sample_grid_boxes": ".grid", "sample_grid_shape": ".grid",
+    "draw_seed": ".grid", "grid_boxes": ".grid", "sample_grid_boxes": ".grid", "sample_grid_shape": ".grid",
     "ASPECT_MODES": ".transforms", "SquareResize": ".transforms", "ProposalSource": ".proposals",
     "sample_proposal_boxes": ".proposals",
 })

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ..images import load_image
-from ..plugins import load_plugins
+from ..registry import Registry
 from .transforms import SquareResize
 
 logger = logging.getLogger(__name__)
@@ -41,31 +41,25 @@ class ImageSource(Protocol):
 
 
 SourceBuilder = Callable[[object], ImageSource]
-_SOURCES: dict[str, SourceBuilder] = {}
+SOURCES: Registry[SourceBuilder] = Registry("data type")
 
 
 def register_source(name: str) -> Callable[[SourceBuilder], SourceBuilder]:
     """Extension point (decorator): make ``builder(data_config) -> ImageSource`` available as ``data.type: name``."""
-    def decorate(builder: SourceBuilder) -> SourceBuilder:
-        if name in _SOURCES:
-            raise ValueError(f"data type {name!r} is already registered")
-        _SOURCES[name] = builder
-        return builder
-    return decorate
+    return lambda builder: SOURCES.register(name, builder)
 
 
 def source_types() -> tuple[str, ...]:
-    return tuple(sorted(_SOURCES))
+    return tuple(sorted(SOURCES.names()))
 
 
 def build_source(data_config) -> ImageSource:
     """The image source named by ``data_config.type`` (a type no one registered is looked for in the plug-ins)."""
-    if data_config.type not in _SOURCES:
-        load_plugins()
-    if data_config.type not in _SOURCES:
-        raise ValueError(f"data.type: unknown dataset type {data_config.type!r}; "
-                         f"registered types: {list(source_types())}")
-    return _SOURCES[data_config.type](data_config)
+    try:
+        builder = SOURCES.get(data_config.type)
+    except ValueError as error:
+        raise ValueError(f"data.type: {error}") from error
+    return builder(data_config)
 
 
 class TrainingImages(Dataset):

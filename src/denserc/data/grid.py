@@ -53,8 +53,12 @@ def grid_boxes(rows: int, cols: int, height: float, width: float) -> torch.Tenso
     return torch.stack([x1, y1, x2, y2], dim=-1).reshape(-1, 4).float()
 
 
-def image_grid_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one image's grid in one epoch (distinct for every (seed, epoch, index))."""
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one image's random draws in one epoch (distinct for every (seed, epoch, index)).
+
+    The library's one such seed: training grids and proposals, CAT-Seg's crops, F-ViT's augmentation. It
+    does not depend on the number of processes, loader workers or where a run was resumed.
+    """
     mixed = (seed * 1_000_003 + epoch) * 2_147_483_647 + index
     return mixed % (2**63 - 1)
 
@@ -69,7 +73,7 @@ def sample_grid_boxes(indices, sizes, *, epoch: int, seed: int, rule: str = "cli
         raise ValueError(f"max_boxes must be at least 1 or None, got {max_boxes}")
     boxes = []
     for index, (height, width) in zip(torch.as_tensor(indices).tolist(), torch.as_tensor(sizes).tolist()):
-        generator = torch.Generator().manual_seed(image_grid_seed(seed, epoch, index))
+        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, index))
         rows, cols = sample_grid_shape(rule, max_cells, generator)
         cells = grid_boxes(rows, cols, height, width)
         if max_boxes is not None and len(cells) > max_boxes:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .datasets import FileListSource, register_source
-from .grid import DEFAULT_MAX_BOXES, image_grid_seed
+from .grid import DEFAULT_MAX_BOXES, draw_seed
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def sample_proposal_boxes(source: ProposalSource, indices, sizes, *, epoch: int,
     students, teachers = [], []
     for index, (height, width) in zip(torch.as_tensor(indices).tolist(), torch.as_tensor(sizes).tolist()):
         boxes, (image_width, image_height) = source.proposals(index)
-        generator = torch.Generator().manual_seed(image_grid_seed(seed, epoch, index))
+        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, index))
         boxes = boxes[torch.randperm(len(boxes), generator=generator)]
         if max_boxes is not None:
             boxes = boxes[:max_boxes]

@@ -4,7 +4,7 @@
     result = detector.predict("image.jpg", ["person", "umbrella", "kite"])
 
 See docs/detection.md; the model is in ``model``, the protocols and scoring in ``protocols`` and
-``evaluation``, training (a task on ``denserc.train.engine``) in ``task``.
+``evaluation``, training (a task on ``denserc.engine.loop``) in ``task``.
 """
 from ..lazy import lazy_exports
 

@@ -12,11 +12,13 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ..train import config as train_config
-from ..train.config import ConfigError, OptimConfig, TrainConfig
+from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, load_structured
+from ..engine.shipped import available_configs as _available
 from .model import DetectorConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -41,6 +43,10 @@ class DetectDataConfig:
     val_annotations: str = "data/coco/annotations/instances_val2017.json"
     val_images: str = "data/coco/val2017"
     image_size: int = 640  # square canvas
+    # Pixel normalisation of 0..1 RGB: CLIPSelf's img_norm_cfg in every F-ViT config (ImageNet's
+    # 123.675/116.28/103.53 and 58.395/57.12/57.375, to_rgb), not the tower's CLIP values; null: the tower's.
+    mean: Optional[list] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Optional[list] = field(default_factory=lambda: list(IMAGENET_STD))
     scale_range: list = field(default_factory=lambda: [0.1, 2.0])
     flip: float = 0.5
     num_workers: int = 8
@@ -70,15 +76,21 @@ class DetectConfig:
 
 
 def available_configs() -> list[str]:
-    return train_config.available_configs(CONFIG_DIR)
+    return _available(CONFIG_DIR)
 
 
 def load_detect_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> DetectConfig:
     """The training engine's ``load_structured`` on this schema (``base:`` chains, typed overrides), then
     the ranges the types do not express."""
-    config = train_config.load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
+    config = load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
+    check_training(config)
     if len(config.model.taps) != 4:
         raise ConfigError(f"model.taps must list 4 block indices, got {config.model.taps}")
     if config.data.image_size <= 0:
         raise ConfigError(f"data.image_size must be positive, got {config.data.image_size}")
+    data = config.data
+    if (data.mean is None) != (data.std is None) or (data.mean is not None and not (
+            len(data.mean) == len(data.std) == 3 and all(s > 0 for s in data.std))):
+        raise ConfigError(f"data.mean and data.std must be 3 values each (std > 0), or both null for the tower's "
+                          f"own; got {data.mean} and {data.std}")
     return config

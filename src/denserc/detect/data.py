@@ -5,15 +5,18 @@ classes' boxes (novel boxes are never seen) and no crowd regions. Augmentation r
 task's ``prepare`` on the device, with a generator seeded by (seed, epoch, image index), so it is the
 same whatever the number of processes and workers, and exact on resume. It is CLIPSelf's pipeline
 (``F-ViT/configs/ov_coco``): large-scale jitter (keep-ratio resize to ``size x U(0.1, 2.0)``), a random
-``size x size`` crop, boxes clipped to the crop and dropped below 0.01 px, horizontal flip with
-probability 0.5, normalisation, zero padding to ``size x size`` at the bottom/right. Evaluation resizes
-the image to fit ``size x size`` (keep ratio) and pads likewise.
+``size x size`` crop, boxes clipped to the crop and dropped below 0.01 px (a crop left without boxes
+still trains, as mmdet's ``RandomCrop(allow_negative_crop=True)`` keeps it), horizontal flip with
+probability 0.5, normalisation (``normalisation``: the peer's ImageNet mean/std by default), zero
+padding to ``size x size`` at the bottom/right. Evaluation resizes the image to fit ``size x size``
+(keep ratio) and pads likewise.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -22,8 +25,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from ..data.grid import draw_seed
 from ..images import load_image
-from .evaluation import read_json
+from ..io import read_json
+from ..models import normalize_images
 from .protocols import Split
 
 MIN_BOX_SIDE = 0.01  # px, after cropping (mmdet's FilterAnnotations in the peer's pipeline)
@@ -34,16 +39,18 @@ class DetectionDataset(Dataset):
 
     A sample: ``index``, ``image_id``, ``image`` (3, H, W) uint8, ``boxes`` (K, 4) x1y1x2y2 in pixels,
     ``labels`` (K,) 0-based indices into ``split``, and ``masks`` (K, H, W) uint8 when ``with_masks``.
-    ``base_only`` drops the novel classes' annotations (training).
+    ``base_only`` drops the novel classes' annotations (training); ``image_ids`` keeps those images only (the
+    ones a protocol scores); ``ground_truth`` is the file's parsed content when the caller has read it.
     """
 
     def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike, split: Split, *,
-                 base_only: bool, with_masks: bool = False, max_images: int | None = None):
+                 base_only: bool, with_masks: bool = False, max_images: int | None = None,
+                 image_ids: Collection[int] | None = None, ground_truth: dict | None = None):
         self.annotations = Path(annotations)
         self.images = Path(images)
         if not self.images.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.images}")
-        coco = read_json(self.annotations, "annotation")
+        coco = ground_truth if ground_truth is not None else read_json(self.annotations, "annotation")
         self.split = split
         self.with_masks = with_masks
         wanted = split.base_ids if base_only else list(split.category_ids)
@@ -58,6 +65,9 @@ class DetectionDataset(Dataset):
             per_image[ann["image_id"]].append(ann)
         self.label_of = label_of
         self.records = [(image, per_image[image["id"]]) for image in sorted(coco["images"], key=lambda i: i["id"])]
+        if image_ids is not None:
+            wanted_images = set(image_ids)
+            self.records = [record for record in self.records if record[0]["id"] in wanted_images]
         if base_only:  # as mmdet's filter_empty_gt: images without any base box do not train
             self.records = [record for record in self.records if record[1]]
         if max_images is not None:
@@ -127,17 +137,12 @@ class Batch:
     targets: list[dict] | None = None
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The augmentation draws of one image in one epoch: independent of processes and workers."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2 ** 63))
-
-
 def augment(samples: list[dict], size: int, mean, std, device, *, seed: int, epoch: int,
             scale_range: tuple[float, float] = (0.1, 2.0), flip: float = 0.5) -> Batch:
     """Large-scale jitter + crop + flip of each sample onto a ``size`` canvas (training)."""
     images, sizes, targets = [], [], []
     for sample in samples:
-        generator = sample_generator(seed, epoch, sample["index"])
+        generator = torch.Generator().manual_seed(draw_seed(seed, epoch, sample["index"]))
         low, high = scale_range
         ratio = low + (high - low) * torch.rand((), generator=generator).item()
         image = sample["image"].to(device)
@@ -196,10 +201,17 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return pixels[0].clamp(0, 1)
 
 
+def normalisation(data, tower) -> tuple[list[float], list[float]]:
+    """(mean, std) of the inputs: ``data.mean``/``data.std`` of a detection config, or the tower's own
+    (``preprocess_cfg``) where they are null."""
+    if data.mean is None:
+        return list(tower.preprocess_cfg["mean"]), list(tower.preprocess_cfg["std"])
+    return list(data.mean), list(data.std)
+
+
 def _normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype).view(3, 1, 1)
-    std = torch.tensor(std, device=pixels.device, dtype=pixels.dtype).view(3, 1, 1)
-    return (pixels - mean) / std
+    """[0, 1] pixels with the configured mean/std (``normalize_images``, the library's one normalisation)."""
+    return normalize_images(pixels, {"mean": mean, "std": std}, white=1.0)
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ novel (``beta``).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -20,14 +20,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ..io import save_json, save_tensors
+from ..io import FORMAT_KEY, check_format_version, read_json, save_json, save_tensors
 from ..models import PEER_PATHS, load_state_dict_checked
 from ..models.factory import from_spec, get_tokenizer, load as load_tower
 from ..images import load_image
-from ..viz.predict import text_embeddings
 from .config import DetectConfig
-from .data import Batch, letterbox, pil_sample
-from .model import FViT, FViTHeads, paste_masks
+from .data import Batch, letterbox, normalisation, pil_sample
+from .model import INFERENCE_SETTINGS, FViT, FViTHeads, paste_masks
 from .protocols import Split
 
 HEADS_FILE = "heads.safetensors"
@@ -44,10 +43,15 @@ def build_tower(config: DetectConfig):
 
 
 def class_embeddings(tower, names: Sequence[str], templates) -> torch.Tensor:
-    """(C, E) normalised prompt-ensemble text embeddings of the class names."""
-    from ..eval.text import load_templates
+    """(C, E) normalised prompt-ensemble text embeddings of the class names, from the text-embedding cache
+    that ``denserc eval`` uses (``$DENSERC_CACHE/text``) or embedded there once, with a progress bar (65
+    classes x 63 templates take minutes on a CPU)."""
+    from ..eval.defaults import default_cache_dir
+    from ..eval.text import build_text_classifier, load_templates
     templates = list(templates) if isinstance(templates, (list, tuple)) else load_templates(templates)
-    return text_embeddings(tower, list(names), tokenizer=get_tokenizer(tower.model_name), templates=templates)
+    classifier = build_text_classifier(tower, get_tokenizer(tower.model_name), [[name] for name in names], templates,
+                                       cache_dir=default_cache_dir(), progress=True)
+    return classifier.embeddings
 
 
 def build_heads(config: DetectConfig, tower, split: Split) -> FViTHeads:
@@ -63,7 +67,7 @@ def save_detector(folder: str | os.PathLike, tower, heads: FViTHeads, config: De
     folder.mkdir(parents=True, exist_ok=True)
     tower.save(folder / TOWER_DIR)
     save_tensors({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, folder / HEADS_FILE)
-    save_json({"format": EXPORT_FORMAT, "config": config.to_dict(), "split": split.to_dict()}, folder / META_FILE)
+    save_json({FORMAT_KEY: EXPORT_FORMAT, "config": config.to_dict(), "split": split.to_dict()}, folder / META_FILE)
     return folder
 
 
@@ -101,15 +105,40 @@ class Detector:
         else:
             classifier.set_vocabulary(classifier.class_embeddings, torch.tensor(list(novel)))
 
+    @contextlib.contextmanager
+    def settings(self, **values):
+        """Run with these inference settings of ``DetectorConfig`` (``INFERENCE_SETTINGS``: the ensemble, the
+        temperatures, post-processing), restored afterwards: a transfer protocol's, or overrides."""
+        unknown = sorted(set(values) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise ValueError(f"{', '.join('model.' + key for key in unknown)}: not an inference setting; "
+                             f"expected model.KEY=VALUE with KEY one of {', '.join(INFERENCE_SETTINGS)}")
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+        config = self.model.heads.config
+        try:
+            checked = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config), values))
+        except OmegaConfBaseException as error:
+            raise ValueError(f"inference settings {values}: {error.msg}") from error
+        before = {key: getattr(config, key) for key in values}
+        try:
+            for key in values:
+                setattr(config, key, getattr(checked, key))
+            yield self
+        finally:
+            for key, value in before.items():
+                setattr(config, key, value)
+
     @torch.no_grad()
-    def detect(self, batch: Batch) -> list[dict]:
-        """Detections of a letterboxed batch, mapped back to original-image pixels (masks pasted)."""
+    def detect(self, batch: Batch, with_masks: bool = True) -> list[dict]:
+        """Detections of a letterboxed batch, mapped back to original-image pixels (masks pasted, unless
+        ``with_masks`` is false: box-only scoring)."""
         outputs = self.model(batch.images.to(self.device), batch.image_sizes)
         results = []
         for output, scale, size in zip(outputs, batch.scales, batch.original_sizes):
             boxes = output["boxes"] / scale
             result = {"boxes": boxes, "scores": output["scores"], "labels": output["labels"]}
-            if "mask_probs" in output:
+            if with_masks and "mask_probs" in output:
                 result["masks"] = paste_masks(output["mask_probs"], boxes, size)
             results.append(result)
         return results
@@ -120,7 +149,7 @@ class Detector:
         if class_names is not None:
             self.set_classes(class_names)
         picture = image if isinstance(image, Image.Image) else load_image(image)
-        mean, std = self.model.tower.preprocess_cfg["mean"], self.model.tower.preprocess_cfg["std"]
+        mean, std = normalisation(self.config.data, self.model.tower)
         batch = letterbox([pil_sample(picture)], self.config.data.image_size, mean, std, self.device)
         result = self.detect(batch)[0]
         return {**result, "class_names": list(self._vocabulary)}
@@ -133,11 +162,14 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detec
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: expected a detector folder written by "
                                 "`denserc detect train` (with detector.json, heads.safetensors, tower/)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path}: export format {meta.get('format')!r} is not supported "
-                         f"(expected {EXPORT_FORMAT})")
+    meta = read_json(meta_path, "detector")
+    if "format" in meta:  # written before the key was the library's one FORMAT_KEY
+        meta[FORMAT_KEY] = meta.pop("format")
+    check_format_version(meta, EXPORT_FORMAT, meta_path)
     from omegaconf import OmegaConf
+    data = meta["config"].setdefault("data", {})
+    if "mean" not in data:  # exported before data.mean/std existed: trained on the tower's own normalisation
+        data.update(mean=None, std=None)
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DetectConfig), meta["config"]))
     split = Split.from_dict(meta["split"])
     tower = load_tower(folder / TOWER_DIR)

@@ -13,6 +13,9 @@ Settings follow CLIPSelf's ``F-ViT/models`` and ``F-ViT/configs/ov_coco``/``ov_l
                -inf, so they never reach the loss) and ``background_weight`` for the background
     inference  each proposal's CLIP score from the L2-normalised dense features (RoIAlign 1x1, as the
                region evaluation pools) ensembled with the detector's: ``ensemble_scores``
+    LVIS       BN after each RPN conv (``rpn_norm``: CLIPSelf's ``CustomRPNHead``); binary mask targets
+               from aligned RoIAlign (``mask_loss``: mmdet's ``mask_target``, which the peer trains on)
+    transfer   ``fixed_temperature`` replaces the learned one at inference (``configs/transfer``)
 
 Class index 0 is the background (torchvision's convention); class k >= 1 is ``vocabulary[k - 1]``.
 """
@@ -20,17 +23,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.roi_heads import (RoIHeads, maskrcnn_inference, maskrcnn_loss,
-                                                    paste_masks_in_image)
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, paste_masks_in_image
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, batched_nms, remove_small_boxes, roi_align
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork, batched_nms, remove_small_boxes, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..models.dense import DenseRCModel, pool_boxes
@@ -47,6 +50,7 @@ class DetectorConfig:
     anchor_scale: float = 8.0  # anchor side = scale x level stride
     anchor_ratios: list = field(default_factory=lambda: [0.5, 1.0, 2.0])
     rpn_convs: int = 2
+    rpn_norm: bool = False  # BN after each RPN conv: the LVIS configs' CustomRPNHead (norm_cfg MMSyncBN)
     rpn_pre_nms: int = 2000  # per level
     rpn_post_nms: int = 1000
     rpn_nms: float = 0.7
@@ -55,6 +59,7 @@ class DetectorConfig:
     head_convs: int = 4
     head_fc: int = 512  # B/16; 768 for L/14
     temperature: float = 50.0  # initial (learned) temperature of the cosine classifier
+    fixed_temperature: Optional[float] = None  # at inference, in place of the learned one (transfer: 50)
     background_weight: float = 0.6  # COCO 0.6, LVIS 0.9
     masks: bool = False  # class-agnostic mask head (LVIS)
     clip_temperature: float = 75.0  # COCO 75, LVIS 50
@@ -63,6 +68,11 @@ class DetectorConfig:
     score_threshold: float = 0.01  # LVIS 1e-4
     nms_threshold: float = 0.4  # LVIS 0.5
     detections_per_image: int = 100  # LVIS 300
+
+
+# The settings read at inference only: a loaded detector may run with others (``Detector.settings``).
+INFERENCE_SETTINGS = ("alpha", "beta", "clip_temperature", "fixed_temperature", "score_threshold", "nms_threshold",
+                      "detections_per_image")
 
 
 def ensemble_scores(det_probs: torch.Tensor, clip_probs: torch.Tensor, novel: torch.Tensor,
@@ -125,6 +135,20 @@ class StridedAnchorGenerator(AnchorGenerator):
         self.set_cell_anchors(dtype, device)
         anchors = torch.cat(self.grid_anchors([f.shape[-2:] for f in feature_maps], strides))
         return [anchors for _ in image_list.image_sizes]
+
+
+def rpn_head(config: DetectorConfig) -> RPNHead:
+    """torchvision's RPN head; with ``rpn_norm`` each 3x3 conv is conv (no bias) -> BN -> ReLU, as mmcv's
+    ``ConvModule(norm_cfg=...)`` in CLIPSelf's ``F-ViT/models/custom_rpn_head.py`` (its LVIS configs)."""
+    channels = config.fpn_channels
+    head = RPNHead(channels, len(config.anchor_ratios), conv_depth=config.rpn_convs)
+    if config.rpn_norm:
+        head.conv = nn.Sequential(*[Conv2dNormActivation(channels, channels, kernel_size=3, norm_layer=nn.BatchNorm2d)
+                                    for _ in range(config.rpn_convs)])
+        for layer in head.conv.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)  # as torchvision initialises its RPN convs
+    return head
 
 
 class LevelRoIAlign(nn.Module):
@@ -257,17 +281,19 @@ class FViTRoIHeads(RoIHeads):
             matched_positives = [m[lab > 0] for m, lab in zip(matched, labels)]
             mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(levels, positives)))
             if sum(len(p) for p in positives):
-                agnostic = [torch.zeros_like(t["labels"]) for t in targets]  # one mask channel for all classes
-                losses["loss_mask"] = maskrcnn_loss(mask_logits, positives, [t["masks"] for t in targets],
-                                                    agnostic, matched_positives)
+                losses["loss_mask"] = mask_loss(mask_logits, positives, [t["masks"] for t in targets],
+                                                matched_positives)
             else:
                 losses["loss_mask"] = mask_logits.sum() * 0  # keeps every mask parameter in the graph (DDP)
         return losses
 
     def _detect(self, levels, proposals, image_sizes, dense, patch_size) -> list[dict]:
         regions, deltas = self.box_head(self.box_roi_pool(levels, proposals))
-        probs = self.box_predictor(regions).softmax(-1)
         classifier = self.box_predictor
+        logits = classifier(regions)
+        if self.config.fixed_temperature is not None:  # CLIPSelf's FViTTransferBBoxHead: cos x a fixed temperature
+            logits = logits / classifier.temperature * self.config.fixed_temperature
+        probs = logits.softmax(-1)
         if dense is not None:
             pooled = pool_boxes(F.normalize(dense.float(), dim=1), proposals, patch_size)
             clip_probs = (self.config.clip_temperature * pooled @ classifier.embeddings().T).softmax(-1)
@@ -328,7 +354,7 @@ class FViTHeads(nn.Module):
                                          extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
         anchors = StridedAnchorGenerator(self.strides, config.anchor_scale, config.anchor_ratios)
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(config.fpn_channels, len(config.anchor_ratios), conv_depth=config.rpn_convs),
+            anchors, rpn_head(config),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
             pre_nms_top_n={"training": config.rpn_pre_nms, "testing": config.rpn_pre_nms},
             post_nms_top_n={"training": config.rpn_post_nms, "testing": config.rpn_post_nms},
@@ -388,6 +414,26 @@ class FViT(nn.Module):
     def forward(self, images: torch.Tensor, image_sizes, targets: list[dict] | None = None):
         dense, maps = self.tower_outputs(images)
         return self.heads(maps, image_sizes, targets, dense=None if self.training else dense)
+
+
+def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size, size) binary targets: each box's matched mask sampled by aligned RoIAlign, thresholded at
+    0.5. mmdet's ``BitmapMasks.crop_and_resize(binarize=True)`` (``roi_align(..., aligned=True)``), which
+    CLIPSelf's LVIS mask head trains on; torchvision's ``project_masks_on_boxes`` samples half a pixel off
+    (``aligned=False``) and keeps soft values."""
+    rois = torch.cat([matched.to(boxes)[:, None], boxes], dim=1)
+    sampled = roi_align(gt_masks[:, None].to(boxes), rois, (size, size), spatial_scale=1.0, sampling_ratio=0,
+                        aligned=True)[:, 0]
+    return (sampled >= 0.5).to(boxes.dtype)
+
+
+def mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], gt_masks: list[torch.Tensor],
+              matched: list[torch.Tensor]) -> torch.Tensor:
+    """Mean binary cross-entropy of the class-agnostic mask logits (N, 1, M, M) against ``mask_targets``
+    (mmdet's ``CrossEntropyLoss(use_mask=True)``)."""
+    size = mask_logits.shape[-1]
+    targets = torch.cat([mask_targets(m, p, i, size) for m, p, i in zip(gt_masks, proposals, matched)])
+    return F.binary_cross_entropy_with_logits(mask_logits[:, 0].float(), targets)
 
 
 def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Detection training as a task on the library's training engine (``denserc.train.engine``).
+"""Detection training as a task on the library's training engine (``denserc.engine.loop``).
 
 The engine owns the run (accumulation to the global batch, autocast, DDP, AdamW + warm-up, clipping,
 atomic checkpoints, exact resume, metrics, progress, export); this task says what trains:
@@ -10,18 +10,17 @@ atomic checkpoints, exact resume, metrics, progress, export); this task says wha
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..distributed import DistributedEnv
-from ..train.engine import Task
+from ..engine.loop import Task
 from .config import DetectConfig
-from .data import DetectionDataset, augment, collate_samples
+from .data import DetectionDataset, augment, collate_samples, normalisation
 from .detector import build_heads, build_tower, save_detector
-from .evaluation import read_json
+from .evaluation import read_split
 from .protocols import get_protocol
 
 
@@ -35,18 +34,17 @@ class DetectionTask(Task):
         self.config = config
         self.device = env.device
         data = config.data
-        protocol = get_protocol(data.protocol)
-        self.split = protocol.split(read_json(data.train_annotations, "training annotation")["categories"])
+        ground_truth, self.split = read_split(data.train_annotations, get_protocol(data.protocol), scoring=False,
+                                              what="training annotation")
         self.dataset = DetectionDataset(data.train_annotations, data.train_images, self.split, base_only=True,
-                                        with_masks=config.model.masks)
+                                        with_masks=config.model.masks, ground_truth=ground_truth)
         self.num_workers = data.num_workers
         self.tower = build_tower(config).to(env.device).requires_grad_(False).eval()
         heads = build_heads(config, self.tower, self.split)
         if env.distributed:
             heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
         self.module = heads.to(env.device)
-        self.mean = self.tower.preprocess_cfg["mean"]
-        self.std = self.tower.preprocess_cfg["std"]
+        self.mean, self.std = normalisation(data, self.tower)
 
     def collate(self, samples: list[dict]) -> list[dict]:
         return collate_samples(samples)
@@ -65,12 +63,3 @@ class DetectionTask(Task):
         return (f"F-ViT heads ({sum(p.numel() for p in self.module.parameters()):,} parameters) on frozen "
                 f"{self.tower.model_name}, {self.config.data.protocol}: {len(self.split.base_ids)} base / "
                 f"{len(self.split.novel_ids)} novel classes")
-
-
-def train_detector(config: DetectConfig, env: DistributedEnv, output_dir: str | os.PathLike,
-                   resume: str | None = None) -> Path:
-    """Train on the engine (``resume``: None, "auto" or a checkpoint folder); returns the export folder."""
-    from ..train.checkpoint import resume_checkpoint
-    from ..train.engine import Engine
-    engine = Engine(DetectionTask(config, env), config, env, output_dir)
-    return engine.fit(resume_checkpoint(output_dir, resume, env))

@@ -1,7 +1,7 @@
 """`denserc eval region|seg`: evaluate one or more models, write JSON, print a Markdown table.
 
-    denserc eval region --model ViT-B-16:openai --model runs/vitb16 --data /data/coco
-    denserc eval seg --model runs/vitb16 --data /data/ADEChallengeData2016 --dataset ade20k
+    denserc eval region --model ViT-B-16:openai --model runs/vitb16_coco/final --data /data/coco
+    denserc eval seg --model runs/vitb16_coco/final --data /data/ADEChallengeData2016 --dataset ade20k
     denserc eval seg --model ViT-B-16:openai --variants --data /data/VOC2012 --dataset voc20
 
 Under ``torchrun --nproc_per_node N -m denserc eval ...`` every rank evaluates a shard of the
@@ -10,15 +10,14 @@ images and the counts are summed; rank 0 writes the report.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..models.variants import CONSTRUCTIONS, GATINGS, TABLE5_VARIANTS
-from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, default_cache_dir
+from .. import reports
+from ..models.variants import CONSTRUCTIONS, GATINGS, PRECISIONS, TABLE5_VARIANTS
+from .defaults import REGION_TEMPLATES, SEGMENTATION_TEMPLATES, SKIP_UNREADABLE_HELP, default_cache_dir
 
 # The rest (torch, open_clip, the datasets) is imported inside the functions that run a command, so that
 # `denserc eval --help` and argument errors answer at once.
@@ -46,14 +45,15 @@ def register(subparsers) -> None:
     region.add_argument("--class-names", default="coco_panoptic",
                         help="bundled list or file in category-id order, or 'dataset' for the JSON's names "
                              "(default: %(default)s)")
-    region.set_defaults(func=run_region, batch_size=4)
+    region.set_defaults(func=run_region, batch_size=4, command_name="eval region")
     seg = tasks.add_parser("seg", help="training-free open-vocabulary semantic segmentation (SCLIP protocol)",
                            description="Sliding-window dense logits -> mIoU, per-class IoU, pixel accuracy.")
     _add_common(seg, SEGMENTATION_TEMPLATES)
     seg.add_argument("--dataset", default=None,
                      help="dataset name: ade20k, ade847, cityscapes, coco-stuff, context459, context59, context60, "
-                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling (default: detected "
-                          "from the folder layout)")
+                          "voc20, voc21 (docs/evaluation.md) or a plug-in's; '-' and '_' are one spelling; ade150 "
+                          "(CAT-Seg's name) = ade20k; the annotations_detectron2 trees CAT-Seg's prepare_*.py write are read "
+                          "too (default: detected from the folder layout)")
     seg.add_argument("--class-names", default=None, help="bundled list or file (default: the dataset's)")
     for flag, kind, meaning in (("--short-side", int, "short side after resizing"),
                                 ("--window", int, "sliding-window size in pixels"),
@@ -63,7 +63,7 @@ def register(subparsers) -> None:
                                 ("--area-threshold", float, "drop classes winning less than this share of "
                                                             "non-background pixels")):
         seg.add_argument(flag, type=kind, default=None, help=f"{meaning} (default: the dataset's, SCLIP)")
-    seg.set_defaults(func=run_seg, batch_size=16)
+    seg.set_defaults(func=run_seg, batch_size=16, command_name="eval seg")
 
 
 def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None:
@@ -86,13 +86,11 @@ def _add_common(parser: argparse.ArgumentParser, default_templates: str) -> None
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="data-loading processes (default: the CPU cores this process may use, at most "
                              f"{MAX_DEFAULT_WORKERS}: %(default)s)")
-    parser.add_argument("--skip-unreadable", action="store_true",
-                        help="leave out image files that cannot be decoded (truncated, corrupt) and count them, "
-                             "instead of stopping at the first")
+    parser.add_argument("--skip-unreadable", action="store_true", help=SKIP_UNREADABLE_HELP)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the random weights of a --model given without TAG/FILE (default 0)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                         help="text-embedding cache (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -170,7 +168,7 @@ def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
                     print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}): the scores "
                           "measure the pipeline, not a trained model", file=sys.stderr)
                 model = from_spec(spec, seed=args.seed, device=device, precision=args.precision, **settings)
-                tokenizer = get_tokenizer(spec if Path(spec).is_dir() else model.model_name)
+                tokenizer = get_tokenizer(spec)
                 config = model.config
                 label = f"{spec} ({config['construction']}, {config['gating']}, L={config['num_layers']})"
                 start = time.perf_counter()
@@ -195,13 +193,9 @@ def _run(args: argparse.Namespace, task: str, dataset: str, evaluate) -> int:
 
 
 def _report(args, task: str, dataset: str, rows: list[dict], device, shard) -> dict:
-    import torch
-
-    return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows, "argv": sys.argv,
-            "denserc_version": __version__, "torch_version": torch.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "precision": args.precision, "world_size": shard.world_size, "limit": args.limit,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    from ..reports import provenance
+    return {"task": task, "dataset": dataset, "data": str(args.data), "results": rows,
+            **provenance(device, args.precision, shard.world_size, limit=args.limit)}
 
 
 def markdown_table(task: str, rows: list[dict]) -> str:
@@ -216,16 +210,14 @@ def markdown_table(task: str, rows: list[dict]) -> str:
     else:
         header = ["model", "construction", "gating", "L", "images", *SEGMENTATION_COLUMNS]
         cells = [[row[key] for key in SEGMENTATION_COLUMNS] for row in rows]
-        note = f"{rows[0]['dataset'] if rows else ''}: mIoU, mean class accuracy, pixel accuracy (%)"
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, values in zip(rows, cells):
-        config = row["config"]
-        shown = [row["model"], config["construction"], config["gating"], str(config["num_layers"]),
-                 str(row["num_images"]), *("n/a" if v is None else f"{v:.2f}" for v in values)]
-        lines.append("| " + " | ".join(shown) + " |")
+        note = (f"{rows[0]['dataset'] if rows else ''}: mIoU (mean over every class predicted or in the ground truth, "
+                "mmseg's rule), mean class accuracy, pixel accuracy (%)")
+    shown = [[row["model"], row["config"]["construction"], row["config"]["gating"], str(row["config"]["num_layers"]),
+              str(row["num_images"]), *("n/a" if v is None else f"{v:.2f}" for v in values)]
+             for row, values in zip(rows, cells)]
     notes = [note]
     notes += [f"{row['model']}: random weights (seed {row['seed']}), no :TAG or :FILE given; the scores measure "
               "the pipeline, not a trained model" for row in rows if row.get("random_weights")]
     notes += [f"{row['label']}: {row['unreadable_images']} unreadable image(s) skipped (--skip-unreadable)"
               for row in rows if row.get("unreadable_images")]
-    return "\n".join(lines) + "\n\n" + "\n".join(dict.fromkeys(notes))
+    return reports.markdown_table(header, shown, notes)

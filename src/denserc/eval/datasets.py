@@ -1,9 +1,17 @@
 """Readers for the evaluation datasets in their standard on-disk layouts.
 
-Semantic segmentation (training-free OVSS): ADE20K-150, PASCAL VOC 20/21, PASCAL Context 59/60
-(mmseg's converted layout), COCO-Stuff-164k and Cityscapes, each yielding an image resized the
-mmseg way (``Resize(scale=(2048, short_side), keep_ratio=True)``, bilinear) and its label map at
-full resolution with classes 0..C-1 and 255 = ignore.
+Semantic segmentation: ADE20K-150, PASCAL VOC 20/21, PASCAL Context 59/60, COCO-Stuff-164k, Cityscapes,
+ADE20K-847 and PASCAL Context-459, each yielding an image resized the mmseg way (``Resize(scale=(2048,
+short_side), keep_ratio=True)``, bilinear) and its label map at full resolution with classes 0..C-1 and
+255 (16-bit sets: 65535) = ignore.
+
+A dataset can be on disk in more than one layout, each a ``SegmentationLayout`` with its own label
+encoding (``convention``): the one mmseg reads (raw ADE-150 / VOC annotations, mmseg's converters for
+Context and COCO-Stuff) and the one CAT-Seg's ``datasets/prepare_*.py`` scripts write for detectron2
+(``annotations_detectron2``: train ids, 255 = ignore; ``cvlab-kaist/CAT-Seg``
+``cat_seg/data/datasets/register_*.py``). A reader takes the first complete layout under the folder, in
+the caller's order of preference (``denserc eval seg``: mmseg first, ``denserc catseg``: detectron2
+first); if none is complete, one line per layout names what is missing.
 
 Region classification: COCO panoptic (``panoptic_{split}.json`` + PNG folder, segment id =
 R + 256 G + 256^2 B), yielding the image resized and padded the CLIPSelf way plus, per segment,
@@ -11,9 +19,8 @@ its box and its mask coverage of every patch.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,13 +33,19 @@ from tqdm import tqdm
 
 from ..images import ImageReadError, load_image
 from ..plugins import load_plugins
+from ..registry import Registry
 from .metrics import IGNORE_INDEX
 
 Pairs = list[tuple[Path, Path]]
+LAYOUT_CONVENTIONS = ("mmseg", "detectron2")
 
 
 class DatasetLayoutError(FileNotFoundError):
-    """A dataset folder does not have the expected layout."""
+    """A dataset folder does not have the expected layout; ``problem`` is what is missing, in one line."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 @dataclass(frozen=True)
@@ -52,14 +65,34 @@ class SegmentationLayout:
     ignored_values: tuple[int, ...] = ()  # stored values that also mean "unlabelled"
     list_train_pairs: Callable[["SegmentationLayout", Path], Pairs] | None = None  # training split, if any
     stray_label_hint: str = ""  # what label values beyond the classes usually mean, and the fix
+    convention: str = "mmseg"  # whose layout this is (LAYOUT_CONVENTIONS): the reader callers may prefer
+    prepared_by: str = ""  # what writes this layout (named when it is incomplete)
+    decode: Callable[[np.ndarray], np.ndarray] | None = None  # stored values -> class ids, beyond the above
+    alternatives: tuple["SegmentationLayout", ...] = ()  # the same dataset in other layouts
+
+    @property
+    def variants(self) -> tuple["SegmentationLayout", ...]:
+        """This layout and its alternatives."""
+        return (self, *self.alternatives)
+
+    def matches(self, root: Path) -> bool:
+        """Whether ``root`` has the markers of any of the dataset's layouts."""
+        return any(all((root / marker).exists() for marker in variant.markers) for variant in self.variants)
 
 
 def _sorted_images(layout: SegmentationLayout, root: Path, image_dir: str, pattern: str,
-                   label_of: Callable[[Path], Path]) -> Pairs:
+                   label_of: Callable[[Path], Path], what: str = "images") -> Pairs:
     images = sorted(_require_dir(layout, root, image_dir).glob(pattern))
     if not images:
-        raise DatasetLayoutError(_layout_message(layout, root, f"no images matching {pattern} in {root / image_dir}"))
+        raise _layout_error(layout, root, f"no {what} matching {pattern} in {root / image_dir}")
     return [(image, _require_file(layout, root, label_of(image))) for image in images]
+
+
+def _sorted_labels(layout: SegmentationLayout, root: Path, label_dir: str, label_ext: str, image_dir: str) -> Pairs:
+    """detectron2's ``load_sem_seg``: every label file of ``label_dir`` with the same-named JPEG of ``image_dir``."""
+    pairs = _sorted_images(layout, root, label_dir, f"*.{label_ext}",
+                           lambda label: root / image_dir / f"{label.stem}.jpg", what="label maps")
+    return [(image, label) for label, image in pairs]
 
 
 def _listed_images(layout: SegmentationLayout, root: Path, split_file: str, image_dir: str,
@@ -67,7 +100,7 @@ def _listed_images(layout: SegmentationLayout, root: Path, split_file: str, imag
     split = _require_file(layout, root, root / split_file)
     ids = [line.strip() for line in split.read_text().splitlines() if line.strip()]
     if not ids:
-        raise DatasetLayoutError(_layout_message(layout, root, f"{split} lists no image ids"))
+        raise _layout_error(layout, root, f"{split} lists no image ids")
     _require_dir(layout, root, image_dir)
     _require_dir(layout, root, label_dir)
     return [(_require_file(layout, root, root / image_dir / f"{i}.jpg"),
@@ -79,13 +112,38 @@ def _ade20k(layout, root):
                           lambda image: root / "annotations" / "validation" / f"{image.stem}.png")
 
 
+def _ade20k_detectron2(layout, root):
+    return _sorted_labels(layout, root, "annotations_detectron2/validation", "png", "images/validation")
+
+
 def _voc(layout, root):
     return _listed_images(layout, root, "ImageSets/Segmentation/val.txt", "JPEGImages", "SegmentationClass")
+
+
+def _voc_detectron2(layout, root):
+    return _sorted_labels(layout, root, "annotations_detectron2/val", "png", "JPEGImages")
+
+
+def _voc_background_detectron2(layout, root):
+    return _sorted_labels(layout, root, "annotations_detectron2_bg/val", "png", "JPEGImages")
+
+
+def _voc_background_last(label: np.ndarray) -> np.ndarray:
+    """CAT-Seg's ``annotations_detectron2_bg`` (classes 0..19, background 20) -> VOC-21 (background 0, classes
+    1..20); every other value (255, or a stray one the reader then reports) is kept."""
+    decoded = label.copy()
+    decoded[label < 20] += 1
+    decoded[label == 20] = 0
+    return decoded
 
 
 def _context(layout, root):
     return _listed_images(layout, root, "ImageSets/SegmentationContext/val.txt", "JPEGImages",
                           "SegmentationClassContext")
+
+
+def _context59_detectron2(layout, root):
+    return _sorted_labels(layout, root, "annotations_detectron2/pc59_val", "png", "JPEGImages")
 
 
 def _coco_stuff(layout, root):
@@ -98,15 +156,21 @@ def _coco_stuff_train(layout, root):
                           lambda image: root / "annotations" / "train2017" / f"{image.stem}_labelTrainIds.png")
 
 
+def _coco_stuff_detectron2(layout, root):
+    return _sorted_labels(layout, root, "annotations_detectron2/val2017", "png", "images/val2017")
+
+
+def _coco_stuff_train_detectron2(layout, root):
+    return _sorted_labels(layout, root, "annotations_detectron2/train2017", "png", "images/train2017")
+
+
 def _ade847(layout, root):
     return _sorted_images(layout, root, "images_detectron2/validation", "*.jpg",
                           lambda image: root / "annotations_detectron2" / "validation" / f"{image.stem}.tif")
 
 
 def _context459(layout, root):
-    pairs = _sorted_images(layout, root, "annotations_detectron2/pc459_val", "*.tif",
-                           lambda label: root / "JPEGImages" / f"{label.stem}.jpg")
-    return [(image, label) for label, image in pairs]
+    return _sorted_labels(layout, root, "annotations_detectron2/pc459_val", "tif", "JPEGImages")
 
 
 def _cityscapes(layout, root):
@@ -127,75 +191,128 @@ _CONTEXT_LAYOUT = """VOC2010/                                  (after mmseg's to
   SegmentationClassContext/<id>.png       0 = background, 1..59 = classes
   ImageSets/SegmentationContext/val.txt   one image id per line"""
 
-SEGMENTATION_DATASETS = {layout.name: layout for layout in (
-    SegmentationLayout(
+
+def _detectron2(**changes) -> Callable[[SegmentationLayout], SegmentationLayout]:
+    """A CAT-Seg (detectron2) layout of a dataset: train ids stored as they are, 255 = ignore."""
+    def build(base: SegmentationLayout) -> SegmentationLayout:
+        return replace(base, **{"convention": "detectron2", "reduce_zero_label": False, "list_train_pairs": None,
+                                "stray_label_hint": "", **changes})
+    return build
+
+
+def _with_alternatives(base: SegmentationLayout, *builders) -> SegmentationLayout:
+    return replace(base, alternatives=tuple(build(base) for build in builders))
+
+
+_CATSEG_COCO_STUFF_HINT = ("values above 170 mean the maps are not CAT-Seg's train ids: write "
+                           "annotations_detectron2/ from COCO-Stuff's stuffthingmaps with CAT-Seg's "
+                           "datasets/prepare_coco_stuff.py")
+
+# Other names of registered datasets: CAT-Seg's benchmark names (``denserc catseg eval --dataset``).
+DATASET_ALIASES = {"ade150": "ade20k"}
+
+
+def _dataset_spellings(name: str) -> set[str]:
+    """The names a lookup of ``name`` accepts: dashes and underscores are one spelling (coco-stuff = coco_stuff,
+    as the dataset and its class-name list are named), and an alias is its dataset's name."""
+    name = DATASET_ALIASES.get(name, name)
+    return {name, name.replace("_", "-"), name.replace("-", "_")}
+
+
+SEGMENTATION_DATASETS: Registry[SegmentationLayout] = Registry("segmentation dataset", _dataset_spellings)
+for _layout in (
+    _with_alternatives(SegmentationLayout(
         "ade20k", "ADE20K-150", "ade20k", 150, False, True,
         """ADEChallengeData2016/
   images/validation/<name>.jpg
   annotations/validation/<name>.png       0 = unlabelled, 1..150 = classes""",
-        ("images/validation", "annotations/validation"), _ade20k),
-    SegmentationLayout("voc20", "PASCAL VOC-20", "voc20", 20, False, True, _VOC_LAYOUT,
-                       ("ImageSets/Segmentation/val.txt", "SegmentationClass"), _voc),
-    SegmentationLayout("voc21", "PASCAL VOC-21", "voc21", 21, True, False, _VOC_LAYOUT,
-                       ("ImageSets/Segmentation/val.txt", "SegmentationClass"), _voc),
-    SegmentationLayout("context59", "PASCAL Context-59", "context59", 59, False, True, _CONTEXT_LAYOUT,
-                       ("ImageSets/SegmentationContext/val.txt", "SegmentationClassContext"), _context),
+        ("images/validation", "annotations/validation"), _ade20k, prepared_by="ADEChallengeData2016.zip as released"),
+        _detectron2(layout="""ADEChallengeData2016/                     (after CAT-Seg's datasets/prepare_ade20k_150.py)
+  images/validation/<name>.jpg
+  annotations_detectron2/validation/<name>.png   0..149 = classes, 255 = unlabelled""",
+                    markers=("images/validation", "annotations_detectron2/validation"), list_pairs=_ade20k_detectron2,
+                    prepared_by="CAT-Seg's datasets/prepare_ade20k_150.py")),
+    _with_alternatives(SegmentationLayout(
+        "voc20", "PASCAL VOC-20", "voc20", 20, False, True, _VOC_LAYOUT,
+        ("ImageSets/Segmentation/val.txt", "SegmentationClass"), _voc, prepared_by="VOCtrainval_11-May-2012.tar as released"),
+        _detectron2(layout="""VOC2012/                                  (after CAT-Seg's datasets/prepare_voc.py)
+  JPEGImages/<id>.jpg
+  annotations_detectron2/val/<id>.png     0..19 = classes, 255 = background and boundary""",
+                    markers=("JPEGImages", "annotations_detectron2/val"), list_pairs=_voc_detectron2,
+                    prepared_by="CAT-Seg's datasets/prepare_voc.py")),
+    _with_alternatives(SegmentationLayout(
+        "voc21", "PASCAL VOC-21", "voc21", 21, True, False, _VOC_LAYOUT,
+        ("ImageSets/Segmentation/val.txt", "SegmentationClass"), _voc, prepared_by="VOCtrainval_11-May-2012.tar as released"),
+        _detectron2(layout="""VOC2012/                                  (after CAT-Seg's datasets/prepare_voc.py)
+  JPEGImages/<id>.jpg
+  annotations_detectron2_bg/val/<id>.png  0..19 = classes, 20 = background, 255 = boundary""",
+                    markers=("JPEGImages", "annotations_detectron2_bg/val"), list_pairs=_voc_background_detectron2,
+                    decode=_voc_background_last, prepared_by="CAT-Seg's datasets/prepare_voc.py")),
+    _with_alternatives(SegmentationLayout(
+        "context59", "PASCAL Context-59", "context59", 59, False, True, _CONTEXT_LAYOUT,
+        ("ImageSets/SegmentationContext/val.txt", "SegmentationClassContext"), _context,
+        prepared_by="mmseg's tools/dataset_converters/pascal_context.py"),
+        _detectron2(layout="""VOC2010/                                  (after CAT-Seg's datasets/prepare_pascal_context_59.py)
+  JPEGImages/<id>.jpg
+  annotations_detectron2/pc59_val/<id>.png   0..58 = classes, 255 = unlabelled""",
+                    markers=("JPEGImages", "annotations_detectron2/pc59_val"), list_pairs=_context59_detectron2,
+                    prepared_by="CAT-Seg's datasets/prepare_pascal_context_59.py")),
     SegmentationLayout("context60", "PASCAL Context-60", "context60", 60, True, False, _CONTEXT_LAYOUT,
-                       ("ImageSets/SegmentationContext/val.txt", "SegmentationClassContext"), _context),
-    SegmentationLayout(
+                       ("ImageSets/SegmentationContext/val.txt", "SegmentationClassContext"), _context,
+                       prepared_by="mmseg's tools/dataset_converters/pascal_context.py"),
+    _with_alternatives(SegmentationLayout(
         "coco-stuff", "COCO-Stuff-171", "coco_stuff", 171, False, False,
         """coco_stuff164k/                           (after mmseg's tools/dataset_converters/coco_stuff164k.py)
-  images/val2017/<id>.jpg
-  annotations/val2017/<id>_labelTrainIds.png   0..170 = classes, 255 = unlabelled""",
+  images/{train,val}2017/<id>.jpg
+  annotations/{train,val}2017/<id>_labelTrainIds.png   0..170 = classes, 255 = unlabelled""",
         ("images/val2017", "annotations/val2017"), _coco_stuff, list_train_pairs=_coco_stuff_train,
         stray_label_hint="values above 170 mean the maps are still in COCO-Stuff's raw 0..181 numbering (182 ids, "
         "11 unused): convert them to the 171 train ids with mmseg's tools/dataset_converters/coco_stuff164k.py, "
-        "which writes the *_labelTrainIds.png files"),
+        "which writes the *_labelTrainIds.png files",
+        prepared_by="mmseg's tools/dataset_converters/coco_stuff164k.py"),
+        _detectron2(layout="""coco-stuff/                               (after CAT-Seg's datasets/prepare_coco_stuff.py)
+  images/{train,val}2017/<id>.jpg
+  annotations_detectron2/{train,val}2017/<id>.png   0..170 = classes, 255 = unlabelled""",
+                    markers=("images/val2017", "annotations_detectron2/val2017"), list_pairs=_coco_stuff_detectron2,
+                    list_train_pairs=_coco_stuff_train_detectron2, stray_label_hint=_CATSEG_COCO_STUFF_HINT,
+                    prepared_by="CAT-Seg's datasets/prepare_coco_stuff.py")),
     SegmentationLayout(
         "cityscapes", "Cityscapes-19", "cityscapes", 19, False, False,
         """cityscapes/
   leftImg8bit/val/<city>/<name>_leftImg8bit.png
   gtFine/val/<city>/<name>_gtFine_labelTrainIds.png   0..18 = train ids, 255 = ignore
                                                       (cityscapesscripts' createTrainIdLabelImgs)""",
-        ("leftImg8bit/val", "gtFine/val"), _cityscapes),
-    # The two large-vocabulary sets in the layout CAT-Seg's converters write (datasets/prepare_ade20k_847.py,
-    # prepare_pascal_context_459.py of cvlab-kaist/CAT-Seg): 16-bit TIFF labels.
+        ("leftImg8bit/val", "gtFine/val"), _cityscapes, prepared_by="cityscapesscripts' createTrainIdLabelImgs"),
+    # The two large-vocabulary sets exist only in the layout CAT-Seg's converters write (datasets/
+    # prepare_ade20k_full.py, prepare_pascal_context_459.py of cvlab-kaist/CAT-Seg): 16-bit TIFF labels.
     SegmentationLayout(
         "ade847", "ADE20K-847", "ade847", 847, False, False,
-        """ADE20K_2021_17_01/                        (after CAT-Seg's datasets/prepare_ade20k_847.py)
+        """ADE20K_2021_17_01/                        (after CAT-Seg's datasets/prepare_ade20k_full.py)
   images_detectron2/validation/<name>.jpg
   annotations_detectron2/validation/<name>.tif   16-bit: 0..846 = classes, 65535 = unlabelled""",
-        ("images_detectron2/validation", "annotations_detectron2/validation"), _ade847, ignore_index=65535),
+        ("images_detectron2/validation", "annotations_detectron2/validation"), _ade847, ignore_index=65535,
+        convention="detectron2", prepared_by="CAT-Seg's datasets/prepare_ade20k_full.py"),
     SegmentationLayout(
         "context459", "PASCAL Context-459", "context459", 459, False, False,
         """VOC2010/                                  (after CAT-Seg's datasets/prepare_pascal_context_459.py)
   JPEGImages/<id>.jpg
   annotations_detectron2/pc459_val/<id>.tif   16-bit: 0..458 = classes, 459 and 65535 = unlabelled""",
         ("JPEGImages", "annotations_detectron2/pc459_val"), _context459, ignore_index=65535,
-        ignored_values=(459,)),
-)}
+        ignored_values=(459,), convention="detectron2", prepared_by="CAT-Seg's datasets/prepare_pascal_context_459.py"),
+):
+    SEGMENTATION_DATASETS.register(_layout.name, _layout)
+del _layout
 
 
 def segmentation_layout(name: str) -> SegmentationLayout:
     """The registered segmentation dataset ``name`` (a name no one registered is looked for in the plug-ins);
-    ``-`` and ``_`` are interchangeable in the name."""
-    if _registered_name(name) is None:
-        load_plugins()
-    registered = _registered_name(name)
-    if registered is None:
-        raise ValueError(f"unknown segmentation dataset {name!r}; known: {', '.join(SEGMENTATION_DATASETS)}")
-    return SEGMENTATION_DATASETS[registered]
-
-
-def _registered_name(name: str) -> str | None:
-    """``name`` as registered, where dashes and underscores are one spelling (coco-stuff = coco_stuff,
-    as the dataset and its class-name list are named)."""
-    spellings = {name, name.replace("_", "-"), name.replace("-", "_")}
-    return next((registered for registered in SEGMENTATION_DATASETS if registered in spellings), None)
+    ``-`` and ``_`` are interchangeable in the name, and ``DATASET_ALIASES`` are accepted."""
+    return SEGMENTATION_DATASETS.get(name)
 
 
 def detect_segmentation_dataset(root: str | os.PathLike) -> str:
-    """The dataset whose layout ``root`` has; an error if none or several (VOC-20/21, Context-59/60) fit.
+    """The dataset whose layout (any of its layouts) ``root`` has; an error if none or several (VOC-20/21,
+    Context-59/60/459) fit.
 
     The plug-ins' datasets are looked at too if no registered layout fits.
     """
@@ -204,8 +321,7 @@ def detect_segmentation_dataset(root: str | os.PathLike) -> str:
         raise DatasetLayoutError(f"dataset folder {root} does not exist")
 
     def matching() -> list[str]:
-        return [name for name, layout in SEGMENTATION_DATASETS.items()
-                if all((root / marker).exists() for marker in layout.markers)]
+        return [name for name, layout in SEGMENTATION_DATASETS.items() if layout.matches(root)]
     matches = matching()
     if not matches:
         load_plugins()
@@ -214,24 +330,57 @@ def detect_segmentation_dataset(root: str | os.PathLike) -> str:
         return matches[0]
     if matches:
         raise ValueError(f"{root} has the layout of {' and '.join(matches)}: choose one with --dataset")
-    expected = "\n\n".join(f"{layout.title} (--dataset {name}):\n{layout.layout}"
+    expected = "\n\n".join(f"{layout.title} (--dataset {name}):\n" + "\n".join(v.layout for v in layout.variants)
                            for name, layout in SEGMENTATION_DATASETS.items())
     raise DatasetLayoutError(f"{root} has none of the known segmentation layouts:\n\n{expected}")
 
 
+def read_layout(layout: SegmentationLayout, root: Path, train: bool = False,
+                prefer: str = "mmseg") -> tuple[SegmentationLayout, Pairs]:
+    """The first of the dataset's layouts that is complete under ``root`` (those of convention ``prefer``
+    first) and its (image, label) pairs.
+
+    A dataset with one layout raises its own error; with several, an error has one line per layout naming
+    what is missing there.
+    """
+    if prefer not in LAYOUT_CONVENTIONS:
+        raise ValueError(f"unknown layout convention {prefer!r}; known: {', '.join(LAYOUT_CONVENTIONS)}")
+    variants = [variant for variant in layout.variants if not train or variant.list_train_pairs is not None]
+    variants.sort(key=lambda variant: variant.convention != prefer)
+    if len(variants) == 1:
+        return variants[0], _list(variants[0], root, train)
+    problems = []
+    for variant in variants:
+        try:
+            return variant, _list(variant, root, train)
+        except DatasetLayoutError as error:
+            problems.append(f"  {variant.convention} layout ({variant.prepared_by}): {error.problem}")
+    raise DatasetLayoutError(f"{layout.title}: no complete layout under {root} (docs/evaluation.md):\n"
+                             + "\n".join(problems))
+
+
+def _list(layout: SegmentationLayout, root: Path, train: bool) -> Pairs:
+    return (layout.list_train_pairs if train else layout.list_pairs)(layout, root)
+
+
 class SegmentationDataset(Dataset):
-    """(image, label) pairs of one segmentation dataset; images optionally resized the mmseg way."""
+    """(image, label) pairs of one segmentation dataset; images optionally resized the mmseg way.
+
+    ``layout`` is the layout read (``read_layout``: ``prefer`` names the convention tried first).
+    """
 
     def __init__(self, name: str, root: str | os.PathLike, short_side: int | None = None,
-                 max_long_side: int = 2048, train: bool = False):
-        self.layout = segmentation_layout(name)
+                 max_long_side: int = 2048, train: bool = False, prefer: str = "mmseg"):
+        dataset = segmentation_layout(name)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DatasetLayoutError(_layout_message(self.layout, self.root, f"{self.root} does not exist"))
-        if train and self.layout.list_train_pairs is None:
-            trainable = [n for n, layout in SEGMENTATION_DATASETS.items() if layout.list_train_pairs is not None]
-            raise ValueError(f"{self.layout.title} has no training split here; datasets with one: {trainable}")
-        self.samples = (self.layout.list_train_pairs if train else self.layout.list_pairs)(self.layout, self.root)
+            raise DatasetLayoutError(f"{dataset.title}: {self.root} does not exist. Expected layout under "
+                                     f"{self.root}:\n" + "\n".join(variant.layout for variant in dataset.variants))
+        if train and not any(variant.list_train_pairs for variant in dataset.variants):
+            trainable = [n for n, layout in SEGMENTATION_DATASETS.items()
+                         if any(variant.list_train_pairs for variant in layout.variants)]
+            raise ValueError(f"{dataset.title} has no training split here; datasets with one: {trainable}")
+        self.layout, self.samples = read_layout(dataset, self.root, train, prefer)
         self.short_side = short_side
         self.max_long_side = max_long_side
 
@@ -269,6 +418,8 @@ class SegmentationDataset(Dataset):
         if self.layout.reduce_zero_label:
             label = np.where(label == 0, IGNORE_INDEX, label - 1).astype(np.uint8)
             label[label == IGNORE_INDEX - 1] = IGNORE_INDEX
+        if self.layout.decode is not None:
+            label = self.layout.decode(label)
         for value in self.layout.ignored_values:
             label[label == value] = ignore
         stray = np.unique(label[(label != ignore) & (label >= self.layout.num_classes)])
@@ -353,195 +504,23 @@ def resize_short_side(image: torch.Tensor, short_side: int, max_long_side: int) 
     return resized[0].round().clamp(0, 255).to(torch.uint8)
 
 
-# ------------------------------------------------------------------------------------ panoptic
-PANOPTIC_LAYOUT = """COCO/
-  {split}/<file_name>                       images (file names from the JSON)
-  annotations/panoptic_{split}.json         images, annotations (segments_info), categories (isthing)
-  annotations/panoptic_{split}/<file>.png   segment id = R + 256 G + 256^2 B, 0 = void
-                                            (the PNG folder may also sit at COCO/panoptic_{split}/)"""
-
-
-def panoptic_ids_to_rgb(segment_ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B (the COCO-panoptic PNG encoding)."""
-    return np.stack([(segment_ids >> shift) & 255 for shift in (0, 8, 16)], axis=-1).astype(np.uint8)
-
-
-def panoptic_rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of ``panoptic_ids_to_rgb``: (H, W, 3) -> (H, W) int64 segment ids."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
-    """(H, W) int64 segment ids of a COCO-panoptic PNG: id = R + 256 G + 256^2 B."""
-    with Image.open(path) as png:
-        if png.mode != "RGB":
-            raise ValueError(f"{path}: panoptic PNG has mode {png.mode}, expected RGB with segment id = "
-                             "R + 256 G + 256^2 B")
-        rgb = np.array(png)
-    return panoptic_rgb_to_ids(rgb)
-
-
-class PanopticRegions(Dataset):
-    """Every segment of a COCO-panoptic split as a region to classify (CLIPSelf's protocol).
-
-    The image is resized so its longer side is ``image_size`` (bicubic) and padded with black on the
-    bottom/right to ``image_size`` x ``image_size``. Per segment: its box (the mask's pixel extent,
-    x1, y1, x2, y2 in input pixels) and its mask's coverage of each patch of the padded input
-    (``image_size / patch_size`` squared, the fraction of the patch's pixels inside the mask).
-    Segments whose box is under ``min_box_area`` original pixels are skipped, as CLIPSelf does (8 x 8).
-    """
-
-    def __init__(self, root: str | os.PathLike, split: str = "val2017", *, image_size: int, patch_size: int,
-                 min_box_area: int = 64):
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} must be a multiple of the patch size {patch_size}")
-        self.root = Path(root)
-        self.split = split
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.min_box_area = min_box_area
-        self.json_path = self.root / "annotations" / f"panoptic_{split}.json"
-        self.image_dir = self.root / split
-        if not self.json_path.is_file():
-            raise DatasetLayoutError(self._message(f"{self.json_path} does not exist"))
-        png_dirs = [self.root / "annotations" / f"panoptic_{split}", self.root / f"panoptic_{split}"]
-        existing = [d for d in png_dirs if d.is_dir()]
-        if not existing:
-            raise DatasetLayoutError(self._message(f"no panoptic PNG folder: neither {png_dirs[0]} nor {png_dirs[1]} "
-                                                   "exists"))
-        self.png_dir = existing[0]
-        if not self.image_dir.is_dir():
-            raise DatasetLayoutError(self._message(f"image folder {self.image_dir} does not exist"))
-        content = self._read_json()
-        try:
-            self._index(content)
-        except KeyError as error:
-            raise ValueError(self._message(f"{self.json_path}: an entry lacks the key {error}")) from error
-
-    def _index(self, content: dict) -> None:
-        categories = sorted(content["categories"], key=lambda category: category["id"])
-        self.category_names = [category["name"] for category in categories]
-        self.is_thing = torch.tensor([bool(category["isthing"]) for category in categories])
-        self.label_of_category = {category["id"]: label for label, category in enumerate(categories)}
-        images = {image["id"]: image for image in content["images"]}
-        self.entries = []
-        for annotation in content["annotations"]:
-            image_id = annotation["image_id"]
-            if image_id not in images:
-                raise ValueError(f"{self.json_path}: annotation for image id {image_id} has no entry in 'images'")
-            for segment in annotation["segments_info"]:
-                if segment["category_id"] not in self.label_of_category:
-                    raise ValueError(f"{self.json_path}: segment {segment['id']} of image {image_id} has "
-                                     f"category_id {segment['category_id']}, which is not in 'categories'")
-            self.entries.append((images[image_id]["file_name"], annotation["file_name"], image_id,
-                                 [(segment["id"], self.label_of_category[segment["category_id"]])
-                                  for segment in annotation["segments_info"]]))
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _paths(self, index: int) -> tuple[Path, Path]:
-        image_name, png_name, _, _ = self.entries[index]
-        return self.image_dir / image_name, self.png_dir / png_name
-
-    def check_files(self, indices: Sequence[int]) -> None:
-        """Stop before any image is evaluated if an image or panoptic PNG of ``indices`` is missing, naming
-        the first and counting them all, rather than after the images before it (minutes to hours in)."""
-        missing = [path for index in indices for path in self._paths(index) if not path.is_file()]
-        if missing:
-            more = f" (and {len(missing) - 1} more file(s) listed in {self.json_path})" if len(missing) > 1 else ""
-            raise DatasetLayoutError(self._message(f"{missing[0]} does not exist{more}"))
-
-    def __getitem__(self, index: int) -> dict:
-        _, _, image_id, segments = self.entries[index]
-        image_path, png_path = self._paths(index)
-        self.check_files([index])
-        try:
-            image = load_image(image_path, upright=False)
-        except ImageReadError as error:
-            return {"unreadable": str(error), "name": image_path.stem}
-        segment_ids = decode_panoptic_png(png_path)
-        width, height = image.size
-        if segment_ids.shape != (height, width):
-            raise ValueError(f"{png_path}: size {segment_ids.shape[::-1]} differs from image {image_path} size "
-                             f"{(width, height)}")
-        scale = self.image_size / max(height, width)
-        new_height, new_width = round(height * scale), round(width * scale)
-        canvas = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
-        canvas[:new_height, :new_width] = np.array(image.resize((new_width, new_height), Image.BICUBIC))
-        ids, index_map = np.unique(segment_ids, return_inverse=True)
-        index_map = index_map.reshape(segment_ids.shape)
-        coverage_of_index = self._patch_coverage(index_map, len(ids), new_height, new_width)
-        boxes, coverage, labels, skipped = [], [], [], 0
-        for segment_id, label in segments:
-            index = int(np.searchsorted(ids, segment_id))
-            if index == len(ids) or ids[index] != segment_id:
-                raise ValueError(f"{png_path}: segment id {segment_id} listed in {self.json_path} "
-                                 f"(image {image_id}) has no pixels")
-            rows, cols = np.nonzero(index_map == index)
-            box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float64)
-            if (box[2] - box[0]) * (box[3] - box[1]) < self.min_box_area or not coverage_of_index[index].any():
-                skipped += 1
-                continue
-            boxes.append(box * scale)
-            coverage.append(coverage_of_index[index])
-            labels.append(label)
-        grid = self.image_size // self.patch_size
-        return {
-            "image": torch.from_numpy(canvas).permute(2, 0, 1).contiguous(),
-            "boxes": torch.tensor(np.array(boxes), dtype=torch.float32).reshape(-1, 4),
-            "coverage": torch.tensor(np.array(coverage), dtype=torch.float32).reshape(-1, grid, grid),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "skipped": skipped,
-        }
-
-    def _patch_coverage(self, index_map: np.ndarray, count: int, new_height: int, new_width: int) -> np.ndarray:
-        """(count, grid, grid): the fraction of each patch's pixels that carry each index of ``index_map``.
-
-        The map is resized to the image's new size by nearest neighbour (pixel centres) and padded
-        like the image (the padding carries no index); all coverages come from one bincount.
-        """
-        height, width = index_map.shape
-        rows = np.minimum(((np.arange(new_height) + 0.5) * height / new_height).astype(np.int64), height - 1)
-        cols = np.minimum(((np.arange(new_width) + 0.5) * width / new_width).astype(np.int64), width - 1)
-        padded = np.full((self.image_size, self.image_size), count, dtype=np.int64)
-        padded[:new_height, :new_width] = index_map[rows[:, None], cols[None, :]]
-        grid = self.image_size // self.patch_size
-        cell = np.arange(self.image_size) // self.patch_size
-        patch_index = (cell[:, None] * grid + cell[None, :]).ravel()
-        counts = np.bincount(padded.ravel() * grid * grid + patch_index, minlength=(count + 1) * grid * grid)
-        return counts.reshape(count + 1, grid, grid)[:count] / float(self.patch_size ** 2)
-
-    def _read_json(self) -> dict:
-        try:
-            with open(self.json_path, encoding="utf-8") as f:
-                content = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(self._message(f"{self.json_path} is not valid JSON: {error}")) from error
-        missing = [key for key in ("images", "annotations", "categories") if key not in content]
-        if missing:
-            raise ValueError(self._message(f"{self.json_path} lacks the key(s) {missing}"))
-        return content
-
-    def _message(self, problem: str) -> str:
-        return f"COCO panoptic: {problem}. Expected layout under {self.root}:\n" + \
-            PANOPTIC_LAYOUT.format(split=self.split)
-
-
 # ------------------------------------------------------------------------------------- helpers
 def _layout_message(layout: SegmentationLayout, root: Path, problem: str) -> str:
     return f"{layout.title}: {problem}. Expected layout under {root}:\n{layout.layout}"
 
 
+def _layout_error(layout: SegmentationLayout, root: Path, problem: str) -> DatasetLayoutError:
+    return DatasetLayoutError(_layout_message(layout, root, problem), problem)
+
+
 def _require_dir(layout: SegmentationLayout, root: Path, relative: str) -> Path:
     path = root / relative
     if not path.is_dir():
-        raise DatasetLayoutError(_layout_message(layout, root, f"folder {path} does not exist"))
+        raise _layout_error(layout, root, f"folder {path} does not exist")
     return path
 
 
 def _require_file(layout: SegmentationLayout, root: Path, path: Path) -> Path:
     if not path.is_file():
-        raise DatasetLayoutError(_layout_message(layout, root, f"file {path} does not exist"))
+        raise _layout_error(layout, root, f"file {path} does not exist")
     return path

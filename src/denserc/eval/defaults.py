@@ -11,3 +11,5 @@ SEGMENTATION_TEMPLATES = "openai"  # SCLIP, ClearCLIP, NACLIP: the 80 OpenAI Ima
 def default_cache_dir() -> Path:
     """``$DENSERC_CACHE/text`` or ``~/.cache/denserc/text``."""
     return Path(os.environ.get("DENSERC_CACHE", Path.home() / ".cache" / "denserc")) / "text"
+SKIP_UNREADABLE_HELP = ("leave out image files that cannot be decoded (truncated, corrupt) and count them, instead of "
+                        "stopping at the first")

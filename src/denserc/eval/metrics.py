@@ -1,9 +1,17 @@
 """Metrics as sums (so shards add up with one all_reduce) and the scores computed from them.
 
 Segmentation: a (C, C) confusion matrix, rows = ground truth, columns = prediction, pixels labelled
-255 ignored. IoU_c = TP / (TP + FP + FN); a class with no ground-truth and no predicted pixel has
-an undefined IoU and is left out of the mean (mmseg's nan-mean); a class predicted but absent from
-the ground truth counts with IoU 0.
+255 ignored. IoU_c = TP / (TP + FP + FN). Which classes the mean runs over is the protocol's rule
+(``MIOU_RULES``):
+
+- ``mmseg`` (training-free OVSS: mmseg's ``IoUMetric``, which SCLIP and its successors report): every
+  class with a non-empty union; a class predicted but absent from the ground truth counts with IoU 0;
+- ``detectron2`` (CAT-Seg: detectron2's ``SemSegEvaluator.evaluate``, ``acc_valid = pos_gt > 0``,
+  ``iou_valid = acc_valid & (union > 0)``, lines 192-198 of ``detectron2/evaluation/sem_seg_evaluation.py``
+  at facebookresearch/detectron2@02b5c4e; CAT-Seg's ``train_net.py`` line 103 builds it): only the
+  classes present in the ground truth; a class that is only predicted lowers the IoU of the classes
+  whose pixels it took, not the mean's count. With hundreds of names (A-847, PC-459), many of them absent
+  from the ground truth, the mmseg rule's zeros for names that are only predicted lower the mean.
 
 Region classification: per class, how many segments were classified correctly at top-1 and top-5,
 out of how many; "mean" scores average the per-class accuracies over classes that have segments
@@ -17,6 +25,7 @@ from typing import Sequence
 import torch
 
 IGNORE_INDEX = 255
+MIOU_RULES = ("mmseg", "detectron2")
 REGION_POOLINGS = ("boxes", "masks")
 
 
@@ -36,21 +45,28 @@ def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes
     return pairs.reshape(num_classes, num_classes)
 
 
-def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str]) -> dict:
-    """mIoU, mean class accuracy (mAcc) and pixel accuracy (aAcc) in percent, plus per-class IoU/Acc (a list).
+def segmentation_metrics(confusion: torch.Tensor, class_names: Sequence[str], miou_rule: str = "mmseg") -> dict:
+    """mIoU (averaged under ``miou_rule``, see the module docstring), mean class accuracy (mAcc) and pixel
+    accuracy (aAcc) in percent, plus per-class IoU/Acc (a list) and the rule's name.
 
-    Undefined values (a class absent from both ground truth and prediction) are None in the output.
+    Classes outside the rule's mean have IoU None in the output (mmseg: absent from both ground truth and
+    prediction; detectron2: absent from the ground truth), as does the accuracy of a class without pixels.
     """
     if confusion.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix {tuple(confusion.shape)} does not match {len(class_names)} class names")
+    if miou_rule not in MIOU_RULES:
+        raise ValueError(f"unknown mIoU rule {miou_rule!r}; known: {', '.join(MIOU_RULES)}")
     confusion = confusion.double().cpu()
     true_positive = confusion.diagonal()
     ground_truth = confusion.sum(dim=1)
     predicted = confusion.sum(dim=0)
     iou = true_positive / (ground_truth + predicted - true_positive)  # 0/0 = nan: class absent from both
+    if miou_rule == "detectron2":
+        iou = torch.where(ground_truth > 0, iou, torch.nan)
     accuracy = true_positive / ground_truth
     return {
         "mIoU": _percent(iou.nanmean()),
+        "miou_rule": miou_rule,
         "mAcc": _percent(accuracy.nanmean()),
         "aAcc": _percent(true_positive.sum() / confusion.sum()),
         "per_class": [{"name": name, "IoU": _percent(iou[c]), "Acc": _percent(accuracy[c]),

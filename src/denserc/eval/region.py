@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..distributed import DistributedEnv, all_reduce
 from ..models import normalize_images, pool_boxes, pool_masks
-from .datasets import PanopticRegions, drop_unreadable
+from .datasets import drop_unreadable
+from .panoptic import PanopticRegions
 from .defaults import REGION_TEMPLATES
 from .metrics import add_region_predictions, region_counts, region_metrics
 from .text import build_text_classifier, load_class_names, load_templates

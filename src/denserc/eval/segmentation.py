@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ DEFAULT_TEMPLATES = SEGMENTATION_TEMPLATES
 
 @dataclass(frozen=True)
 class SegmentationProtocol:
-    """Inference settings of training-free OVSS (defaults: SCLIP's, see ``PROTOCOLS``)."""
+    """Inference settings of training-free OVSS (defaults: SCLIP's, see ``DEFAULT_PROTOCOLS``)."""
 
     short_side: int = 336
     max_long_side: int = 2048
@@ -62,7 +63,7 @@ class SegmentationProtocol:
 # SCLIP's per-dataset settings (configs/cfg_*.py of wangf3014/SCLIP): window 224, stride 112, logit
 # scale 40; short side 336, 448 for COCO-Stuff, 560 for Cityscapes; the background settings
 # (VOC-21: scale 65, probability 0.1, area 0.1; Context-60: scale 50, probability 0.1).
-PROTOCOLS = {
+DEFAULT_PROTOCOLS = {
     "ade20k": SegmentationProtocol(),
     "voc20": SegmentationProtocol(),
     "voc21": SegmentationProtocol(logit_scale=65.0, prob_threshold=0.1, area_threshold=0.1),
@@ -82,15 +83,13 @@ def register_segmentation_dataset(layout: SegmentationLayout,
     ``layout`` says where its images and labels are (``layout.list_pairs(layout, root)`` lists the
     (image, label PNG) pairs) and how labels are encoded; ``protocol`` is its default inference setting.
     """
-    if layout.name in SEGMENTATION_DATASETS:
-        raise ValueError(f"segmentation dataset {layout.name!r} is already registered")
-    SEGMENTATION_DATASETS[layout.name] = layout
-    PROTOCOLS[layout.name] = protocol
+    SEGMENTATION_DATASETS.register(layout.name, layout)
+    DEFAULT_PROTOCOLS[layout.name] = protocol
 
 
 def protocol_for(dataset: str, **overrides) -> SegmentationProtocol:
     """The dataset's default protocol with ``overrides`` (None values keep the default)."""
-    default = PROTOCOLS[segmentation_layout(dataset).name]
+    default = DEFAULT_PROTOCOLS[segmentation_layout(dataset).name]
     return replace(default, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -111,6 +110,38 @@ def predict_labels(query_logits: torch.Tensor, classifier: TextClassifier,
     return prediction
 
 
+def evaluation_loop(data: SegmentationDataset, layout: SegmentationLayout,
+                    make_predictor: Callable[[], tuple[Callable, torch.device]], *, workers: int, limit: int | None,
+                    shard: DistributedEnv, progress: bool, description: str | None,
+                    skip_unreadable: bool) -> tuple[torch.Tensor, dict]:
+    """The one segmentation evaluation loop, for ``denserc eval seg`` and ``denserc catseg eval`` alike.
+
+    The label maps of this rank's share (the first ``limit`` images) are checked before anything else, the
+    model included; ``make_predictor()`` (which may embed the class names, the costly part) is called next and
+    returns ``predict(image, size)`` (uint8 (3, H, W) pixels on the device -> (size) class ids) and the device.
+    An unreadable image stops the run naming it, or with ``skip_unreadable`` is counted and left out. Returns
+    the confusion matrix summed over ranks and ``{"num_images": ..., "unreadable_images": ...}``.
+    """
+    count = len(data) if limit is None else min(limit, len(data))
+    indices = shard.indices(count)
+    data.check_labels(indices, workers, progress=progress and shard.is_main)
+    predict, device = make_predictor()
+    loader = DataLoader(Subset(data, indices), batch_size=None, num_workers=workers)
+    confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
+    images = torch.zeros(2, dtype=torch.long, device=device)  # evaluated, unreadable
+    for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
+        if drop_unreadable([sample], skip_unreadable)[1]:
+            images[1] += 1
+            continue
+        label = sample["label"].to(device)
+        confusion += confusion_matrix(predict(sample["image"].to(device), tuple(label.shape)), label,
+                                      layout.num_classes, layout.ignore_index)
+        images[0] += 1
+    all_reduce(confusion, op="sum")
+    all_reduce(images, op="sum")
+    return confusion, {"num_images": int(images[0]), "unreadable_images": int(images[1])}
+
+
 @torch.no_grad()
 def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: str, *,
                           protocol: SegmentationProtocol | None = None, class_names: str | None = None,
@@ -125,7 +156,7 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
     stops the evaluation with its name, or with ``skip_unreadable`` is left out and counted.
     """
     layout = segmentation_layout(dataset)
-    protocol = protocol or PROTOCOLS[layout.name]
+    protocol = protocol or DEFAULT_PROTOCOLS[layout.name]
     if not layout.has_background and (protocol.prob_threshold > 0 or protocol.area_threshold > 0):
         raise ValueError(f"{layout.title} has no background class: prob_threshold and area_threshold must be 0 "
                          f"(got {protocol.prob_threshold}, {protocol.area_threshold})")
@@ -134,32 +165,23 @@ def evaluate_segmentation(model, tokenizer, root: str | os.PathLike, dataset: st
     if len(names) != layout.num_classes:
         raise ValueError(f"{layout.title} has {layout.num_classes} classes but the class-name list "
                          f"{class_names or layout.class_names!r} has {len(names)}")
-    count = len(data) if limit is None else min(limit, len(data))
-    indices = shard.indices(count)
-    data.check_labels(indices, workers, progress=progress and shard.is_main)
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir,
-                                       progress=progress and shard.is_main)
-    loader = DataLoader(Subset(data, indices), batch_size=None, num_workers=workers)
-    confusion = torch.zeros(layout.num_classes, layout.num_classes, dtype=torch.long, device=device)
-    images = torch.zeros(2, dtype=torch.long, device=device)  # evaluated, unreadable
-    for sample in tqdm(loader, desc=description or layout.title, disable=not (progress and shard.is_main)):
-        if drop_unreadable([sample], skip_unreadable)[1]:
-            images[1] += 1
-            continue
-        image = normalize_images(sample["image"].to(device), model.preprocess_cfg).to(dtype)[None]
-        label = sample["label"].to(device)
-        logits = sliding_window_logits(model, image, classifier.embeddings, window=protocol.window,
-                                       stride=protocol.stride, batch_size=batch_size)
-        logits = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False)[0]
-        confusion += confusion_matrix(predict_labels(logits, classifier, protocol), label, layout.num_classes,
-                                      layout.ignore_index)
-        images[0] += 1
-    all_reduce(confusion, op="sum")
-    all_reduce(images, op="sum")
-    return {"dataset": layout.name, "num_images": int(images[0]), "unreadable_images": int(images[1]),
+
+    def make_predictor():
+        model.eval()
+        parameter = next(model.parameters())
+        classifier = build_text_classifier(model, tokenizer, names, load_templates(templates), cache_dir=cache_dir,
+                                           progress=progress and shard.is_main)
+
+        def predict(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            image = normalize_images(pixels, model.preprocess_cfg).to(parameter.dtype)[None]
+            logits = sliding_window_logits(model, image, classifier.embeddings, window=protocol.window,
+                                           stride=protocol.stride, batch_size=batch_size)
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
+            return predict_labels(logits, classifier, protocol)
+        return predict, parameter.device
+    confusion, counts = evaluation_loop(data, layout, make_predictor, workers=workers, limit=limit, shard=shard,
+                                        progress=progress, description=description, skip_unreadable=skip_unreadable)
+    return {"dataset": layout.name, "layout": data.layout.convention, **counts,
             "protocol": asdict(protocol), "templates": templates,
             "class_names": class_names or layout.class_names,
-            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names])}
+            **segmentation_metrics(confusion, [", ".join(synonyms) for synonyms in names], miou_rule="mmseg")}

@@ -25,7 +25,7 @@ are combined at each patch:
 
 ``ls_1`` is the block's LayerScale (identity for CLIP models without it), kept so the value branch
 is exactly the block's own attention branch with the attention weights replaced. Written once for
-every family: ``towers.py`` says where ln_1, the values, out_proj (for EVA after its inner attention
+every family: the ``towers`` package says where ln_1, the values, out_proj (for EVA after its inner attention
 LayerNorm, so the gates act before it), RoPE, ln_post and proj live in each image tower.
 """
 from __future__ import annotations

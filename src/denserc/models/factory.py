@@ -18,6 +18,7 @@ from torch import nn
 from ..plugins import load_plugins
 from . import hub, tiny_towers  # noqa: F401  (tiny_towers registers the timm trunks of the bundled configs)
 from .dense import DenseRCModel
+from .variants import PRECISIONS
 from .serialization import GATE_WEIGHTS, SETTINGS, load_state_dict_checked, load_weights, read_model_folder
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
@@ -104,12 +105,14 @@ def random_weights(spec: str | os.PathLike) -> bool:
     return not Path(spec).is_dir() and ":" not in str(spec)
 
 
-def get_tokenizer(model_name: str | os.PathLike):
-    """open_clip's tokenizer for a model name, or for a folder written by ``DenseRCModel.save``."""
-    if Path(model_name).is_dir():
-        return open_clip.get_tokenizer(f"local-dir:{model_name}")
-    model_config(str(model_name))  # a plug-in's model: its config picks the tokenizer's context length
-    return open_clip.get_tokenizer(str(model_name))
+def get_tokenizer(spec: str | os.PathLike):
+    """open_clip's tokenizer for any model spec ``from_spec`` takes: a folder written by ``DenseRCModel.save``
+    (its own open_clip config), ``NAME``, ``NAME:TAG`` or ``NAME:FILE``."""
+    if Path(spec).is_dir():
+        return open_clip.get_tokenizer(f"local-dir:{spec}")
+    model_name = str(spec).partition(":")[0]
+    model_config(model_name)  # a plug-in's model: its config picks the tokenizer's context length
+    return open_clip.get_tokenizer(model_name)
 
 
 def model_config(model_name: str) -> dict | None:
@@ -193,11 +196,15 @@ def _quiet_random_init():
         root.removeFilter(keep)
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (``PRECISIONS``); a clear error for any other name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _to(model: DenseRCModel, device, precision: str) -> DenseRCModel:
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {list(dtypes)}, got {precision!r}")
-    return model.to(device=device, dtype=dtypes[precision])
+    return model.to(device=device, dtype=precision_dtype(precision))
 
 
 def _pretrained_tag(model_name: str, tag: str) -> dict:
@@ -281,6 +288,14 @@ def _download_pretrained(model_name: str, tag: str, tag_cfg: dict, cache_dir: st
     return hub.download(
         lambda: open_clip.download_pretrained(copy.deepcopy(tag_cfg), cache_dir=cache_dir), host=host,
         what=f"'{tag}' for {model_name}",
-        remedy=f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
-               f"--model {model_name}{quick}:/path/to/open_clip_model.safetensors on the command line, or "
-               f"denserc.create_model('{model_name}{quick}', pretrained='/path/to/open_clip_model.safetensors')")
+        remedy=_local_weights_hint(f"{model_name}{quick}", tag))
+
+
+def _local_weights_hint(model_name: str, tag: str) -> str:
+    """How to pass a downloaded weights file instead of a tag, in the words of each command that takes a model."""
+    spec, path = f"{model_name}:/path/to/open_clip_model.safetensors", "/path/to/open_clip_model.safetensors"
+    return (f"Download the weights file on a machine with access (open_clip tag '{tag}') and pass its path: "
+            f"`denserc train ... model.name={model_name} model.pretrained={path}`, "
+            f"`denserc detect train ... backbone.model={spec}`, `denserc catseg train ... clip.model={spec}`, "
+            f"`--model {spec}` for eval, segment and heatmap, or "
+            f"denserc.create_model('{model_name}', pretrained='{path}') in Python")

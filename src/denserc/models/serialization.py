@@ -7,7 +7,6 @@ class nor the factory: ``DenseRCModel.save`` writes through it and ``denserc.loa
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import save_json, save_tensors
+from ..io import check_format_version, read_json, save_json, save_tensors
 
 DENSERC_CONFIG = "denserc_config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's `local-dir:` format
@@ -66,11 +65,9 @@ def read_model_folder(directory: str | os.PathLike) -> ModelFolder:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a DenseRC model folder: missing {name} "
                                     f"(expected {expected})")
-    config = _read_json(directory / DENSERC_CONFIG)
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / DENSERC_CONFIG}: format_version {config.get('format_version')!r} "
-                         f"is not supported (expected {FORMAT_VERSION})")
-    return ModelFolder(directory, config, _read_json(directory / OPEN_CLIP_CONFIG))
+    config = read_json(directory / DENSERC_CONFIG, "DenseRC config")
+    check_format_version(config, FORMAT_VERSION, directory / DENSERC_CONFIG)
+    return ModelFolder(directory, config, read_json(directory / OPEN_CLIP_CONFIG, "open_clip config"))
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
@@ -95,9 +92,3 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], s
     module.load_state_dict(state, strict=True)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e

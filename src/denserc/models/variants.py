@@ -1,5 +1,6 @@
 """The dense-construction variants by name (no torch here: the command line offers them as choices)."""
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # model weights / autocast: float32, bfloat16, float16
 CONSTRUCTIONS = ("multi-v", "v", "x+v", "cls+v")  # cls+v: CAT-Seg's own last block, not a Table 5 row
 GATINGS = ("hsg", "none", "qk", "qq", "declip")  # declip: DeCLIP's content attention, not a Table 5 row
 # The paper's Table 5 by the names its rows use: what to extract (x+v, v, multi-v, all without gating),

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .shipped import available_configs
+from ..engine.shipped import available_configs
+from .shipped import CONFIG_DIR
 
 # With no CONFIG, `denserc train` runs the built-in default that a plug-in sets (its ``add_commands``):
 # ``default_run(overrides) -> exit code``, e.g. the testbed's before/after run (the shipped tiny CLIP distilled
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="distil a CLIP ViT into DenseRC (self-distillation, no labels)",
         description="Self-distillation training. CONFIG is a shipped config name "
-                    f"({', '.join(available_configs())}) or a YAML file; overrides are section.key=value.",
+                    f"({', '.join(available_configs(CONFIG_DIR))}) or a YAML file; overrides are section.key=value.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None,
                         help="config name or YAML path (default: the built-in default run a plug-in sets, "
@@ -39,9 +39,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed import run_training_command  # here, not at the top: `--help` stays free of torch
-    from .config import ConfigError, dump_config, load_config
-    from .trainer import train
+    from ..engine.config import ConfigError, dump_config  # here, not at the top: `--help` stays free of torch
+    from ..engine.launch import run as run_on_engine
+    from .config import load_config
+    from .trainer import DistillationTask
     name, overrides = args.config, list(args.overrides)
     if name is not None and "=" in name:  # `denserc train key=value ...`: overrides of the default
         name, overrides = None, [name, *overrides]
@@ -49,26 +50,15 @@ def run(args: argparse.Namespace) -> int:
         return args.default_run(overrides)
     name = name or args.default_config
     if name is None:
-        return _report(ConfigError("no CONFIG given and no plug-in sets a built-in default; give a shipped config "
-                                   f"({', '.join(available_configs())}) or a YAML file"))
-    try:
-        config = load_config(name, overrides)
-    except ConfigError as error:
-        return _report(error)
+        raise ConfigError("no CONFIG given and no plug-in sets a built-in default; give a shipped config "
+                          f"({', '.join(available_configs(CONFIG_DIR))}) or a YAML file")
+    config = load_config(name, overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    try:
-        env, final = run_training_command(config, name, lambda env, output_dir: train(config, env, output_dir,
-                                                                                    args.resume))
-    # bad config, data or weights, an unreadable image under data.strict=true: the message names the problem
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        return _report(error)
+    # bad config, data or weights, an unreadable image under data.strict=true: cli.main prints the one line
+    env, final = run_on_engine(lambda env: DistillationTask(config, env), config, name, args.resume)
     if env.is_main:
         print(f"denserc train: done; model in {final} (load with denserc.load('{final}'))")
     return 0
 
-
-def _report(error: Exception) -> int:
-    print(f"denserc train: error: {error}", file=sys.stderr)
-    return 2

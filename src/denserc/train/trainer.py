@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data import ProposalSource, SquareResize, TrainingImages, build_source, sample_grid_boxes, sample_proposal_boxes
+from ..distributed import DistributedEnv
+from ..engine.config import ConfigError
+from ..engine.loop import Task
+from ..engine.optim import parameter_groups
 from ..losses import distillation_loss
 from ..models import DenseRCModel, create_model, load_state_dict_checked, normalize_images
-from ..models.teacher import Teacher
-from ..models.vfm import VFM
-from .checkpoint import resume_checkpoint
-from .config import Config, ConfigError
-from ..distributed import DistributedEnv
-from .engine import Engine, Task
-from .optim import parameter_groups
+from .config import Config
+from .teacher import Teacher
+from .vfm import VFM
 
 logger = logging.getLogger(__name__)
 
@@ -197,32 +196,3 @@ class DistillationTask(Task):
     def describe(self) -> str:
         model = self.config.model
         return f"{model.name} ({model.construction}, {model.gating})"
-
-
-class Trainer(Engine):
-    """Self-distillation from a ``Config``: builds the distillation task; ``fit`` trains, checkpoints, exports."""
-
-    def __init__(self, config: Config, env: DistributedEnv, output_dir: str | os.PathLike):
-        super().__init__(DistillationTask(config, env), config, env, output_dir)
-
-    @property
-    def student(self) -> DenseRCModel:
-        return self.task.student
-
-    @property
-    def teacher(self) -> Teacher:
-        return self.task.teacher
-
-    @property
-    def vfm(self) -> VFM | None:
-        return self.task.vfm
-
-    @property
-    def frozen_off_path(self) -> list[str]:
-        return self.task.frozen_off_path
-
-
-def train(config: Config, env: DistributedEnv, output_dir: str | os.PathLike, resume: str | None = None) -> Path:
-    """Pick the checkpoint to resume from, build a trainer, train and export; returns the export folder."""
-    checkpoint = resume_checkpoint(output_dir, resume, env)
-    return Trainer(config, env, output_dir).fit(checkpoint)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..models.variants import CONSTRUCTIONS, GATINGS
+from ..models.variants import CONSTRUCTIONS, GATINGS, PRECISIONS
 from .defaults import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE
 
 # torch, open_clip, matplotlib and the image code are imported inside the functions that run a command, so
@@ -20,9 +20,6 @@ from .defaults import CLASS_TEMPLATES, QUERY_TEMPLATES, SHORT_SIDE_PER_NATIVE
 # ViT-B-16:openai or a DenseRC folder) for photos.
 NO_MODEL = ("no --model given and no installed plug-in sets a default model; pass --model with a DenseRC folder "
             "or an open_clip NAME:TAG|NAME:FILE (e.g. ViT-B-16:openai)")
-# Exit codes: bad arguments (argparse's own code) and a failure while running (unreadable image, ...).
-USAGE_ERROR = 2
-RUN_ERROR = 1
 
 
 def register(subparsers) -> None:
@@ -64,40 +61,37 @@ def register(subparsers) -> None:
 
 def run_segment(args) -> int:
     if args.model is None:
-        return _fail("segment", NO_MODEL)
+        raise ValueError(NO_MODEL)
     classes = [name.strip() for name in args.classes.split(",")]
     if any(not name for name in classes):
-        return _fail("segment", f"--classes {args.classes!r} has an empty class name")
+        raise ValueError(f"--classes {args.classes!r} has an empty class name")
     if len(classes) < 2:
-        return _fail("segment", f"--classes needs at least two classes to choose between, got {classes}; "
-                                "use `denserc heatmap --query` to look for a single thing")
+        raise ValueError(f"--classes needs at least two classes to choose between, got {classes}; "
+                         "use `denserc heatmap --query` to look for a single thing")
     if len(set(classes)) != len(classes):
-        return _fail("segment", f"--classes lists a class twice: {classes}")
+        raise ValueError(f"--classes lists a class twice: {classes}")
     if not 0.0 <= args.alpha <= 1.0:
-        return _fail("segment", f"--alpha must be in [0, 1], got {args.alpha}")
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     output = _output_path(args.output, args.image, "segment")
     if output.suffix.lower() != ".png":
-        return _fail("segment", f"-o {output} must end in .png (the picture is written as PNG)")
+        raise ValueError(f"-o {output} must end in .png (the picture is written as PNG)")
     if args.labels and Path(args.labels).suffix.lower() not in (".npy", ".png"):
-        return _fail("segment", f"--labels {args.labels} must end in .npy or .png")
+        raise ValueError(f"--labels {args.labels} must end in .npy or .png")
     created = _new_folders(output, args.labels)
-    try:
-        from ..images import load_image
-        from .draw import draw_segmentation, save_png
-        from .predict import segment
-        image = load_image(args.image)
-        model, tokenizer = _build_model(args)
-        labels = segment(model, image, classes, tokenizer=tokenizer,
-                         templates=args.templates or CLASS_TEMPLATES, **_inference_settings(args))
-        labels = labels.cpu().numpy()
-        overlay, legend = draw_segmentation(image, labels, classes, alpha=args.alpha)
-        save_png(overlay, output, {"model": args.model, "image": str(args.image), "classes": classes,
-                                   "legend": [{"name": e.name, "colour": list(e.colour), "fraction": e.fraction}
-                                              for e in legend]})
-        if args.labels:
-            _save_labels(labels, args.labels, classes)
-    except (OSError, ValueError, RuntimeError) as error:
-        return _fail("segment", str(error), RUN_ERROR)
+    from ..images import load_image
+    from .draw import draw_segmentation, save_png
+    from .predict import segment
+    image = load_image(args.image)
+    model, tokenizer = _build_model(args)
+    labels = segment(model, image, classes, tokenizer=tokenizer,
+                     templates=args.templates or CLASS_TEMPLATES, **_inference_settings(args))
+    labels = labels.cpu().numpy()
+    overlay, legend = draw_segmentation(image, labels, classes, alpha=args.alpha)
+    save_png(overlay, output, {"model": args.model, "image": str(args.image), "classes": classes,
+                               "legend": [{"name": e.name, "colour": list(e.colour), "fraction": e.fraction}
+                                          for e in legend]})
+    if args.labels:
+        _save_labels(labels, args.labels, classes)
     shares = ", ".join(f"{e.name} {100 * e.fraction:.1f}%" for e in legend)
     print(f"wrote {output} ({overlay.width}x{overlay.height}): {shares}{created}")
     if args.labels:
@@ -107,37 +101,34 @@ def run_segment(args) -> int:
 
 def run_heatmap(args) -> int:
     if args.model is None:
-        return _fail("heatmap", NO_MODEL)
+        raise ValueError(NO_MODEL)
     if not args.query.strip():
-        return _fail("heatmap", "--query is empty")
+        raise ValueError("--query is empty")
     if not 0.0 <= args.alpha <= 1.0:
-        return _fail("heatmap", f"--alpha must be in [0, 1], got {args.alpha}")
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.vmin is not None and args.vmax is not None and args.vmax < args.vmin:
-        return _fail("heatmap", f"--vmax {args.vmax} is below --vmin {args.vmin}")
+        raise ValueError(f"--vmax {args.vmax} is below --vmin {args.vmin}")
     output = _output_path(args.output, args.image, "heatmap")
     if output.suffix.lower() != ".png":
-        return _fail("heatmap", f"-o {output} must end in .png (the picture is written as PNG)")
+        raise ValueError(f"-o {output} must end in .png (the picture is written as PNG)")
     if args.scores and Path(args.scores).suffix.lower() != ".npy":
-        return _fail("heatmap", f"--scores {args.scores} must end in .npy")
+        raise ValueError(f"--scores {args.scores} must end in .npy")
     created = _new_folders(output, args.scores)
-    try:
-        from ..images import load_image
-        from ..io import atomic_write
-        from .draw import draw_heatmap, save_png
-        from .predict import similarity_map
-        image = load_image(args.image)
-        model, tokenizer = _build_model(args)
-        similarity = similarity_map(model, image, args.query, tokenizer=tokenizer,
-                                    templates=args.templates or QUERY_TEMPLATES, **_inference_settings(args))
-        similarity = similarity.float().cpu().numpy()
-        picture, bar = draw_heatmap(image, similarity, caption=args.query, alpha=args.alpha,
-                                    vmin=args.vmin, vmax=args.vmax)
-        save_png(picture, output, {"model": args.model, "image": str(args.image), "query": args.query,
-                                   "vmin": bar.vmin, "vmax": bar.vmax})
-        if args.scores:
-            atomic_write(args.scores, lambda tmp: _save_npy(tmp, similarity))
-    except (OSError, ValueError, RuntimeError) as error:
-        return _fail("heatmap", str(error), RUN_ERROR)
+    from ..images import load_image
+    from ..io import atomic_write
+    from .draw import draw_heatmap, save_png
+    from .predict import similarity_map
+    image = load_image(args.image)
+    model, tokenizer = _build_model(args)
+    similarity = similarity_map(model, image, args.query, tokenizer=tokenizer,
+                                templates=args.templates or QUERY_TEMPLATES, **_inference_settings(args))
+    similarity = similarity.float().cpu().numpy()
+    picture, bar = draw_heatmap(image, similarity, caption=args.query, alpha=args.alpha,
+                                vmin=args.vmin, vmax=args.vmax)
+    save_png(picture, output, {"model": args.model, "image": str(args.image), "query": args.query,
+                               "vmin": bar.vmin, "vmax": bar.vmax})
+    if args.scores:
+        atomic_write(args.scores, lambda tmp: _save_npy(tmp, similarity))
     peak_y, peak_x = np.unravel_index(int(similarity.argmax()), similarity.shape)
     print(f"wrote {output} ({picture.width}x{picture.height}): cosine similarity {bar.vmin:.3f}..{bar.vmax:.3f}, "
           f"peak at x={peak_x}, y={peak_y}{created}")
@@ -158,7 +149,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=_positive_int, metavar="L",
                         help="value layers for multi-v (default: saved one / 3)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="model weights' precision (default fp32)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for the random weights of a model given without TAG/FILE (default 0)")
@@ -184,17 +175,16 @@ def _positive_int(text: str) -> int:
 
 def _build_model(args):
     """The model and its tokenizer from --model and the variant options."""
-    import torch
-
+    from ..distributed import resolve_device
     from ..models import from_spec, get_tokenizer, random_weights
     spec = args.model
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if random_weights(spec):
         print(f"note: {spec} has random weights (no :TAG or :FILE given; seed {args.seed}); the picture shows "
               "the pipeline, not learned semantics", file=sys.stderr)
     model = from_spec(spec, seed=args.seed, construction=args.construction, gating=args.gating,
                       num_layers=args.num_layers, device=device, precision=args.precision)
-    return model.eval(), get_tokenizer(spec if Path(spec).is_dir() else spec.partition(":")[0])
+    return model.eval(), get_tokenizer(spec)
 
 
 def _inference_settings(args) -> dict:
@@ -227,7 +217,3 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: np.save would append .npy to the temporary name
         np.save(f, array)
 
-
-def _fail(command: str, message: str, code: int = USAGE_ERROR) -> int:
-    print(f"denserc {command}: error: {message}", file=sys.stderr)
-    return code

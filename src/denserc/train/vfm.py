@@ -17,7 +17,8 @@ from timm.models import is_model, split_model_name_tag
 from torch import nn
 
 from ..plugins import load_plugins
-from . import hub
+from ..models import hub
+from ..models import normalize_images
 
 DEFAULT_VFM = "vit_base_patch14_reg4_dinov2"
 
@@ -53,9 +54,6 @@ class VFM(nn.Module):
             raise ValueError(f"vfm.name: {name} is not a timm ViT (it needs patch_embed and num_prefix_tokens)")
         self.name = name
         self.model.requires_grad_(False)
-        config = self.model.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
         self.train(False)
 
     def train(self, mode: bool = True) -> "VFM":
@@ -76,7 +74,7 @@ class VFM(nn.Module):
         size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
         if tuple(pixels.shape[-2:]) != size:
             pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
-        tokens = self.model.forward_features((pixels - self.mean) / self.std)
+        tokens = self.model.forward_features(normalize_images(pixels, self.model.pretrained_cfg, white=1.0))
         return tokens[:, self.model.num_prefix_tokens:]
 
 

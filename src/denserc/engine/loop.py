@@ -61,12 +61,20 @@ on every process (``global_batch_size = batch_size x processes x accumulation``)
 and the module on each, scales each loss by ``1 / accumulation`` and synchronises gradients only on
 the last micro-batch, then clips (if ``optim.clip_grad_norm``), steps AdamW and the schedule. Metrics
 are averaged over the steps since the last record, except ``grad_norm``: the norm at the logged step.
+
+Before the update every term the module returned is checked over all processes (one small all-reduce
+per step): if one is NaN or infinite on any process, ``train.on_nonfinite: stop`` (the default) raises
+``NonFiniteLossError`` naming the step and the terms, before the optimizer or a checkpoint sees that
+step; ``skip`` drops the step's gradients instead and puts the module's buffers (BatchNorm statistics)
+back as they were before it (no update; the schedule and the data move on, as with a GradScaler's
+skipped steps), leaves its losses out of the metrics and counts it as ``nonfinite_skipped``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -79,10 +87,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from ..io import save_tensors
-from ..models import load_state_dict_checked
+from ..models import load_state_dict_checked, precision_dtype
 from .checkpoint import (WEIGHTS, load_checkpoint, remove_stale_staging, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import ConfigError, accumulation_steps, changed_keys, dump_config
+                         set_rng_state, space_shortage, tensor_bytes)
+from .config import NONFINITE_POLICIES, ConfigError, accumulation_steps, changed_keys, dump_config
 from ..distributed import DistributedEnv, all_reduce, barrier, gather_objects
 from .metrics import MetricsLogger, MetricsWindow
 from .optim import parameter_groups, warmup_cosine
@@ -90,7 +98,20 @@ from .sampler import ResumableDistributedSampler
 
 logger = logging.getLogger(__name__)
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NONFINITE_COUNT = "nonfinite_skipped"  # the metric counting steps skipped under train.on_nonfinite=skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term went NaN or infinite under ``train.on_nonfinite: stop``; nothing was updated from that step."""
+
+
+def restarts_share_the_rendezvous_store() -> bool:
+    """Whether torchrun may restart this group (``--max-restarts`` > 0) and its workers use the agent's store.
+
+    That store outlives a failed group, and the restarted one reads the old group's addresses from it.
+    """
+    return (os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
 class Task:
@@ -139,6 +160,13 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         train, optim = config.train, config.optim
+        if train.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.on_nonfinite: must be one of {list(NONFINITE_POLICIES)}, "
+                              f"got {train.on_nonfinite!r}")
+        if env.is_main and restarts_share_the_rendezvous_store():
+            logger.warning("torchrun --max-restarts with its shared rendezvous store: a restarted group can meet the "
+                           "failed group's keys there and hang or fail to connect (pytorch/pytorch#135712); launch "
+                           "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/training.md, Faults)")
         self.accumulation = accumulation_steps(train, env.world_size, env.device.type)
         if env.device.type == "cpu" and train.cpu_threads is not None:
             torch.set_num_threads(train.cpu_threads)  # for this whole process
@@ -148,7 +176,9 @@ class Engine:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"the dataset has {dataset_size} images, fewer than one global batch "
                               f"(train.global_batch_size={train.global_batch_size})")
-        self.total_steps = self.steps_per_epoch * train.epochs
+        self.total_steps = self.steps_per_epoch * train.epochs  # the schedule's length
+        # where this run stops: the schedule's end, or ``train.max_steps`` (a quick check keeps the schedule)
+        self.last_step = self.total_steps if train.max_steps is None else min(train.max_steps, self.total_steps)
         self.sampler = ResumableDistributedSampler(
             dataset_size, self.steps_per_epoch * train.global_batch_size,
             world_size=env.world_size, rank=env.rank, seed=train.seed)
@@ -174,13 +204,14 @@ class Engine:
         self.samples_done = 0  # global position inside the current epoch
         self.counts: dict[str, int] = {}  # task counters, all processes, whole run
         self.counts_local: dict[str, int] = {}  # ... on this process since the last log
+        self.nonfinite_skipped = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip), whole run
 
     # ------------------------------------------------------------------------------- training
     def autocast(self):
         precision = self.config.train.precision
         if precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=AUTOCAST_DTYPES[precision])
+        return torch.autocast(self.env.device.type, dtype=precision_dtype(precision))
 
     def loader(self) -> DataLoader:
         """Micro-batches of this process for the sampler's current epoch and start position.
@@ -199,9 +230,13 @@ class Engine:
         Returns the module's outputs averaged over the micro-batches and the ``lr`` this step used, plus
         ``grad_norm`` (before clipping) if ``measure_grad_norm``. The norm is a pass over every gradient
         (40 ms of a ViT-B CPU step), so ``fit`` asks for it on logging steps only; clipping computes it
-        anyway. The update is the same either way.
+        anyway. The update is the same either way. A non-finite output stops the run or, under
+        ``train.on_nonfinite: skip``, skips the update and returns the ``lr`` alone.
         """
         self.module.train()
+        skip_nonfinite = self.config.train.on_nonfinite == "skip"
+        # a skipped step must not leave its mark on buffers either (BatchNorm statistics are updated in the forward)
+        buffers = [buffer.detach().clone() for buffer in self.task.module.buffers()] if skip_nonfinite else []
         totals: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             with torch.no_grad(), self.autocast():
@@ -216,6 +251,21 @@ class Engine:
                 totals[name] = totals.get(name, 0) + value.detach() / len(micro_batches)
             for name, count in self.task.count(batch).items():
                 self.counts_local[name] = self.counts_local.get(name, 0) + count
+        lr = torch.tensor(self.scheduler.get_last_lr()[0], device=self.env.device)
+        nonfinite = self._nonfinite_terms(totals)
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if not skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"step {self.step + 1} (epoch {epoch}): the loss went non-finite ({nonfinite}, averaged over "
+                    f"processes); nothing was updated or checkpointed from this step; continue from the last "
+                    f"checkpoint with --resume auto, after lowering optim.lr or with train.on_nonfinite=skip")
+            with torch.no_grad():
+                for buffer, saved in zip(self.task.module.buffers(), buffers):
+                    buffer.copy_(saved)
+            self.nonfinite_skipped += 1
+            self.scheduler.step()
+            return {"lr": lr}
         self.scaler.unscale_(self.optimizer)
         if self.config.optim.clip_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.optim.clip_grad_norm)
@@ -223,12 +273,21 @@ class Engine:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
         if measure_grad_norm:
             totals["grad_norm"] = grad_norm.detach()
-        totals["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], device=self.env.device)
+        totals["lr"] = lr
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return totals
+
+    def _nonfinite_terms(self, totals: dict[str, torch.Tensor]) -> str:
+        """'name=value, ...' of the step's terms that are NaN or infinite on any process ('' if none).
+
+        A collective: the terms are averaged over processes (NaN and inf survive the average), so every
+        process takes the same decision."""
+        names = sorted(totals)
+        means = all_reduce(torch.stack([totals[name].float() for name in names]), op="mean").tolist()
+        return ", ".join(f"{name}={mean}" for name, mean in zip(names, means) if not math.isfinite(mean))
 
     def fit(self, resume_from: str | os.PathLike | None = None) -> Path:
         """Train to the end of the schedule (from a checkpoint if given) and export; returns the export folder."""
@@ -241,18 +300,20 @@ class Engine:
             remove_stale_staging(self.checkpoint_dir)
             self._describe()
         metrics = MetricsLogger(self.output_dir, start_step=self.step) if self.env.is_main else None
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="denserc train", unit="step",
+        progress = tqdm(total=self.last_step, initial=self.step, desc="denserc train", unit="step",
                         disable=not self.env.is_main, dynamic_ncols=True)
         window = MetricsWindow()
         try:
             for epoch in range(self.epoch, train.epochs):
+                if self.step >= self.last_step:
+                    break
                 self.sampler.set_epoch(epoch, self.samples_done)
                 micro_batches = []
                 for batch in self.loader():
                     micro_batches.append(batch)
                     if len(micro_batches) < self.accumulation:
                         continue
-                    logging_step = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.total_steps
+                    logging_step = (self.step + 1) % train.log_every == 0 or self.step + 1 == self.last_step
                     window.add(self.train_step(micro_batches, epoch, measure_grad_norm=logging_step))
                     micro_batches = []
                     self.step += 1
@@ -260,10 +321,14 @@ class Engine:
                     progress.update(1)
                     if logging_step:
                         self._log(window, metrics, progress, epoch)
-                    if self.step % train.checkpoint_every == 0:
+                    stopping = self.step == self.last_step < self.total_steps  # train.max_steps reached
+                    if self.step % train.checkpoint_every == 0 or stopping:
                         self.save()
-                self.epoch, self.samples_done = epoch + 1, 0
-                self.save()
+                    if stopping:
+                        break  # the checkpoint above resumes mid-epoch
+                else:
+                    self.epoch, self.samples_done = epoch + 1, 0
+                    self.save()
         finally:
             progress.close()
             if metrics is not None:
@@ -280,9 +345,12 @@ class Engine:
         self.counts_local = {}
         values = window.reduce(self.config.train.global_batch_size)
         values.update(epoch=epoch, **self.counts)
+        if self.config.train.on_nonfinite == "skip":
+            values[NONFINITE_COUNT] = self.nonfinite_skipped
         if metrics is not None:
-            metrics.log(self.step, values)
-            progress.set_postfix({label: f"{values[name]:.4f}" for label, name in self.task.progress_fields.items()})
+            metrics.log(self.step, values)  # a window whose steps were all skipped has no loss terms
+            progress.set_postfix({label: f"{values[name]:.4f}" for label, name in self.task.progress_fields.items()
+                                  if name in values})
 
     def _describe(self) -> None:
         train = self.config.train
@@ -297,6 +365,7 @@ class Engine:
         """Everything but the weights that exact resumption needs (a collective: RNG of every process)."""
         return {"step": self.step, "epoch": self.epoch, "samples_done": self.samples_done,
                 "global_batch_size": self.config.train.global_batch_size, "counts": dict(self.counts),
+                NONFINITE_COUNT: self.nonfinite_skipped,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": gather_objects(rng_state()),
                 "config": dataclasses.asdict(self.config)}
@@ -322,6 +391,7 @@ class Engine:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.samples_done = state["step"], state["epoch"], state["samples_done"]
         self.counts = dict(state["counts"])
+        self.nonfinite_skipped = state.get(NONFINITE_COUNT, 0)  # absent from checkpoints of older versions
         changed = changed_keys(state["config"], self.config)
         if changed and self.env.is_main:
             logger.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
@@ -344,8 +414,13 @@ class Engine:
             staging = Path(tempfile.mkdtemp(prefix=".final.", dir=self.output_dir))
             try:
                 self.task.export(staging)
-            except BaseException:
+            except BaseException as error:
                 shutil.rmtree(staging, ignore_errors=True)
+                shortage = space_shortage(error, self.output_dir, tensor_bytes(self.task.weights()))
+                if shortage:
+                    raise OSError(f"no space left for the export in {self.output_dir} (the checkpoints are intact): "
+                                  f"{shortage}; free some space and run again with --resume auto, which exports "
+                                  "the last checkpoint") from error
                 raise
             if final.exists():
                 shutil.rmtree(final)

@@ -31,13 +31,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torchvision.ops import roi_align
 
-from .dense import DenseRCModel
-from .preprocess import normalize_images
-from .towers import run_block
+from ..models import DenseRCModel
+from ..models import normalize_images
+from ..models.towers import Workspace, run_block
 
 CROP_SAMPLING_RATIO = -1
 CROPS_PER_CHUNK = 32  # ViT-B/16: 32 x 197 tokens, 4.6 MiB per 768-wide fp32 activation, 19 MiB for the MLP's
@@ -86,72 +85,6 @@ def letterbox_crops(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: t
     return torch.where(inside, crops, fill.to(crops.dtype).view(1, -1, 1, 1))
 
 
-class Workspace:
-    """Output buffers reused by every block of one teacher call (inference only: nothing keeps a block's outputs).
-
-    A fresh tensor wider than glibc's mmap threshold (32 MiB at most) is new pages from the kernel on
-    every call, and the first write to each page faults: on this project's CPU that made a ViT-B
-    linear with a fresh (6304, 3072) output 16% slower than the same GEMM into a reused one
-    (benchmarks/RESULTS.md section 6). One buffer per role, sized by the first (largest) chunk.
-    """
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, columns: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get(name)
-        if (buffer is None or buffer.shape[0] < rows or buffer.shape[1] != columns or buffer.dtype != dtype
-                or buffer.device != like.device):
-            buffer = self.buffers[name] = torch.empty(rows, columns, dtype=dtype, device=like.device)
-        return buffer[:rows]
-
-
-def _linear_into(workspace: Workspace, name: str, x: torch.Tensor, linear_weight: torch.Tensor,
-                 linear_bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` of 2-D ``x`` written into the workspace's ``name`` buffer.
-
-    Under autocast the operands are cast as autocast casts ``F.linear``'s (``out=`` calls are not autocast).
-    """
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    x, linear_weight = x.to(dtype), linear_weight.to(dtype)
-    out = workspace.get(name, x.shape[0], linear_weight.shape[0], x, dtype)
-    if linear_bias is None:
-        return torch.mm(x, linear_weight.t(), out=out)
-    return torch.addmm(linear_bias.to(dtype), x, linear_weight.t(), out=out)
-
-
-def run_open_clip_block_into(block: ResidualAttentionBlock, x: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-    """``run_block(block, x)`` without autograd, every linear's output (q/k/v, attention projection, MLP
-    hidden and output) and the heads' concatenation written into ``workspace``, the MLP's GELU and the second
-    residual add applied in place."""
-    attn = block.attn
-    batch, tokens, width = x.shape
-    heads = attn.num_heads
-    u = block.ln_1(x).reshape(batch * tokens, width)
-    qkv = _linear_into(workspace, "qkv", u, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    attended = F.scaled_dot_product_attention(q, k, v)
-    values = workspace.get("values", batch * tokens, width, attended, attended.dtype)
-    values.view(batch, tokens, heads, width // heads).copy_(attended.transpose(1, 2))
-    out = _linear_into(workspace, "attn_out", values, attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(out.view(batch, tokens, width))  # x is new here: the caller's tokens stay as they were
-    h = block.ln_2(x).reshape(batch * tokens, width)
-    for name, layer in block.mlp.named_children():
-        if isinstance(layer, nn.Linear):
-            h = _linear_into(workspace, f"mlp.{name}", h, layer.weight, layer.bias)
-        elif isinstance(layer, nn.GELU):
-            h = torch._C._nn.gelu_(h, approximate=layer.approximate)
-        else:
-            h = layer(h)
-    return x.add_(block.ls_2(h.view(batch, tokens, -1)))
-
-
-def _buffered(block: nn.Module) -> bool:
-    """Whether ``run_open_clip_block_into`` can run this block: open_clip's own block, no autograd."""
-    return type(block) is ResidualAttentionBlock and not torch.is_grad_enabled()
-
-
 class Teacher(nn.Module):
     """A frozen copy of a DenseRC model's image tower as it is now (call before training starts)."""
 
@@ -183,15 +116,15 @@ class Teacher(nn.Module):
     def encode(self, crops: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """Global embeddings (K, E) of native-size crops: ``encode_image``, blocks as ``run_block`` runs them.
 
-        Without autograd, open_clip blocks write their linears' outputs into ``workspace``'s reused buffers
-        (``run_open_clip_block_into``).
+        Without autograd, a family may write the blocks' outputs into ``workspace``'s reused buffers
+        (``Tower.run_block_inference``: open_clip blocks do).
         """
         tower = self.tower
         workspace = workspace if workspace is not None else Workspace()
         x, rope = tower.embed(crops, tower.pos_embed)  # the native grid: position embedding as it is
         *blocks, last = tower.blocks
         for block in blocks:
-            x = run_open_clip_block_into(block, x, workspace) if _buffered(block) else run_block(block, x, rope)
+            x = tower.run_block_inference(block, x, rope, workspace)
         pooled = tower.pooled_tokens()
         if pooled is None:  # an attention-pool head or a patch average reads every token
             return tower.pool_global(run_block(last, x, rope))
