@@ -17,7 +17,6 @@ from denserc.analysis.stats import class_separation, concentration, gate_statist
 from denserc.analysis.sweeps import run_name, trained_model
 from denserc.analysis.variants import GRADIENT_VARIANTS, same_weights
 from denserc.cli import main
-from denserc.models.towers import run_block
 
 from helpers import TINY, randomize_, variant
 

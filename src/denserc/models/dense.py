@@ -212,9 +212,7 @@ class DenseRCModel(nn.Module):
         for index in range(first):
             x = advance(index, x)
         if self.construction in ("x+v", "cls+v"):
-            block = blocks[-1]
-            residual = x[:, prefix:] if self.construction == "x+v" else x[:, :1]
-            y = tower.mlp_residual(block, residual + self._value_branch(block, x, rope))
+            y = self._replaced_last_block(x, rope)
             if depth - 1 in taps:
                 tapped[depth - 1] = to_map(y)
         else:
@@ -257,9 +255,7 @@ class DenseRCModel(nn.Module):
             raise ValueError(f"expected the inputs of the last {self.num_layers} block(s), got {len(inputs)}")
         blocks = tower.blocks[tower.depth - self.num_layers:]
         if self.construction in ("x+v", "cls+v"):
-            x, prefix = inputs[-1], tower.num_prefix_tokens
-            residual = x[:, prefix:] if self.construction == "x+v" else x[:, :1]
-            y = tower.mlp_residual(blocks[-1], residual + self._value_branch(blocks[-1], x, rope))
+            y = self._replaced_last_block(inputs[-1], rope)
         else:
             y = sum(self._value_branch(block, x, rope) for block, x in zip(blocks, inputs))
         return tower.to_joint(y).transpose(1, 2).reshape(y.shape[0], -1, *grid)
@@ -316,6 +312,13 @@ class DenseRCModel(nn.Module):
         return function(*args)
 
     _block = staticmethod(run_block)  # one trunk block as encode_dense runs it (towers.run_block)
+
+    def _replaced_last_block(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        """x+v / cls+v: the last block on its input ``x`` with attention replaced by the value path, plus the
+        patch's own residual (x+v) or the class token's (cls+v), then the MLP residual: (B, N, D) patches."""
+        block, tower = self.tower.blocks[-1], self.tower
+        residual = x[:, tower.num_prefix_tokens:] if self.construction == "x+v" else x[:, :1]
+        return tower.mlp_residual(block, residual + self._value_branch(block, x, rope))
 
     def _value_branch(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         """The block's attention branch for the patch tokens, with the attention replaced by gating.
