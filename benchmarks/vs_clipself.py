@@ -217,7 +217,9 @@ def build_ours(*, construction: str, gating: str, model: str, size: int, batch: 
     denserc.train.trainer.sample_grid_boxes = lambda indices, sizes, **_: [
         grid_boxes(grid, grid, height, width) for height, width in torch.as_tensor(sizes).tolist()]
     raw = {
-        "model": {"name": model, "pretrained": converted, "construction": construction, "gating": gating},
+        # the whole image tower trains, as on CLIPSelf's side here (RESULTS.md section 6's note)
+        "model": {"name": model, "pretrained": converted, "construction": construction, "gating": gating,
+                  "train_stem_and_head": True},
         "loss": {"coherence_weight": 0.0},
         "data": {"type": "generated", "num_images": batches * batch, "image_size": size, "num_workers": 0},
         "train": {"global_batch_size": batch, "batch_size": batch, "precision": "fp32", "device": "cpu",
