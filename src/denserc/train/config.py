@@ -17,10 +17,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from ..data import ASPECT_MODES, GRID_RULES
-from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, explained, load_structured
+from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, load_structured
 from ..losses import COHERENCE_FEATURES, COHERENCE_FORMS
 from ..models import CONSTRUCTIONS, GATINGS
 from .shipped import CONFIG_DIR
@@ -95,14 +94,6 @@ class Config:
 def load_config(name_or_path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """The distillation config: ``load_structured(Config, ...)``, then ranges and choices checked."""
     config = load_structured(Config, name_or_path, overrides, config_dir=CONFIG_DIR)
-    validate(config)
-    return config
-
-
-def from_dict(raw: dict) -> Config:
-    """Validate a nested mapping against the distillation schema (unknown keys and bad values are errors)."""
-    with explained(Config, ""):
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
     validate(config)
     return config
 
