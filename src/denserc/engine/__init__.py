@@ -5,7 +5,7 @@ from ..lazy import lazy_exports
 
 # name -> the submodule that defines it (imported on first use: docs/architecture.md, "Start-up")
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "Engine": ".loop", "Task": ".loop", "run": ".launch", "run_training_command": ".launch",
+    "Engine": ".loop", "Task": ".loop", "run": ".launch",
     "resume_checkpoint": ".checkpoint", "complete_checkpoints": ".checkpoint",
     "ConfigError": ".config", "OptimConfig": ".config", "TrainConfig": ".config", "load_structured": ".config",
     "dump_config": ".config", "check_training": ".config", "available_configs": ".shipped",

@@ -15,20 +15,11 @@ from .loop import Engine, Task
 def run(build_task: Callable[[DistributedEnv], Task], config, config_name: str,
         resume: str | None = None) -> tuple[DistributedEnv, Path]:
     """Train the task ``build_task(env)`` makes, as every ``... train`` command does (distillation, detection,
-    CAT-Seg): ``run_training_command`` around picking the checkpoint to resume from (``resume``: None, "auto"
-    or a checkpoint folder), ``Engine.fit`` and the export; returns the environment and the export folder."""
-    def fit(env: DistributedEnv, output_dir: Path) -> Path:
-        checkpoint = resume_checkpoint(output_dir, resume, env)
-        return Engine(build_task(env), config, env, output_dir).fit(checkpoint)
-    return run_training_command(config, config_name, fit)
-
-
-def run_training_command(config, config_name: str, fit: Callable[[DistributedEnv, Path], Path]
-                         ) -> tuple[DistributedEnv, Path]:
-    """What every ``... train`` command does around its task: the output folder (``train.output_dir``, else
-    ``runs/<config name>``), the process group, per-rank logging, then ``fit(env, output_dir)`` (its
-    progress bars kept apart from log lines); returns the environment and what ``fit`` returned. The
-    process group is left whatever happens; errors reach the caller, which reports them its own way."""
+    CAT-Seg): the output folder (``train.output_dir``, else ``runs/<config name>``), the process group,
+    per-rank logging, the checkpoint to resume from (``resume``: None, "auto" or a checkpoint folder),
+    ``Engine.fit`` and the export, its progress bars kept apart from log lines. Returns the environment and
+    the export folder. The process group is left whatever happens; errors reach the caller (``cli.main``
+    prints them)."""
     output_dir = Path(config.train.output_dir or Path("runs") / Path(config_name).name.removesuffix(".yaml"))
     env = setup_distributed(config.train.device)
     logging.basicConfig(level=logging.WARNING,
@@ -36,6 +27,7 @@ def run_training_command(config, config_name: str, fit: Callable[[DistributedEnv
     logging.getLogger("denserc").setLevel(logging.INFO if env.is_main else logging.WARNING)
     try:
         with logging_redirect_tqdm():
-            return env, fit(env, output_dir)
+            checkpoint = resume_checkpoint(output_dir, resume, env)
+            return env, Engine(build_task(env), config, env, output_dir).fit(checkpoint)
     finally:
         cleanup_distributed()
