@@ -90,7 +90,7 @@ from ..io import save_tensors
 from ..models import load_state_dict_checked, precision_dtype
 from .checkpoint import (WEIGHTS, load_checkpoint, remove_stale_staging, rng_state, save_checkpoint,
                          set_rng_state, space_shortage, tensor_bytes)
-from .config import NONFINITE_POLICIES, ConfigError, accumulation_steps, changed_keys, dump_config
+from .config import ConfigError, accumulation_steps, changed_keys, check_training, dump_config
 from ..distributed import DistributedEnv, all_reduce, barrier, gather_objects
 from .metrics import MetricsLogger, MetricsWindow
 from .optim import parameter_groups, warmup_cosine
@@ -160,9 +160,7 @@ class Engine:
         self.output_dir = Path(output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         train, optim = config.train, config.optim
-        if train.on_nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"train.on_nonfinite: must be one of {list(NONFINITE_POLICIES)}, "
-                              f"got {train.on_nonfinite!r}")
+        check_training(config)  # the loaders check it too; a config built by hand meets the same rules here
         if env.is_main and restarts_share_the_rendezvous_store():
             logger.warning("torchrun --max-restarts with its shared rendezvous store: a restarted group can meet the "
                            "failed group's keys there and hang or fail to connect (pytorch/pytorch#135712); launch "
