@@ -9,7 +9,7 @@ from PIL import Image
 from denserc.data import SquareResize
 from denserc.data.datasets import FileListSource
 from denserc.eval.datasets import read_image
-from denserc.images import ImageReadError, load_image
+from denserc.images import ImageReadError, fit_within, load_image
 
 SIDE = 8
 
@@ -99,3 +99,15 @@ def test_a_corrupt_training_image_is_a_weightless_placeholder_not_a_duplicate(tm
     samples = [TrainingImages(FileListSource(files), SquareResize(8))[index] for index in range(3)]
     assert [(s["index"], s["valid"], s["skipped"]) for s in samples] == [(0, True, 0), (1, False, 1), (2, True, 0)]
     assert [int(s["image"][0, 0, 0]) for s in samples] == [0, 0, 160]  # image 2 appears once, as itself
+
+
+def test_fit_within_is_the_keep_aspect_fit_of_resize_max_size():
+    """One formula for the three letterboxes: scale = min(H / h, W / w), sides rounded half to even."""
+    sizes, scales = fit_within((480, 640), (1024, 1024))
+    assert sizes.tolist() == [768, 1024] and scales.item() == 1.6
+    # a batch of sizes at once, as the teacher's cells: 0.5 rounds to 0 then is clamped to 1, 1.5 rounds to 2
+    sizes, scales = fit_within(torch.tensor([[4.0, 1.0], [4.0, 3.0], [2.0, 5.0], [300.0, 100.0]]), (2, 2))
+    assert sizes.tolist() == [[2, 1], [2, 2], [1, 2], [2, 1]]
+    assert scales.tolist() == [0.5, 0.5, 0.4, 2 / 300]
+    # a non-square bound: the tighter side decides
+    assert fit_within((100, 100), (50, 200))[0].tolist() == [50, 50]

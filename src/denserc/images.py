@@ -3,6 +3,9 @@
 Files come in every mode a camera, scanner or editor writes; all of them end up as 8-bit RGB in the
 orientation a photo viewer shows (EXIF rotation applied), so a 16-bit PNG or a palette PNG with
 transparency reads the same wherever it is used, and every error names the file.
+
+It also holds the one keep-aspect fit (``fit_within``) that the letterboxes share: the training
+loader's (a PIL image), detection's (a tensor batch) and the teacher's (RoI crops of a batch).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Transparent pixels are shown on white, as image viewers and browsers do.
@@ -70,3 +74,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, TRANSPARENCY_BACKGROUND + (255,))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def fit_within(sizes, bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep-aspect fit of (..., 2) (height, width) sizes into ``bound`` (H, W): ((..., 2) int64 sizes, (...,) scales).
+
+    scale = min(H / h, W / w) and each side becomes round(side * scale), clamped to 1..its bound side,
+    in float64 with half-to-even rounding: Python's ``round`` in CLIPSelf's ``ResizeMaxSize``
+    (src/open_clip/transform.py) and mmdet's keep-ratio ``Resize``.
+    """
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    limits = torch.tensor(bound, dtype=torch.float64, device=sizes.device)
+    scale = (limits / sizes).amin(-1)
+    fitted = torch.minimum(torch.round(sizes * scale[..., None]).clamp(min=1), limits)
+    return fitted.long(), scale

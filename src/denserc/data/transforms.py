@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from ..images import to_rgb
+from ..images import fit_within, to_rgb
 
 ASPECT_MODES = ("pad", "stretch")
 
@@ -36,9 +36,8 @@ class SquareResize:
         if self.aspect == "stretch":
             resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
             return pil_to_tensor(resized), (self.size, self.size)
-        scale = self.size / max(image.size)
-        width = max(1, min(self.size, round(image.width * scale)))
-        height = max(1, min(self.size, round(image.height * scale)))
+        (height, width), _ = fit_within((image.height, image.width), (self.size, self.size))
+        height, width = int(height), int(width)
         canvas = Image.new("RGB", (self.size, self.size), (0, 0, 0))
         canvas.paste(image.resize((width, height), Image.Resampling.BICUBIC), (0, 0))
         return pil_to_tensor(canvas), (height, width)

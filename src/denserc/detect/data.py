@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from ..data.grid import draw_seed
-from ..images import load_image
+from ..images import fit_within, load_image
 from ..io import read_json
 from ..models import normalize_images
 from .protocols import Split
@@ -182,9 +182,8 @@ def letterbox(samples: list[dict], size: int, mean, std, device) -> Batch:
     images, sizes, scales = [], [], []
     for sample in samples:
         image = sample["image"].to(device)
-        height, width = image.shape[-2:]
-        scale = min(size / height, size / width)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        (new_h, new_w), scale = fit_within(image.shape[-2:], (size, size))
+        new_h, new_w, scale = int(new_h), int(new_w), float(scale)
         images.append(_pad(_normalise(_resize(image, new_h, new_w), mean, std), size))
         sizes.append((new_h, new_w))
         scales.append(scale)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from ..images import fit_within
 from ..models import DenseRCModel
 from ..models import normalize_images
 from ..models.towers import Workspace, run_block
@@ -58,8 +59,7 @@ def letterbox_crops(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: t
                     fill: torch.Tensor, sampling_ratio: int = CROP_SAMPLING_RATIO) -> torch.Tensor:
     """(sum Ki, C, *size) crops of per-image boxes, each resized keeping its aspect, centred, padded with ``fill``.
 
-    A w x h box is resized to round(w * s) x round(h * s), s = min(size_h / h, size_w / w) (Python's
-    rounding, as ``ResizeMaxSize``), placed at offsets ((size_w - new_w) // 2, (size_h - new_h) // 2).
+    A w x h box is resized to the keep-aspect size of ``fit_within`` (as ``ResizeMaxSize``), placed at offsets ((size_w - new_w) // 2, (size_h - new_h) // 2).
     One ``roi_align`` over boxes widened to the whole output square gives exactly that resize inside the
     valid rectangle (same sample positions and, with ``sampling_ratio=-1``, the same samples per output
     pixel as resizing the box alone); ``fill`` (C,) replaces everything outside it.
@@ -69,9 +69,8 @@ def letterbox_crops(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: t
     cells = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=images.device, dtype=torch.float64)
     x1, y1, x2, y2 = cells.unbind(-1)
     width, height = x2 - x1, y2 - y1
-    scale = torch.minimum(out_h / height, out_w / width)
-    new_w = torch.round(width * scale).clamp(1, out_w)
-    new_h = torch.round(height * scale).clamp(1, out_h)
+    fitted, _ = fit_within(torch.stack([height, width], dim=-1), (out_h, out_w))
+    new_h, new_w = fitted.to(torch.float64).unbind(-1)
     left, top = ((out_w - new_w) / 2).floor(), ((out_h - new_h) / 2).floor()
     step_x, step_y = width / new_w, height / new_h  # input pixels per output pixel
     widened = torch.stack([x1 - left * step_x, y1 - top * step_y,
