@@ -153,8 +153,8 @@ def sections(dry_run: bool) -> list[Section]:
     fvit_sizes = pick((640, 1024), (64, 96))
     fvit_configs = dict(zip(fvit_sizes, ("fvit_b16_ovcoco", "fvit_b16_ovlvis")))
     fvit_batch = pick(8, 2)
-    fvit_toy = ["model.taps=[0,1,2,3]", "model.fpn_channels=32", "model.head_fc=64", "model.rpn_pre_nms=100",
-                "model.rpn_post_nms=50", "model.roi_samples=16", "text.templates=simple"]
+    fvit_toy = ["detector.taps=[0,1,2,3]", "detector.fpn_channels=32", "detector.head_fc=64", "detector.rpn_pre_nms=100",
+                "detector.rpn_post_nms=50", "detector.roi_samples=16", "text.templates=simple"]
     catseg_toy = ["head.hidden_dim=16", "head.guidance_proj_dim=16", "head.text_guidance_proj_dim=16",
                   "head.decoder_dims=[16,16]", "head.decoder_guidance_dims=[16,16]",
                   "head.decoder_guidance_proj_dims=[8,8]", "head.window=4", "head.pad_len=64",
@@ -403,7 +403,7 @@ def measure_fvit(*, device: torch.device, cache: dict, model: str, size: int, co
     notes = []
     if step == "inference":
         notes.append(f"- {config} @{size}: random weights give flat class scores, so more boxes pass "
-                     f"`score_threshold` ({task.config.model.score_threshold:g}) than with a trained detector: "
+                     f"`score_threshold` ({task.config.detector.score_threshold:g}) than with a trained detector: "
                      "the per-class NMS here is a worst case for inference time.")
     return [cells], notes
 

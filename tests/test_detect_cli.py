@@ -37,7 +37,7 @@ def test_eval_with_a_detector_needs_images(tmp_path, capsys):
 
 @pytest.fixture
 def exported_detector(tmp_path, tiny_model):
-    config = DetectConfig(model=DetectorConfig(taps=[0, 1, 2, 3], fpn_channels=16, head_fc=32, score_threshold=0.0),
+    config = DetectConfig(detector=DetectorConfig(taps=[0, 1, 2, 3], fpn_channels=16, head_fc=32, score_threshold=0.0),
                           text=TextConfig(templates=["a photo of {}."]))
     config.data.image_size = 96
     split = Split((1, 2, 3), ("cat", "dog", "kite"), (False, False, True))
@@ -87,7 +87,7 @@ def test_a_detector_on_an_eva_folder_saves_loads_and_predicts(tmp_path):
     import denserc
     torch.manual_seed(0)
     denserc.create_model("EVA02-Tiny-16", num_layers=2).save(tmp_path / "eva")
-    config = DetectConfig(model=DetectorConfig(taps=[0, 1, 2, 3], fpn_channels=16, head_fc=32, score_threshold=0.0),
+    config = DetectConfig(detector=DetectorConfig(taps=[0, 1, 2, 3], fpn_channels=16, head_fc=32, score_threshold=0.0),
                           text=TextConfig(templates=["a photo of {}."]))
     config.backbone.model = str(tmp_path / "eva")
     tower = build_tower(config)
@@ -135,7 +135,7 @@ def test_transfer_protocols_run_with_clipselfs_transfer_head_settings_then_resto
     assert (config.alpha, config.clip_temperature, config.fixed_temperature) == (0.1, 75.0, None)  # restored
     evaluate_detector(detector, *coco_images, "coco", progress=False, settings={"alpha": 0.5})
     assert seen[-1][0] == 0.5
-    with pytest.raises(ValueError, match=r"model.taps: not an inference setting"):
+    with pytest.raises(ValueError, match=r"detector.taps: not an inference setting"):
         with detector.settings(taps=[0, 1, 2, 3]):
             pass
     with pytest.raises(ValueError, match=r"inference settings \{'alpha': 'high'\}"):
@@ -155,16 +155,16 @@ def test_eval_command_takes_inference_overrides_with_a_detector_only(exported_de
     monkeypatch.setattr(detector_module, "load", load_recording)
     annotations, images = coco_images
     code = main(["detect", "eval", "--detector", str(exported_detector), "--annotations", str(annotations),
-                 "--images", str(images), "--protocol", "coco", "--device", "cpu", "model.alpha=0.25",
-                 "model.fixed_temperature=null"])
+                 "--images", str(images), "--protocol", "coco", "--device", "cpu", "detector.alpha=0.25",
+                 "detector.fixed_temperature=null"])
     assert code == 0, capsys.readouterr().err
     assert seen == [(0.25, 120.0, None, False)] and "| model | AP | AP50 | AP75 |" in capsys.readouterr().out
     code = main(["detect", "eval", "--detector", str(exported_detector), "--annotations", str(annotations),
                  "--images", str(images), "--protocol", "coco", "alpha=0.25"])
-    assert code == 1 and "'alpha=0.25': expected model.KEY=VALUE" in capsys.readouterr().err
+    assert code == 1 and "'alpha=0.25': expected detector.KEY=VALUE" in capsys.readouterr().err
     code = main(["detect", "eval", "--detections", "d.json", "--annotations", str(annotations), "--protocol", "coco",
-                 "model.alpha=0.25"])
-    assert code == 1 and "model.KEY=VALUE go with --detector" in capsys.readouterr().err
+                 "detector.alpha=0.25"])
+    assert code == 1 and "detector.KEY=VALUE go with --detector" in capsys.readouterr().err
 
 
 def test_inputs_are_normalised_as_the_peer_config_and_old_exports_keep_the_towers(exported_detector, tiny_model):

@@ -109,7 +109,7 @@ def test_taps_must_be_blocks_of_the_tower(name):
     tower = denserc.create_model(name)
     heads = _heads(tower)
     heads.config.taps = [0, 1, 2, 9]
-    with pytest.raises(ValueError, match=rf"model.taps must be block indices in 0..3 for {name} \(4 blocks\)"):
+    with pytest.raises(ValueError, match=rf"detector.taps must be block indices in 0..3 for {name} \(4 blocks\)"):
         FViT(tower, heads)
 
 
@@ -148,8 +148,8 @@ def test_rpn_convs_carry_batch_norm_in_the_lvis_configs_only(tiny_model):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     assert [type(m).__name__ for m in normed[0]] == ["Conv2d", "BatchNorm2d", "ReLU"] and len(normed) == 2
     assert normed[0][0].bias is None  # mmcv's ConvModule drops the conv bias before a norm
-    assert load_detect_config("fvit_b16_ovlvis").model.rpn_norm and load_detect_config("fvit_l14_ovlvis").model.rpn_norm
-    assert not load_detect_config("fvit_b16_ovcoco").model.rpn_norm
+    assert load_detect_config("fvit_b16_ovlvis").detector.rpn_norm and load_detect_config("fvit_l14_ovlvis").detector.rpn_norm
+    assert not load_detect_config("fvit_b16_ovcoco").detector.rpn_norm
 
 
 def test_mask_targets_are_binary_and_sampled_aligned_as_mmdets():

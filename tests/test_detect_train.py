@@ -13,7 +13,7 @@ from denserc.engine import Engine, resume_checkpoint
 from denserc.distributed import setup_distributed
 from denserc.engine.checkpoint import complete_checkpoints
 
-SMALL = ["model.rpn_pre_nms=100", "model.rpn_post_nms=50", "model.roi_samples=16", "train.log_every=1",
+SMALL = ["detector.rpn_pre_nms=100", "detector.rpn_post_nms=50", "detector.roi_samples=16", "train.log_every=1",
          "optim.warmup_steps=2", "train.keep_last=5"]
 
 

@@ -37,7 +37,7 @@ EVERY_STEP = ["train.epochs=1", "train.global_batch_size=2", "train.batch_size=1
               "train.checkpoint_every=1", "train.keep_last=8"]
 DISTILLATION = ["data.num_images=8", "data.image_size=32", "data.grid_max_cells=2", "optim.warmup_steps=1",
                 "vfm.model_kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
-DETECTION = ["model.rpn_pre_nms=100", "model.rpn_post_nms=50", "model.roi_samples=16", "optim.warmup_steps=1"]
+DETECTION = ["detector.rpn_pre_nms=100", "detector.rpn_post_nms=50", "detector.roi_samples=16", "optim.warmup_steps=1"]
 POISONED_MICRO_BATCH = 6  # the second micro-batch of step 3
 
 

@@ -43,13 +43,13 @@ def register(subparsers) -> None:
                      "objects365) of a detector or a results JSON",
         description="Either run --detector on --images, or score --detections (COCO results JSON of any "
                     "detector); prints a Markdown row and writes the JSON report to --out. With --detector, "
-                    "model.KEY=VALUE overrides an inference setting (alpha, beta, clip_temperature, "
+                    "detector.KEY=VALUE overrides an inference setting (alpha, beta, clip_temperature, "
                     "fixed_temperature, score_threshold, nms_threshold, detections_per_image) after the "
                     "protocol's own (coco/objects365: CLIPSelf's transfer heads).")
     evaluate.add_argument("--annotations", required=True, help="ground-truth COCO/LVIS/Objects365 annotation JSON")
     evaluate.add_argument("--protocol", required=True,
                           help="ov-coco, ov-lvis, coco, objects365 or a registered protocol")
-    evaluate.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE")
+    evaluate.add_argument("overrides", nargs="*", metavar="detector.KEY=VALUE")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--detector", help="detector folder written by `denserc detect train`")
     source.add_argument("--detections", help="COCO results JSON to score")
@@ -101,7 +101,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_detections, markdown_row
     if args.detections:
         if args.images or args.save_detections or args.max_images or args.overrides:
-            raise ValueError("--images, --save-detections, --max-images and model.KEY=VALUE go with --detector, "
+            raise ValueError("--images, --save-detections, --max-images and detector.KEY=VALUE go with --detector, "
                              "not with --detections")
         report = evaluate_detections(args.annotations, args.detections, args.protocol)
         label = Path(args.detections).name
@@ -157,15 +157,16 @@ def run_draw(args: argparse.Namespace) -> int:
 
 
 def _inference_settings(overrides: list[str]) -> dict:
-    """``model.KEY=VALUE`` pairs -> {KEY: VALUE}, values read as YAML (``Detector.settings`` checks them)."""
+    """``detector.KEY=VALUE`` pairs -> {KEY: VALUE}, values read as YAML (``Detector.settings`` checks them)."""
     import yaml
     settings = {}
     for override in overrides:
         key, equals, value = override.partition("=")
-        if not equals or not key.startswith("model.") or "." in key[len("model."):]:
-            raise ValueError(f"{override!r}: expected model.KEY=VALUE (e.g. model.alpha=0.2)")
+        section, dot, name = key.partition(".")
+        if not equals or section != "detector" or not dot or "." in name:
+            raise ValueError(f"{override!r}: expected detector.KEY=VALUE (e.g. detector.alpha=0.2)")
         try:
-            settings[key[len("model."):]] = yaml.safe_load(value)
+            settings[name] = yaml.safe_load(value)
         except yaml.YAMLError as error:
             raise ValueError(f"{override!r}: the value is not YAML ({error})") from error
     return settings

@@ -1,7 +1,8 @@
 """Detection configs: dataclasses as the schema, read like every config (``train.config.load_structured``).
 
 ``train`` and ``optim`` are the training engine's own sections (``denserc.train.config``); the rest is
-the detector (``model``), its frozen image tower (``backbone``), the class prompts (``text``) and the
+the detector (``detector``), its frozen image tower (``backbone``: ``backbone.model`` names the CLIP, as
+``clip.model`` does in CAT-Seg's configs and ``model.name`` in distillation's), the class prompts (``text``) and the
 data. Shipped configs live in ``denserc/detect/configs/`` and are named without ``.yaml``.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _detect_train() -> TrainConfig:
 @dataclass
 class DetectConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    model: DetectorConfig = field(default_factory=DetectorConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     text: TextConfig = field(default_factory=TextConfig)
     data: DetectDataConfig = field(default_factory=DetectDataConfig)
     optim: OptimConfig = field(default_factory=_detect_optim)
@@ -84,8 +85,8 @@ def load_detect_config(name_or_path: str | Path, overrides: Sequence[str] = ()) 
     the ranges the types do not express."""
     config = load_structured(DetectConfig, name_or_path, overrides, config_dir=CONFIG_DIR)
     check_training(config)
-    if len(config.model.taps) != 4:
-        raise ConfigError(f"model.taps must list 4 block indices, got {config.model.taps}")
+    if len(config.detector.taps) != 4:
+        raise ConfigError(f"detector.taps must list 4 block indices, got {config.detector.taps}")
     if config.data.image_size <= 0:
         raise ConfigError(f"data.image_size must be positive, got {config.data.image_size}")
     data = config.data

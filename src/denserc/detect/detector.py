@@ -58,7 +58,7 @@ def build_heads(config: DetectConfig, tower, split: Split) -> FViTHeads:
     """Fresh heads over the split's vocabulary and the fixed text embedding of "background"."""
     embeddings = class_embeddings(tower, split.names, config.text.templates)
     background = class_embeddings(tower, ["background"], config.text.templates)[0]
-    return FViTHeads(config.model, tower.width, tower.patch_size, embeddings.cpu(), background.cpu(),
+    return FViTHeads(config.detector, tower.width, tower.patch_size, embeddings.cpu(), background.cpu(),
                      torch.tensor(split.novel))
 
 
@@ -111,8 +111,8 @@ class Detector:
         temperatures, post-processing), restored afterwards: a transfer protocol's, or overrides."""
         unknown = sorted(set(values) - set(INFERENCE_SETTINGS))
         if unknown:
-            raise ValueError(f"{', '.join('model.' + key for key in unknown)}: not an inference setting; "
-                             f"expected model.KEY=VALUE with KEY one of {', '.join(INFERENCE_SETTINGS)}")
+            raise ValueError(f"{', '.join('detector.' + key for key in unknown)}: not an inference setting; "
+                             f"expected detector.KEY=VALUE with KEY one of {', '.join(INFERENCE_SETTINGS)}")
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
         config = self.model.heads.config
@@ -174,7 +174,7 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detec
     split = Split.from_dict(meta["split"])
     tower = load_tower(folder / TOWER_DIR)
     state = load_file(str(folder / HEADS_FILE))
-    heads = FViTHeads(config.model, tower.width, tower.patch_size, state["roi_heads.box_predictor.class_embeddings"],
+    heads = FViTHeads(config.detector, tower.width, tower.patch_size, state["roi_heads.box_predictor.class_embeddings"],
                       state["roi_heads.box_predictor.background"], state["roi_heads.box_predictor.novel"])
     load_state_dict_checked(heads, state, folder / HEADS_FILE)
     return Detector(FViT(tower, heads).to(device), config, split)

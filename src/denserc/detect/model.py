@@ -398,7 +398,7 @@ class FViT(nn.Module):
 
     def __init__(self, tower: DenseRCModel, heads: FViTHeads):
         super().__init__()
-        tower.tower.check_block_indices(heads.config.taps, "model.taps", tower.model_name)
+        tower.tower.check_block_indices(heads.config.taps, "detector.taps", tower.model_name)
         self.tower = tower.requires_grad_(False).eval()
         self.heads = heads
 

@@ -37,7 +37,7 @@ class DetectionTask(Task):
         ground_truth, self.split = read_split(data.train_annotations, get_protocol(data.protocol), scoring=False,
                                               what="training annotation")
         self.dataset = DetectionDataset(data.train_annotations, data.train_images, self.split, base_only=True,
-                                        with_masks=config.model.masks, ground_truth=ground_truth)
+                                        with_masks=config.detector.masks, ground_truth=ground_truth)
         self.num_workers = data.num_workers
         self.tower = build_tower(config).to(env.device).requires_grad_(False).eval()
         heads = build_heads(config, self.tower, self.split)
@@ -53,7 +53,7 @@ class DetectionTask(Task):
         data = self.config.data
         inputs = augment(batch, data.image_size, self.mean, self.std, self.device, seed=self.config.train.seed,
                          epoch=epoch, scale_range=tuple(data.scale_range), flip=data.flip)
-        _, maps = self.tower.encode_dense_with_taps(inputs.images, self.config.model.taps)
+        _, maps = self.tower.encode_dense_with_taps(inputs.images, self.config.detector.taps)
         return {"maps": maps, "image_sizes": inputs.image_sizes, "targets": inputs.targets}
 
     def export(self, folder: Path) -> None:
