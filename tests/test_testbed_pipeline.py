@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import denserc
 from denserc.data import build_source
@@ -13,7 +14,9 @@ from denserc.train.vfm import VFM
 from denserc_testbed.appearance_vfm import VFM_NAME, AppearanceFeatures
 from denserc_testbed.crops import ScenePool
 from denserc_testbed.evaluation import DATASET, SPLIT, evaluate, prepare_split
-from denserc_testbed.run import METRICS
+from denserc_testbed.run import METRICS, starting_model
+from denserc_testbed.tiny_clip import pretrained_path
+from denserc.train import load_config
 from denserc_testbed.scenes import render_scene, scene_rng
 from denserc.train.config import DataConfig
 
@@ -93,3 +96,14 @@ def test_held_out_split_is_read_by_the_evaluation_suite(tmp_path):
                            if s["bbox"][2] * s["bbox"][3] >= 64)
     assert results["segments"] == boxes_over_64_px
     assert {key for key, _ in METRICS} <= results.keys()  # every column of the before/after table
+
+
+def test_runs_start_from_the_configured_weights_and_so_does_before(tmp_path):
+    """``denserc testbed model.pretrained=FILE`` measures "before" on FILE, not on the shipped tag."""
+    weights = load_file(pretrained_path())
+    weights["visual.proj"] = weights["visual.proj"] + 1
+    save_file(weights, tmp_path / "other.safetensors")
+    config = load_config("testbed", [f"model.pretrained={tmp_path / 'other.safetensors'}"])
+    model = starting_model(config)
+    assert torch.equal(model.clip.visual.proj, weights["visual.proj"].float())
+    assert (model.construction, model.gating) == (config.model.construction, config.model.gating)

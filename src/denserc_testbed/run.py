@@ -28,7 +28,7 @@ from denserc.reports import markdown_table
 from .crops import ScenePool
 from .evaluation import evaluate, prepare_split
 from .settings import EVAL_IMAGES, EVAL_SEED, SCHEDULES
-from .tiny_clip import MODEL_NAME, PRETRAINED_TAG
+from .tiny_clip import MODEL_NAME
 
 # What each runnable variant distils: Table 5's rows, and DeCLIP's dual-stream recipe (declip_eva02_b16_coco's
 # content and context streams and loss weights, at the testbed's size): the paper's single- vs dual-stream
@@ -68,9 +68,8 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
     for variant in variants:
         construction, gating, recipe = VARIANTS[variant]
         settings = [f"model.construction={construction}", f"model.gating={gating}", "model.num_layers=null", *recipe]
-        image_size = load_config(SCHEDULES[schedule], [*settings, *overrides]).data.image_size
-        before = evaluate(create_model(MODEL_NAME, PRETRAINED_TAG, construction=construction, gating=gating),
-                          tokenizer, root, crops, image_size)
+        base = load_config(SCHEDULES[schedule], [*settings, *overrides])
+        before = evaluate(starting_model(base), tokenizer, root, crops, base.data.image_size)
         for seed in seeds:
             run_dir = output / "runs" / f"{variant}-seed{seed}"
             config = load_config(SCHEDULES[schedule], [
@@ -92,6 +91,13 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
             save_json(records, output / "results.json")
     atomic_write(output / "results.md", lambda tmp: Path(tmp).write_text(format_table(records), encoding="utf-8"))
     return records
+
+
+def starting_model(config):
+    """The CLIP the runs of ``config`` start from, as "before" is measured: ``model.pretrained`` may be
+    another ``pretrain-testbed`` weights file than the shipped tag."""
+    model = config.model
+    return create_model(model.name, model.pretrained, construction=model.construction, gating=model.gating)
 
 
 def format_table(records: list[dict]) -> str:
