@@ -84,7 +84,7 @@ def _run(schedule, variants, seeds, output: Path, eval_images, overrides, progre
             finally:
                 cleanup_distributed()
             train_seconds = time.time() - started
-            after = evaluate(load(final), tokenizer, root, crops, image_size)
+            after = evaluate(load(final), tokenizer, root, crops, base.data.image_size)
             records.append({"variant": variant, "construction": construction, "gating": gating, "seed": seed,
                             "schedule": schedule, "train_seconds": round(train_seconds, 1),
                             "steps": _steps(config), "before": before, "after": after})
