@@ -9,7 +9,7 @@ from PIL import Image
 from denserc.data import SquareResize
 from denserc.data.datasets import FileListSource
 from denserc.eval.datasets import read_image
-from denserc.images import ImageReadError, fit_within, load_image
+from denserc.images import ImageReadError, fit_within, load_image, short_side_size
 
 SIDE = 8
 
@@ -111,3 +111,11 @@ def test_fit_within_is_the_keep_aspect_fit_of_resize_max_size():
     assert scales.tolist() == [0.5, 0.5, 0.4, 2 / 300]
     # a non-square bound: the tighter side decides
     assert fit_within((100, 100), (50, 200))[0].tolist() == [50, 50]
+
+
+def test_short_side_size_is_mmsegs_keep_ratio_resize():
+    assert short_side_size(480, 640, 448, 2048) == (448, 597)
+    assert short_side_size(4, 6, 3, 2048) == (3, 5)  # 4.5 rounds up, as mmseg's int(x + 0.5) (Python's round: 4)
+    assert short_side_size(100, 10000, 100, 400) == (4, 400)  # the long side's cap wins
+    with pytest.raises(ValueError, match="short_side must be positive, got 0"):
+        short_side_size(10, 10, 0, 100)

@@ -4,8 +4,9 @@ Files come in every mode a camera, scanner or editor writes; all of them end up 
 orientation a photo viewer shows (EXIF rotation applied), so a 16-bit PNG or a palette PNG with
 transparency reads the same wherever it is used, and every error names the file.
 
-It also holds the one keep-aspect fit (``fit_within``) that the letterboxes share: the training
-loader's (a PIL image), detection's (a tensor batch) and the teacher's (RoI crops of a batch).
+It also holds the resize geometry every consumer shares: the keep-aspect fit of the letterboxes
+(``fit_within``: the training loader's PIL image, detection's tensor batch, the teacher's RoI crops)
+and the short-side resize (``short_side_size``: evaluation, CAT-Seg, ``denserc segment``/``heatmap``).
 """
 from __future__ import annotations
 
@@ -88,3 +89,13 @@ def fit_within(sizes, bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tenso
     scale = (limits / sizes).amin(-1)
     fitted = torch.minimum(torch.round(sizes * scale[..., None]).clamp(min=1), limits)
     return fitted.long(), scale
+
+
+def short_side_size(height: int, width: int, short_side: int, max_long_side: float) -> tuple[int, int]:
+    """(height, width) scaled so the short side is ``short_side`` unless the long side would pass
+    ``max_long_side``: mmseg's keep-ratio ``Resize(scale=(max_long_side, short_side))`` (``rescale_size``,
+    sides rounded as int(side * scale + 0.5)), at least 1 pixel."""
+    if short_side <= 0:
+        raise ValueError(f"short_side must be positive, got {short_side}")
+    scale = min(short_side / min(height, width), max_long_side / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))

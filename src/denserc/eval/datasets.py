@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..images import ImageReadError, load_image
+from ..images import ImageReadError, load_image, short_side_size
 from ..plugins import load_plugins
 from ..registry import Registry
 from .metrics import IGNORE_INDEX
@@ -496,8 +496,7 @@ def read_image(path: Path) -> torch.Tensor:
 def resize_short_side(image: torch.Tensor, short_side: int, max_long_side: int) -> torch.Tensor:
     """mmseg's ``Resize(scale=(max_long_side, short_side), keep_ratio=True)``: bilinear, no antialiasing."""
     height, width = image.shape[1:]
-    scale = min(short_side / min(height, width), max_long_side / max(height, width))
-    size = (int(height * scale + 0.5), int(width * scale + 0.5))
+    size = short_side_size(height, width, short_side, max_long_side)
     if size == (height, width):
         return image
     resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)

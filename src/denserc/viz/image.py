@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import short_side_size
 from ..models import normalize_images
 
 # Working resolution: the long side is at most this many times the short side (mmseg's (2048, 448)
@@ -15,11 +16,8 @@ MAX_ASPECT_RATIO = 4
 def resized_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     """(width, height) scaled to a short side of ``short_side``, the long side capped at
     MAX_ASPECT_RATIO times that (as mmseg's keep-ratio resize caps panoramas)."""
-    if short_side <= 0:
-        raise ValueError(f"short_side must be positive, got {short_side}")
-    width, height = size
-    scale = min(short_side / min(width, height), MAX_ASPECT_RATIO * short_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    height, width = short_side_size(size[1], size[0], short_side, MAX_ASPECT_RATIO * short_side)
+    return width, height
 
 
 def to_model_input(image: Image.Image, preprocess_cfg: dict, short_side: int) -> torch.Tensor:
