@@ -56,6 +56,20 @@ def test_exported_detector_loads_and_predicts_any_class_names(exported_detector,
     assert result["boxes"][:, 2].max() <= 120 + 1e-4 and result["boxes"][:, 3].max() <= 70 + 1e-4
 
 
+def test_a_detector_exported_by_an_earlier_version_loads_as_written(exported_detector):
+    """Old detector.json keys: ``format``, the heads' section called ``model``, no data.mean/std (the tower's
+    own normalisation)."""
+    meta_path = exported_detector / "detector.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = meta.pop("format_version")
+    meta["config"]["model"] = meta["config"].pop("detector")
+    del meta["config"]["data"]["mean"], meta["config"]["data"]["std"]
+    expected = load(exported_detector).config
+    meta_path.write_text(json.dumps(meta))
+    config = load(exported_detector).config
+    assert config.detector == expected.detector and (config.data.mean, config.data.std) == (None, None)
+
+
 def test_draw_writes_a_png_with_the_detections_in_its_metadata(exported_detector, tmp_path, capsys):
     path = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)

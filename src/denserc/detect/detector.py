@@ -155,6 +155,19 @@ class Detector:
         return {**result, "class_names": list(self._vocabulary)}
 
 
+def _upgrade(meta: dict) -> dict:
+    """A detector.json written by an earlier version, in today's keys (the weights never changed)."""
+    if "format" in meta:  # written before the key was the library's one FORMAT_KEY
+        meta[FORMAT_KEY] = meta.pop("format")
+    config = meta["config"]
+    if "model" in config and "detector" not in config:  # the heads' section was called ``model``
+        config["detector"] = config.pop("model")
+    data = config.setdefault("data", {})
+    if "mean" not in data:  # exported before data.mean/std existed: trained on the tower's own normalisation
+        data.update(mean=None, std=None)
+    return meta
+
+
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
     """A detector exported by ``denserc detect train`` (its ``final`` folder or a copy)."""
     folder = Path(folder)
@@ -162,14 +175,9 @@ def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detec
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: expected a detector folder written by "
                                 "`denserc detect train` (with detector.json, heads.safetensors, tower/)")
-    meta = read_json(meta_path, "detector")
-    if "format" in meta:  # written before the key was the library's one FORMAT_KEY
-        meta[FORMAT_KEY] = meta.pop("format")
+    meta = _upgrade(read_json(meta_path, "detector"))
     check_format_version(meta, EXPORT_FORMAT, meta_path)
     from omegaconf import OmegaConf
-    data = meta["config"].setdefault("data", {})
-    if "mean" not in data:  # exported before data.mean/std existed: trained on the tower's own normalisation
-        data.update(mean=None, std=None)
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DetectConfig), meta["config"]))
     split = Split.from_dict(meta["split"])
     tower = load_tower(folder / TOWER_DIR)
