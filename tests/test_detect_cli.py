@@ -70,6 +70,13 @@ def test_a_detector_exported_by_an_earlier_version_loads_as_written(exported_det
     assert config.detector == expected.detector and (config.data.mean, config.data.std) == (None, None)
 
 
+def test_a_folder_without_the_detectors_files_is_refused_by_name(exported_detector):
+    (exported_detector / "heads.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"is not a detector folder: missing heads.safetensors \(expected "
+                                                r"detector.json, heads.safetensors, tower written by `denserc detect train`\)"):
+        load(exported_detector)
+
+
 def test_draw_writes_a_png_with_the_detections_in_its_metadata(exported_detector, tmp_path, capsys):
     path = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -59,6 +59,23 @@ def check_format_version(content: dict, expected: int, path: str | os.PathLike) 
     """Refuse an exported folder's JSON whose ``format_version`` is not the one this code reads."""
     if content.get(FORMAT_KEY) != expected:
         raise ValueError(f"{path}: {FORMAT_KEY} {content.get(FORMAT_KEY)!r} is not supported (expected {expected})")
+
+
+def read_exported_folder(folder: str | os.PathLike, config_file: str, required: Sequence[str], *, kind: str,
+                         written_by: str, format_version: int, upgrade=None) -> dict:
+    """The config JSON of an exported folder (a model, a detector, a CAT-Seg segmenter), after checking that
+    ``config_file`` and every ``required`` file or folder is there; ``upgrade`` renames an earlier version's
+    keys before the format version is checked."""
+    folder = Path(folder)
+    for name in (config_file, *required):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder} is not a {kind} folder: missing {name} (expected "
+                                    f"{', '.join((config_file, *required))} written by {written_by})")
+    config = read_json(folder / config_file, f"{kind} config")
+    if upgrade is not None:
+        config = upgrade(config)
+    check_format_version(config, format_version, folder / config_file)
+    return config
 
 
 def save_json(obj, path: str | os.PathLike) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..io import check_format_version, read_json, save_json, save_tensors
+from ..io import read_exported_folder, save_json, save_tensors
 from ..models import get_tokenizer, load, load_state_dict_checked, precision_dtype
 from .model import CATSeg, HeadConfig
 
@@ -44,12 +44,8 @@ def save_catseg(segmenter: CATSeg, templates: list[str], folder: str | os.PathLi
 def load_catseg(folder: str | os.PathLike, device="cpu", precision: str = "fp32"):
     """(segmenter in eval mode, tokenizer, templates) from a folder written by ``save_catseg``."""
     folder = Path(folder)
-    for name in (CONFIG_FILE, HEAD_WEIGHTS, CLIP_DIR):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder} is not a CAT-Seg folder: missing {name} (expected {CLIP_DIR}/, "
-                                    f"{HEAD_WEIGHTS} and {CONFIG_FILE} written by `denserc catseg train`)")
-    config = read_json(folder / CONFIG_FILE, "CAT-Seg config")
-    check_format_version(config, FORMAT_VERSION, folder / CONFIG_FILE)
+    config = read_exported_folder(folder, CONFIG_FILE, (HEAD_WEIGHTS, CLIP_DIR), kind="CAT-Seg",
+                                  written_by="`denserc catseg train`", format_version=FORMAT_VERSION)
     clip = load(folder / CLIP_DIR)
     segmenter = CATSeg(clip, HeadConfig(**config["head"]), prompts=len(config["templates"]),
                        clip_resolution=config["clip_resolution"])

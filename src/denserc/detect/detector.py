@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ..io import FORMAT_KEY, check_format_version, read_json, save_json, save_tensors
+from ..io import FORMAT_KEY, read_exported_folder, save_json, save_tensors
 from ..models import PEER_PATHS, load_state_dict_checked
 from ..models.factory import from_spec, get_tokenizer, load as load_tower
 from ..images import load_image
@@ -171,12 +171,8 @@ def _upgrade(meta: dict) -> dict:
 def load(folder: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
     """A detector exported by ``denserc detect train`` (its ``final`` folder or a copy)."""
     folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: expected a detector folder written by "
-                                "`denserc detect train` (with detector.json, heads.safetensors, tower/)")
-    meta = _upgrade(read_json(meta_path, "detector"))
-    check_format_version(meta, EXPORT_FORMAT, meta_path)
+    meta = read_exported_folder(folder, META_FILE, (HEADS_FILE, TOWER_DIR), kind="detector",
+                                written_by="`denserc detect train`", format_version=EXPORT_FORMAT, upgrade=_upgrade)
     from omegaconf import OmegaConf
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DetectConfig), meta["config"]))
     split = Split.from_dict(meta["split"])

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import check_format_version, read_json, save_json, save_tensors
+from ..io import read_exported_folder, read_json, save_json, save_tensors
 
 DENSERC_CONFIG = "denserc_config.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's `local-dir:` format
@@ -60,13 +60,8 @@ class ModelFolder:
 def read_model_folder(directory: str | os.PathLike) -> ModelFolder:
     """Check that ``directory`` is a model folder of a supported format version and read its settings."""
     directory = Path(directory)
-    expected = f"{DENSERC_CONFIG}, {OPEN_CLIP_CONFIG} and {CLIP_WEIGHTS} written by DenseRCModel.save()"
-    for name in (DENSERC_CONFIG, OPEN_CLIP_CONFIG, CLIP_WEIGHTS):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a DenseRC model folder: missing {name} "
-                                    f"(expected {expected})")
-    config = read_json(directory / DENSERC_CONFIG, "DenseRC config")
-    check_format_version(config, FORMAT_VERSION, directory / DENSERC_CONFIG)
+    config = read_exported_folder(directory, DENSERC_CONFIG, (OPEN_CLIP_CONFIG, CLIP_WEIGHTS), kind="DenseRC model",
+                                  written_by="DenseRCModel.save()", format_version=FORMAT_VERSION)
     return ModelFolder(directory, config, read_json(directory / OPEN_CLIP_CONFIG, "open_clip config"))
 
 
