@@ -61,6 +61,15 @@ def test_region_caption_names_what_the_box_shows():
     # 1/16 of the striped object (2% of the box) is not named; the dotted one covers 16/49 of the box
     assert pool.region_caption(0, (3, 3, 10, 10)) == "a photo of a blue dotted object on grass."
     assert pool.region_caption(0, (0, 0, 2, 2)) == "a photo of a red striped object."
+    # the salient rule names the objects alone, and the stuff only where no object is named
+    assert pool.region_caption(0, (0, 0, 5, 5), salient=True) == "a photo of a red striped object."
+    assert pool.region_caption(0, (3, 3, 10, 10), salient=True) == "a photo of a blue dotted object."
+    assert pool.region_caption(0, (4, 4, 6, 6), salient=True) == "a photo of grass."
+
+
+def test_pretrain_config_refuses_an_unknown_caption_rule():
+    with pytest.raises(ValueError, match=r"captions must be one of \('scene', 'salient'\), got 'short'"):
+        PretrainConfig(captions="short")
 
 
 def test_sampler_refuses_a_pool_that_lacks_classes():

@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     register_pretrain(subparsers)
     register_run(subparsers)
     register_probe(subparsers)
+    register_teacher(subparsers)
     register_detect(subparsers)
     register_catseg(subparsers)
 
@@ -82,6 +83,22 @@ def register_probe(subparsers) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     parser.set_defaults(func=_deferred("probe", "_main"))
+
+
+def register_teacher(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "testbed-teacher", help="what the distillation teacher names on the grid cells it is asked about",
+        description="Zero-shot class of the teacher's embedding of the short schedule's first-epoch grid cells, "
+                    "by the largest object's share of the cell, and of the held-out thing boxes (docs/testbed.md).")
+    parser.add_argument("--teacher", default="testbed",
+                        help="'testbed' (the shipped tiny CLIP, the default) or a weights file written by "
+                             "pretrain-testbed")
+    parser.add_argument("--student", default=None,
+                        help="a distilled folder (a run's final/), whose pooled dense features are scored "
+                             "on the same cells and boxes")
+    parser.add_argument("--scenes", type=int, default=512, help="training scenes measured (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    parser.set_defaults(func=_deferred("teacher_cells", "_main"))
 
 
 def register_detect(subparsers) -> None:

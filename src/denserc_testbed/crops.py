@@ -67,10 +67,11 @@ class ScenePool:
     def regions_of(self, category_id: int) -> torch.Tensor:
         return torch.nonzero(self.regions[:, 1] == category_id).flatten()
 
-    def region_caption(self, scene: int, box: tuple[int, int, int, int]) -> str:
+    def region_caption(self, scene: int, box: tuple[int, int, int, int], salient: bool = False) -> str:
         """Caption of what integer box (x1, y1, x2, y2) of a scene shows: every segment covering at
         least REGION_SHARE of it and every object with at least REGION_THING_INSIDE of its pixels
-        inside; if none qualifies, the segment with most pixels inside."""
+        inside; if none qualifies, the segment with most pixels inside. ``salient``: only the objects
+        among those, when there are any (the ``salient`` caption rule of ``PretrainConfig``)."""
         x1, y1, x2, y2 = box
         parts = self.segment_parts[scene]
         inside = np.bincount(self.segment_maps[scene, y1:y2, x1:x2].ravel(), minlength=len(parts))
@@ -79,6 +80,8 @@ class ScenePool:
             mostly_inside = CATEGORIES[category_id - 1]["isthing"] and count >= REGION_THING_INSIDE * area
             if count and (count >= REGION_SHARE * inside.sum() or mostly_inside):
                 named.append((category_id, int(count)))
+        if salient and any(CATEGORIES[category_id - 1]["isthing"] for category_id, _ in named):
+            named = [part for part in named if CATEGORIES[part[0] - 1]["isthing"]]
         if not named:
             dominant = int(inside.argmax())
             named = [(parts[dominant][0], int(inside[dominant]))]

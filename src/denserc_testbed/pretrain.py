@@ -49,7 +49,7 @@ class BatchSampler:
     """
 
     def __init__(self, pool: ScenePool, tokenizer, native_size: int, regions_per_batch: int,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, salient: bool = False):
         missing = pool.missing_categories()
         if missing:
             raise ValueError(f"the training pool has no example of {missing}; render more scenes")
@@ -58,6 +58,7 @@ class BatchSampler:
         self.native_size = native_size
         self.regions_per_batch = regions_per_batch
         self.rng = rng
+        self.salient = salient
         self.by_class = [pool.regions_of(c["id"]) for c in CATEGORIES]
         self.is_thing = torch.tensor([c["isthing"] == 1 for c in CATEGORIES])
 
@@ -96,7 +97,7 @@ class BatchSampler:
             width, height = (int(np.clip(round(side), MIN_REGION, size)) for side in (width, height))
             x1, y1 = int(rng.integers(size - width + 1)), int(rng.integers(size - height + 1))
             boxes.append((x1, y1, x1 + width, y1 + height))
-        captions = [self.pool.region_caption(int(scene), box) for scene, box in zip(scenes, boxes)]
+        captions = [self.pool.region_caption(int(scene), box, self.salient) for scene, box in zip(scenes, boxes)]
         crops = crop(self.pool.images[torch.from_numpy(scenes)], torch.tensor(boxes, dtype=torch.float32),
                      self.native_size)
         return crops, captions
@@ -121,7 +122,7 @@ def pretrain(config: PretrainConfig, output: Path, command: str, progress: bool 
     train_pool = ScenePool.render(config.seed, config.train_scenes, progress=progress)
     held_out = ScenePool.render(held_out_seed(config.seed), config.held_out_scenes, progress=progress)
     sampler = BatchSampler(train_pool, tokenizer, native, config.regions_per_batch,
-                           np.random.default_rng([config.seed, 2]))
+                           np.random.default_rng([config.seed, 2]), salient=config.captions == "salient")
     optimizer = torch.optim.AdamW(model.clip.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=config.weight_decay)
     loss_fn = open_clip.ClipLoss()

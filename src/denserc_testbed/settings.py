@@ -13,6 +13,10 @@ EVAL_IMAGES = 200
 # version as the built-in default `denserc train` exports it
 COMPARED_CLIPS = (f"{MODEL_NAME}:{PRETRAINED_TAG}", "runs/testbed/runs/hsg-seed0/final")
 CATSEG_TRAIN_IMAGES = 1000
+# how pretraining captions a scene region: "scene" names its objects then its stuff ("a photo of a red
+# dotted object on grass."); "salient" names only its objects when it shows any, as a real caption names
+# the salient objects, and its stuff only when it shows no object
+CAPTION_RULES = ("scene", "salient")
 
 
 @dataclass
@@ -27,3 +31,8 @@ class PretrainConfig:
     warmup_steps: int = 100
     eval_every: int = 300
     threads: int = 1  # CPU threads; one thread is several times faster than two on a shared 2-core machine
+    captions: str = "scene"  # one of CAPTION_RULES
+
+    def __post_init__(self):
+        if self.captions not in CAPTION_RULES:
+            raise ValueError(f"captions must be one of {CAPTION_RULES}, got {self.captions!r}")
