@@ -8,6 +8,11 @@ Aspect handling:
              the region evaluation: resize the longer side to ``size`` keeping the aspect ratio and pad
              the bottom/right with black; the grid then tiles only the valid (unpadded) area
     stretch  resize to size x size, ignoring the aspect ratio (the paper's "1024 x 1024" read literally)
+
+``letterbox_geometry`` is the one home of "fit a region into a rectangle keeping its aspect": the size
+(Python's rounding, as the peers' ``ResizeMaxSize``) and the centred offsets. ``SquareResize`` uses its size,
+``LetterboxResize`` (the teacher's crops cut in the loader, ``data.teacher_crops: source``) and the teacher's
+RoIAlign letterbox (``train.teacher.letterbox_crops``) its size and offsets.
 """
 from __future__ import annotations
 
@@ -18,6 +23,23 @@ from torchvision.transforms.functional import pil_to_tensor
 from ..images import to_rgb
 
 ASPECT_MODES = ("pad", "stretch")
+
+
+def letterbox_geometry(width, height, out_w: int, out_h: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(new_w, new_h, left, top) of width x height regions fitted into out_w x out_h, aspect kept, centred.
+
+    Any shapes of ``width``/``height`` (numbers or tensors, computed in float64): s = min(out_h / h, out_w / w),
+    new = round(side * s) clamped to 1..out (round half to even, as Python's ``round`` in the peers'
+    ``ResizeMaxSize``: CLIPSelf src/open_clip/transform.py lines 42-43, ``scale = max_size / max(h, w)``,
+    ``round(dim * scale)``), offsets floor((out - new) / 2) (their ``pad_w // 2``, ``pad_h // 2``, line 47).
+    """
+    width = torch.as_tensor(width, dtype=torch.float64)
+    height = torch.as_tensor(height, dtype=torch.float64)
+    scale = torch.minimum(out_h / height, out_w / width)
+    new_w = torch.round(width * scale).clamp(1, out_w)
+    new_h = torch.round(height * scale).clamp(1, out_h)
+    return new_w, new_h, ((out_w - new_w) / 2).floor(), ((out_h - new_h) / 2).floor()
 
 
 class SquareResize:
@@ -31,14 +53,41 @@ class SquareResize:
         self.size = size
         self.aspect = aspect
 
+    def valid_size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of a width x height image once resized (the unpadded area)."""
+        if self.aspect == "stretch":
+            return self.size, self.size
+        new_w, new_h, _, _ = letterbox_geometry(width, height, self.size, self.size)
+        return int(new_h), int(new_w)
+
     def __call__(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         image = to_rgb(image)
+        height, width = self.valid_size(image.width, image.height)
         if self.aspect == "stretch":
-            resized = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-            return pil_to_tensor(resized), (self.size, self.size)
-        scale = self.size / max(image.size)
-        width = max(1, min(self.size, round(image.width * scale)))
-        height = max(1, min(self.size, round(image.height * scale)))
+            resized = image.resize((width, height), Image.Resampling.BICUBIC)
+            return pil_to_tensor(resized), (height, width)
         canvas = Image.new("RGB", (self.size, self.size), (0, 0, 0))
         canvas.paste(image.resize((width, height), Image.Resampling.BICUBIC), (0, 0))
         return pil_to_tensor(canvas), (height, width)
+
+
+class LetterboxResize:
+    """PIL image -> uint8 tensor (3, height, width): longer side to fit, bicubic, centred on black.
+
+    The peers' crop preprocess, ``ResizeMaxSize(224, fill=0)`` (CLIPSelf ``wusize/CLIPSelf`` @1c7fe9c
+    src/open_clip/transform.py lines 26-49, chosen by ``resize_longest_max=True`` at lines 119-122 for
+    ``preprocess_val_img`` in src/open_clip/factory.py lines 319-325; DeCLIP ``xiaomoguhz/DeCLIP`` @2c0b3de
+    src/open_clip/transform.py lines 24-47): torchvision's ``resize`` of a PIL image (PIL bicubic) to
+    ``letterbox_geometry``'s size, then ``pad`` with 0 to the centred offsets. Here the same resize is pasted
+    onto a black canvas (the same pixels; tests/test_source_crops.py checks it against their lines).
+    """
+
+    def __init__(self, size: tuple[int, int]):
+        self.height, self.width = size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        new_w, new_h, left, top = (int(v) for v in letterbox_geometry(image.width, image.height,
+                                                                     self.width, self.height))
+        canvas = Image.new("RGB", (self.width, self.height), (0, 0, 0))
+        canvas.paste(to_rgb(image).resize((new_w, new_h), Image.Resampling.BICUBIC), (left, top))
+        return pil_to_tensor(canvas)
