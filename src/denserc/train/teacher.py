@@ -8,7 +8,7 @@ crops. With ``source`` the loader cuts them from the source image with PIL, as t
 CLIPSelf and DeCLIP do (``ResizeMaxSize(224, fill=0)`` in their src/open_clip/transform.py, applied by
 ``_obtain_image_crops`` in src/training/data.py): the cell's longer side is resized to the native input
 size, keeping its aspect ratio, the result centred and the rest filled with black (the normalised value of
-a zero pixel). The rest of this paragraph is about ``batch``:
+a zero pixel). The next paragraph is about ``batch`` alone:
 
 ``sampling_ratio=-1`` (adaptive): each output pixel averages ceil(cell size / native size) x ...
 bilinear samples. A cell larger than the native size (downscaling, e.g. a 1024-px image's 1x1 cell
