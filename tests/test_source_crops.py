@@ -11,6 +11,7 @@ DeCLIP (``xiaomoguhz/DeCLIP`` @2c0b3de) src/training/data.py lines 261-280 and 1
 src/open_clip/transform.py lines 24-47 are the same code.
 """
 import json
+import pickle
 
 import pytest
 import torch
@@ -188,6 +189,9 @@ def test_source_mode_draws_the_boxes_of_batch_mode_for_each_seed_epoch_and_index
     sampler.set_epoch(1)
     for batch in source_mode.loader():
         assert all(torch.equal(b, drawn[1, i]) for i, b in zip(batch["index"].tolist(), batch["boxes"]))
+    # what a worker started by spawn receives: the dataset and the collate function pickle, without the task
+    copy, collate_copy = pickle.loads(pickle.dumps((dataset, collate)))
+    assert torch.equal(collate_copy([copy[2, 3]])["boxes"][0], drawn[2, 3])
 
 
 def test_the_sampler_deals_epoch_index_pairs_from_any_position():

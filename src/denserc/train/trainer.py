@@ -133,11 +133,13 @@ class DistillationTask(Task):
             logger.info("froze %d parameter tensor(s) that no loss reaches: %s",
                         len(self.frozen_off_path), ", ".join(self.frozen_off_path))
         self.student.set_grad_checkpointing(config.model.grad_checkpointing)
-        if self.source_crops:  # ready-made crops: the batch is not needed
-            embed = torch.compile(self.teacher.embed) if config.model.compile else self.teacher.embed
-            self.embed_crops = lambda images, crops: embed(crops)
+        if self.source_crops:
+            self.embed_ready = torch.compile(self.teacher.embed) if config.model.compile else self.teacher.embed
+            self.embed_crops = self._embed_ready_crops
         else:
             self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
+        # a module-level function, not a method: a loader worker started by spawn pickles it, not the task
+        self.collate = collate_regions if self.source_crops else default_collate
         self.embed_patches = torch.compile(self.vfm) if config.model.compile and self.vfm else self.vfm
 
     def _build_models(self) -> tuple[DenseRCModel, Teacher, VFM | None]:
@@ -183,9 +185,9 @@ class DistillationTask(Task):
             crops = [c.to(self.device) for c in crops]
         return pixels, images, [b.to(self.device) for b in boxes], crops
 
-    def collate(self, samples: list[dict]) -> dict:
-        """``default_collate``; with crops cut in the loader, per-image lists of regions and crops."""
-        return collate_regions(samples) if self.source_crops else default_collate(samples)
+    def _embed_ready_crops(self, images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """``embed_crops`` of ``data.teacher_crops: source``: the crops are ready, the batch is not needed."""
+        return self.embed_ready(crops)
 
     def prepare(self, batch: dict, epoch: int) -> dict:
         """Images, regions and the frozen targets: teacher embeddings of every region, VFM patch features (or None)."""
