@@ -6,7 +6,7 @@ src/training/data.py ``GridDistillDataset._init_boxes`` (lines 210-224: the norm
 on the source PIL image, ``self.transforms[1]``), ``ProposalDistillDataset.__getitem__`` (lines 107-118: the
 proposal enlarged 1.5x about its centre, clipped to the source image), and its crop preprocess
 ``ResizeMaxSize(224, fill=0)`` (src/open_clip/transform.py lines 26-49) + ``_convert_to_rgb``, ``ToTensor``,
-``Normalize(mean, std)`` (lines 119-127, ``preprocess_val_img`` in src/open_clip/factory.py lines 319-325).
+``Normalize(mean, std)`` (lines 119-132, ``preprocess_val_img`` in src/open_clip/factory.py lines 319-325).
 DeCLIP (``xiaomoguhz/DeCLIP`` @2c0b3de) src/training/data.py lines 261-280 and 133 and
 src/open_clip/transform.py lines 24-47 are the same code.
 """
@@ -56,7 +56,7 @@ def peer_crop_preprocess(img, size, mean, std):
 
 
 def peer_grid_template(m, n):
-    """CLIPSelf ``_init_boxes`` (lines 214-221) for one choice (M, N): (M*N, 4) normalised boxes, row-major."""
+    """CLIPSelf ``_init_boxes`` (lines 214-219) for one choice (M, N): (M*N, 4) normalised boxes, row-major."""
     grid_x, grid_y = torch.meshgrid(torch.linspace(0, 1, n + 1), torch.linspace(0, 1, m + 1), indexing="xy")
     x0y0s = torch.stack([grid_x[:m, :n], grid_y[:m, :n]], dim=-1)
     x1y1s = torch.stack([grid_x[1:, 1:], grid_y[1:, 1:]], dim=-1)
@@ -154,7 +154,7 @@ def test_proposal_crops_are_the_peers_enlarged_crops_of_the_source_image(tmp_pat
         img_w, img_h = old_image.width, old_image.height
         for x1, _, _, _ in boxes[0].tolist():  # the draw's order; each box is one proposal, scaled to the input
             x, y, w, h = min(proposals, key=lambda p: abs(p[0] * INPUT / SOURCE_W - x1))
-            cx, cy = x + w * 0.5, y + h * 0.5  # CLIPSelf src/training/data.py lines 114-116
+            cx, cy = x + w * 0.5, y + h * 0.5  # CLIPSelf src/training/data.py lines 115-117
             x0, y0, x1_, y1_ = max(cx - w * 0.75, 0), max(cy - h * 0.75, 0), min(cx + w * 0.75, img_w), \
                 min(cy + h * 0.75, img_h)
             expected.append(peer_crop_preprocess(old_image.crop((x0, y0, x1_, y1_)), size, cfg["mean"], cfg["std"]))

@@ -15,7 +15,7 @@ from.
 - ``source``: the loader cuts every crop from the source image at its own resolution, as both peers do:
   CLIPSelf (``wusize/CLIPSelf`` @1c7fe9c, src/training/data.py) ``GridDistillDataset._obtain_image_crops``
   (lines 226-245: the normalised grid template times the source size, ``image.crop((x0, y0, x1, y1))`` on the
-  source PIL image, then ``self.transforms[1]``) and ``ProposalDistillDataset.__getitem__`` (lines 111-118:
+  source PIL image, then ``self.transforms[1]``) and ``ProposalDistillDataset.__getitem__`` (lines 107-118:
   the proposal enlarged 1.5x about its centre and clipped to the source image, cropped the same way; line 124
   for an image without a usable proposal); DeCLIP (``xiaomoguhz/DeCLIP`` @2c0b3de, src/training/data.py)
   lines 261-280 and 133/139, the same code. ``transforms[1]`` is their ``ResizeMaxSize(224, fill=0)`` (longer
