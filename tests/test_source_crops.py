@@ -11,7 +11,11 @@ DeCLIP (``xiaomoguhz/DeCLIP`` @2c0b3de) src/training/data.py lines 261-280 and 1
 src/open_clip/transform.py lines 24-47 are the same code.
 """
 import json
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -21,7 +25,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 
-from denserc.data import LetterboxResize
+from denserc.data import LetterboxResize, RegionDraw
 from denserc.engine import resume_checkpoint
 from denserc.engine.config import ConfigError
 from denserc.engine.metrics import read_metrics
@@ -232,3 +236,43 @@ def test_source_mode_trains_and_resumes_mid_epoch_to_the_same_weights(tmp_path):
     records = read_metrics(tmp_path / "straight")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(tmp_path / "resumed")]
+
+
+# A 2-process torchrun launch: each rank saves its first batch of epoch 1, then runs the command line.
+DDP_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    from denserc.cli import main
+    from denserc.engine.loop import Engine
+    from denserc.train import load_config, setup_distributed
+    from denserc.train.trainer import DistillationTask
+
+    output, command = sys.argv[1], sys.argv[2:]
+    env = setup_distributed("cpu")
+    config = load_config("smoke", [a for a in command[2:] if not a.startswith("train.output_dir=")])
+    trainer = Engine(DistillationTask(config, env), config, env, output)
+    trainer.sampler.set_epoch(1)
+    batch = next(iter(trainer.loader()))
+    torch.save({key: batch[key] for key in ("index", "size", "boxes")}, f"{output}/rank{env.rank}.pt")
+    sys.exit(main(command))
+""")
+
+
+@pytest.mark.slow  # a 2-process torchrun launch
+def test_under_ddp_with_workers_each_rank_gets_the_draws_of_its_own_images(tmp_path):
+    root = folder(tmp_path, count=8)
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    command = ["train", "smoke", *RUN, f"data.root={root}", "data.teacher_crops=source", "data.num_workers=1",
+               "train.seed=7", "train.global_batch_size=4", "train.epochs=2", f"train.output_dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), str(tmp_path), *command], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert set(ranks[0]["index"].tolist()).isdisjoint(ranks[1]["index"].tolist())
+    draw = RegionDraw(seed=7)  # the smoke config's grid settings
+    for rank in ranks:
+        expected, _ = draw(rank["index"], rank["size"], 1)
+        assert all(torch.equal(a, b) for a, b in zip(rank["boxes"], expected))
+    assert (tmp_path / "run" / "final" / "open_clip_model.safetensors").is_file()
