@@ -6,9 +6,12 @@ The dataset is the trainer's own (``build_source`` for an image folder + ``Train
 train2017), COCO-like JPEGs (640x480, quality 90, smooth content plus sensor-like noise) are
 written to a temporary folder first; either way the files are read once before timing, so the
 numbers are decode + resize + collate, not disk. A per-image split (decode vs resize) in this
-process says where a worker's time goes.
+process says where a worker's time goes. ``--teacher-crops source`` adds what ``data.teacher_crops: source``
+(the real-data configs) asks of the loader: each image's grid (CLIPSelf's rule, at most 20 cells) cut from the
+source image and letterboxed to ``--crop-size`` (``data.regions.SourceCrops``).
 
     python -m benchmarks.data_loading --workers 0 1 2
+    python -m benchmarks.data_loading --workers 0 1 2 --teacher-crops source
     python -m benchmarks.data_loading --root /data/coco/train2017 --workers 4 8 16 --device cuda
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from denserc.data import ASPECT_MODES, SquareResize, TrainingImages, build_source, list_images
+from denserc.data import (ASPECT_MODES, TEACHER_CROPS, RegionDraw, SourceCrops, SquareResize, TrainingImages,
+                          build_source, collate_regions, list_images)
 from denserc.train.config import DataConfig
 
 from .common import add_common_arguments, environment, markdown_table, setup
@@ -46,9 +50,18 @@ def write_jpegs(folder: Path, count: int, width: int, height: int, seed: int = 0
     return paths
 
 
-def folder_dataset(root: Path, size: int, aspect: str) -> TrainingImages:
-    """The trainer's dataset over an image folder: ``build_source`` + ``TrainingImages`` + ``SquareResize``."""
-    return TrainingImages(build_source(DataConfig(type="folder", root=str(root))), SquareResize(size, aspect))
+def folder_dataset(root: Path, size: int, aspect: str, teacher_crops: str = "batch",
+                   crop_size: int = 224) -> TrainingImages:
+    """The trainer's dataset over an image folder: ``build_source`` + ``TrainingImages`` + ``SquareResize``
+    (+ ``SourceCrops`` of the default grid draw for ``teacher_crops="source"``)."""
+    crops = SourceCrops(RegionDraw(seed=0), (crop_size, crop_size)) if teacher_crops == "source" else None
+    return TrainingImages(build_source(DataConfig(type="folder", root=str(root))), SquareResize(size, aspect),
+                          crops=crops)
+
+
+def key(dataset: TrainingImages, index: int):
+    """What the engine's sampler deals for ``index`` (epoch 0): the index, or (0, index) with source crops."""
+    return index if dataset.crops is None else (0, index)
 
 
 def per_sample_split(dataset: TrainingImages, files: list[Path], size: int) -> tuple[float, float, float]:
@@ -56,7 +69,7 @@ def per_sample_split(dataset: TrainingImages, files: list[Path], size: int) -> t
     sample, decode, resize = [], [], []
     for index, path in enumerate(files):
         start = time.perf_counter()
-        dataset[index]
+        dataset[key(dataset, index)]
         sample.append(time.perf_counter() - start)
         start = time.perf_counter()
         with Image.open(path) as image:
@@ -71,9 +84,9 @@ def per_sample_split(dataset: TrainingImages, files: list[Path], size: int) -> t
 def loader_throughput(dataset: TrainingImages, *, workers: int, batch: int, samples: int,
                       device: torch.device) -> tuple[float, float]:
     """(seconds to the first batch, steady images/s after it) for one pass over ``samples`` samples."""
-    order = [i % len(dataset) for i in range(samples)]
+    order = [key(dataset, i % len(dataset)) for i in range(samples)]
     loader = DataLoader(dataset, batch_size=batch, sampler=order, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True)
+                        collate_fn=collate_regions, pin_memory=device.type == "cuda", drop_last=True)
     start = time.perf_counter()
     iterator = iter(loader)
     next(iterator)
@@ -98,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="training input size")
     parser.add_argument("--aspect", choices=ASPECT_MODES, default="pad")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--teacher-crops", choices=TEACHER_CROPS, default="batch",
+                        help="source: the loader also cuts each image's grid cells as the teacher's crops")
+    parser.add_argument("--crop-size", type=int, default=224, help="the teacher's native size (source crops)")
     parser.add_argument("--samples", type=int, default=96, help="samples per timed pass (files repeat)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     add_common_arguments(parser)
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             write_jpegs(root, args.images, *args.source_size)
         files = list_images(root)
         mean_kib = statistics.mean(path.stat().st_size for path in files) / 1024
-        dataset = folder_dataset(root, args.size, args.aspect)
+        dataset = folder_dataset(root, args.size, args.aspect, args.teacher_crops, args.crop_size)
         for path in files:
             path.read_bytes()  # page cache: time decoding, not the disk
         sample_ms, decode_ms, resize_ms = per_sample_split(dataset, files, args.size)
@@ -122,16 +138,18 @@ def main(argv: list[str] | None = None) -> int:
 
     source = (f"{len(files)} files from {root}" if args.root else
               f"{len(files)} generated {args.source_size[0]}x{args.source_size[1]} JPEGs")
-    print(f"## Data loading: {source} (mean {mean_kib:.0f} KiB) -> {args.size}x{args.size} ({args.aspect}), "
+    crops = (f", teacher crops from the source ({args.crop_size} px)" if args.teacher_crops == "source" else "")
+    print(f"## Data loading: {source} (mean {mean_kib:.0f} KiB) -> {args.size}x{args.size} ({args.aspect}){crops}, "
           f"batch {args.batch}, {args.device}\n")
     print("\n".join(environment(device)))
     print(f"- {args.samples} samples per pass (files repeat, read from the page cache); steady rate = images "
           "after the first batch / time after it\n")
     print(markdown_table(("workers", "images/s", "images/s per worker", "first batch s"), rows))
     per_core = 1000 / sample_ms
+    rest = " and the teacher's crops: cut, bicubic resize, tensor" if args.teacher_crops == "source" else ""
     print(f"\nOne sample in this process (median): {sample_ms:.1f} ms, of which JPEG decode {decode_ms:.1f} ms and "
           f"bicubic resize to {args.size} {resize_ms:.1f} ms (the rest, {sample_ms - decode_ms - resize_ms:.1f} ms, is "
-          f"PIL -> CHW uint8 tensor) -> {per_core:.1f} images/s per busy core; feeding "
+          f"PIL -> CHW uint8 tensor{rest}) -> {per_core:.1f} images/s per busy core; feeding "
           f"{TRAINING_TARGET_IMAGES_PER_SECOND} images/s takes about {TRAINING_TARGET_IMAGES_PER_SECOND / per_core:.1f} "
           "such cores (plus collate and inter-process transfer).")
     return 0

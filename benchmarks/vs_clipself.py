@@ -202,7 +202,7 @@ def build_ours(*, construction: str, gating: str, model: str, size: int, batch: 
                output_dir: str, weights_file: str, **_):
     """DenseRC's ``Engine.train_step`` as ``step()`` -> phase seconds, on a fixed grid and without a VFM,
     from the CLIPSelf worker's initial weights."""
-    import denserc.train.trainer
+    import denserc.data.regions
     from denserc.data import grid_boxes
     from denserc.distributed import DistributedEnv
     from denserc.models.convert import convert_checkpoint
@@ -214,7 +214,7 @@ def build_ours(*, construction: str, gating: str, model: str, size: int, batch: 
     converted = str(initial / CLIP_WEIGHTS)
 
     # every image gets the same grid (the benchmark's identical work), not a random one
-    denserc.train.trainer.sample_grid_boxes = lambda indices, sizes, **_: [
+    denserc.data.regions.sample_grid_boxes = lambda indices, sizes, **_: [
         grid_boxes(grid, grid, height, width) for height, width in torch.as_tensor(sizes).tolist()]
     raw = {
         # the whole image tower trains, as on CLIPSelf's side here (RESULTS.md section 6's note)

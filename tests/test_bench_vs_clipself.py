@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import denserc
+import denserc.data.regions
 import denserc.train.trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not part of the package
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow  # benchmark helper
 
 
 def test_our_side_runs_a_fixed_grid_without_a_vfm_and_its_phases_add_up_to_the_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(denserc.train.trainer, "sample_grid_boxes", denserc.train.trainer.sample_grid_boxes)
+    monkeypatch.setattr(denserc.data.regions, "sample_grid_boxes", denserc.data.regions.sample_grid_boxes)
     crops = []
     monkeypatch.setattr(denserc.train.trainer.Teacher, "encode",
                         lambda self, chunk, workspace=None, original=denserc.train.trainer.Teacher.encode:

@@ -9,7 +9,7 @@ from PIL import Image
 from denserc.data import SquareResize
 from denserc.data.datasets import FileListSource
 from denserc.eval.datasets import read_image
-from denserc.images import ImageReadError, fit_within, load_image, short_side_size
+from denserc.images import ImageReadError, centred_letterbox, fit_within, load_image, short_side_size
 
 SIDE = 8
 
@@ -111,6 +111,9 @@ def test_fit_within_is_the_keep_aspect_fit_of_resize_max_size():
     assert scales.tolist() == [0.5, 0.5, 0.4, 2 / 300]
     # a non-square bound: the tighter side decides
     assert fit_within((100, 100), (50, 200))[0].tolist() == [50, 50]
+    # centred: offsets floor((bound - size) / 2), as ResizeMaxSize's pad_h // 2, pad_w // 2 (4.5 rounds to 4)
+    fitted, offsets = centred_letterbox(torch.tensor([[10.0, 20.0], [3.0, 5.0], [7.0, 7.0]]), (8, 9))
+    assert fitted.tolist() == [[4, 9], [5, 9], [8, 8]] and offsets.tolist() == [[2, 0], [1, 0], [0, 0]]
 
 
 def test_short_side_size_is_mmsegs_keep_ratio_resize():

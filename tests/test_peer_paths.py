@@ -202,7 +202,7 @@ def test_cls_plus_v_is_refused_for_a_tower_without_class_token():
 def test_eva_detection_configs_are_clipselfs_settings_on_the_eva_distillation_output(name, base, trained_by):
     eva, reference = load_detect_config(name), load_detect_config(base)
     assert eva.backbone.model == f"runs/{trained_by}/final"
-    assert eva.model == reference.model and eva.data == reference.data and eva.optim == reference.optim
+    assert eva.detector == reference.detector and eva.data == reference.data and eva.optim == reference.optim
     assert trained_by in available_configs(TRAINING_CONFIGS)
 
 

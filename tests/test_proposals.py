@@ -89,16 +89,25 @@ def test_clipselfs_configs_are_its_recipes():
     assert proposals.data.annotations == "data/coco/coco_proposals.json"
 
 
-def test_the_proposal_recipe_trains_and_its_teacher_embeds_the_enlarged_crops(tmp_path):
+@pytest.mark.parametrize("teacher_crops", ["source", "batch"])  # the config's (the peers'), and RoIAlign's
+def test_the_proposal_recipe_trains_and_its_teacher_embeds_the_enlarged_crops(tmp_path, teacher_crops):
     path = _write_proposals(tmp_path, [[[4, 4, 20, 16], [30, 10, 24, 30]], [[0, 0, 64, 48]]])
     config = load_config("clipself_eva02_b16_coco_proposals",
-                         [*TESTBED, f"data.root={tmp_path}", f"data.annotations={path}"])
+                         [*TESTBED, f"data.root={tmp_path}", f"data.annotations={path}",
+                          f"data.teacher_crops={teacher_crops}"])
     trainer = distillation_engine(config, setup_distributed("cpu"), tmp_path / "run")
     batch = next(iter(trainer.loader()))
     prepared = trainer.task.prepare(batch, epoch=0)
     _, images, boxes, crops = trainer.task.images_and_grids(batch, 0)
-    assert not all(torch.equal(b, c) for b, c in zip(boxes, crops))  # the teacher's crops are larger
-    torch.testing.assert_close(prepared["teacher_embeddings"], trainer.task.teacher(images, crops))
+    if teacher_crops == "batch":
+        assert not all(torch.equal(b, c) for b, c in zip(boxes, crops))  # the teacher's crops are larger
+        torch.testing.assert_close(prepared["teacher_embeddings"], trainer.task.teacher(images, crops))
+    else:  # cut by the loader from the 64 x 48 source around the 1.5x boxes (tests/test_source_crops.py: parity)
+        assert len(crops) == sum(len(b) for b in boxes)
+        scale = torch.tensor([64, 48, 64, 48]) / torch.cat([batch["size"].flip(1)] * 2, dim=1)
+        assert all(torch.all((c[:, 2:] - c[:, :2]) > (b[:, 2:] - b[:, :2]) * s[2:]) or torch.equal(c, b * s)
+                   for b, c, s in zip(batch["boxes"], batch["crop_boxes"], scale))
+        torch.testing.assert_close(prepared["teacher_embeddings"], trainer.task.teacher.embed(crops))
     assert prepared["boxes"][0].tolist() == boxes[0].tolist()
     final = trainer.fit()
     assert denserc.load(final).config["construction"] == "x+v"

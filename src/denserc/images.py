@@ -5,7 +5,8 @@ orientation a photo viewer shows (EXIF rotation applied), so a 16-bit PNG or a p
 transparency reads the same wherever it is used, and every error names the file.
 
 It also holds the resize geometry every consumer shares: the keep-aspect fit of the letterboxes
-(``fit_within``: the training loader's PIL image, detection's tensor batch, the teacher's RoI crops)
+(``fit_within``: the training loader's PIL image, detection's tensor batch, the teacher's RoI crops,
+centred by ``centred_letterbox`` for the teacher's crops, cut from the batch or in the loader)
 and the short-side resize (``short_side_size``: evaluation, CAT-Seg, ``denserc segment``/``heatmap``).
 """
 from __future__ import annotations
@@ -89,6 +90,16 @@ def fit_within(sizes, bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tenso
     scale = (limits / sizes).amin(-1)
     fitted = torch.minimum(torch.round(sizes * scale[..., None]).clamp(min=1), limits)
     return fitted.long(), scale
+
+
+def centred_letterbox(sizes, bound: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """((..., 2) fitted (height, width), (..., 2) (top, left) offsets), float64, of sizes letterboxed into
+    ``bound`` and centred: ``fit_within``'s size at offsets floor((bound - size) / 2), the peers'
+    ``pad_h // 2``, ``pad_w // 2`` (CLIPSelf src/open_clip/transform.py ``ResizeMaxSize``, line 47)."""
+    fitted, _ = fit_within(sizes, bound)
+    fitted = fitted.to(torch.float64)
+    limits = torch.tensor(bound, dtype=torch.float64, device=fitted.device)
+    return fitted, ((limits - fitted) / 2).floor()
 
 
 def short_side_size(height: int, width: int, short_side: int, max_long_side: float) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ..images import load_image
+from ..images import load_image, to_rgb
 from ..registry import Registry
 from .transforms import SquareResize
 
@@ -66,22 +66,38 @@ class TrainingImages(Dataset):
     """Samples ``{"image": uint8 (3, S, S), "size": (h, w) valid area, "index": i, "valid": bool, "skipped": 0|1}``.
 
     An unreadable file gives a blank placeholder with ``valid=False`` and ``skipped=1``.
+
+    With ``crops`` (a ``data.regions.SourceCrops``: ``data.teacher_crops: source``) the samples also hold the
+    image's regions and the teacher's crops cut from the source image (``boxes``, ``crops``, ``crop_boxes``);
+    the regions depend on the epoch, so such a dataset is indexed by ``(epoch, index)`` pairs (the engine's
+    sampler deals them when the task sets ``Task.keys_with_epoch``). A placeholder's crops are cut from a
+    black image of the input size.
     """
 
-    def __init__(self, source: ImageSource, transform: SquareResize, strict: bool = False):
+    def __init__(self, source: ImageSource, transform: SquareResize, strict: bool = False, crops=None):
         if len(source) == 0:
             raise ValueError("the dataset has no images")
         self.source = source
         self.transform = transform
         self.strict = strict
+        self.crops = crops
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        if self.crops is None:
+            index, epoch = key, None
+        elif isinstance(key, (tuple, list)) and len(key) == 2:
+            epoch, index = key
+        else:
+            raise TypeError(f"training images with teacher crops from the source are indexed by (epoch, index) "
+                            f"pairs (ResumableDistributedSampler(..., with_epoch=True)), got {key!r}")
         try:
-            with self.source.open(index) as image:
+            with self.source.open(index) as opened:
+                image = to_rgb(opened) if self.crops is not None else opened  # a copy: usable once closed
                 pixels, size = self.transform(image)
+            sample = {"image": pixels, "size": torch.tensor(size), "index": index, "valid": True, "skipped": 0}
         except Exception as error:  # noqa: BLE001 - a broken file can fail in many PIL ways
             where = self.source.describe(index)
             if self.strict:
@@ -90,9 +106,12 @@ class TrainingImages(Dataset):
                     "(set data.strict=false to skip unreadable images instead)") from error
             logger.warning("skipping unreadable image %s: %s: %s", where, type(error).__name__, error)
             side = self.transform.size
-            return {"image": torch.zeros(3, side, side, dtype=torch.uint8), "size": torch.tensor((side, side)),
-                    "index": index, "valid": False, "skipped": 1}
-        return {"image": pixels, "size": torch.tensor(size), "index": index, "valid": True, "skipped": 0}
+            image, size = Image.new("RGB", (side, side)), (side, side)
+            sample = {"image": torch.zeros(3, side, side, dtype=torch.uint8), "size": torch.tensor(size),
+                      "index": index, "valid": False, "skipped": 1}
+        if self.crops is not None:
+            sample.update(self.crops(image, index, size, epoch))
+        return sample
 
 
 # ------------------------------------------------------------------------------------- sources

@@ -42,7 +42,9 @@ What the task supplies (attributes and methods of ``Task``):
   ``find_unused_parameters=False``, so every trainable parameter must receive a gradient each step.
 - ``dataset`` and ``collate(samples)``: samples of one process's micro-batch and how they are joined
   (default ``default_collate``). A batch may hold anything, e.g. per-image lists of boxes and labels of
-  different lengths; only the task looks inside it.
+  different lengths; only the task looks inside it. A dataset whose samples depend on the epoch (random
+  draws made in the loader) sets the task's ``keys_with_epoch``: the sampler then deals ``(epoch, index)``
+  pairs, which reach every loader worker with the index (``engine/sampler.py``).
 - ``prepare(batch, epoch)``: the batch on the device as the module's keyword arguments. It runs
   under ``torch.no_grad()`` and autocast, outside DDP: the place for frozen models whose outputs are
   targets or inputs (a teacher, a frozen backbone). Randomness should come from generators seeded by
@@ -120,6 +122,7 @@ class Task:
     module: nn.Module
     dataset: Dataset
     num_workers: int = 0  # loader processes per training process
+    keys_with_epoch: bool = False  # the dataset is indexed by (epoch, index) pairs instead of indices
     weights_file: str = WEIGHTS  # name of the weights inside a checkpoint folder
     progress_fields: dict[str, str] = {"loss": "loss"}  # tqdm postfix label -> logged metric
 
@@ -179,7 +182,7 @@ class Engine:
         self.last_step = self.total_steps if train.max_steps is None else min(train.max_steps, self.total_steps)
         self.sampler = ResumableDistributedSampler(
             dataset_size, self.steps_per_epoch * train.global_batch_size,
-            world_size=env.world_size, rank=env.rank, seed=train.seed)
+            world_size=env.world_size, rank=env.rank, seed=train.seed, with_epoch=task.keys_with_epoch)
 
         self.trainable = [p for p in task.module.parameters() if p.requires_grad]
         module = task.module

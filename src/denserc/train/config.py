@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from ..data import ASPECT_MODES, GRID_RULES
+from ..data import ASPECT_MODES, GRID_RULES, TEACHER_CROPS
 from ..engine.config import ConfigError, OptimConfig, TrainConfig, check_training, load_structured
 from ..losses import COHERENCE_FEATURES, COHERENCE_FORMS
 from ..models import CONSTRUCTIONS, GATINGS
@@ -61,6 +61,9 @@ class DataConfig:
     grid_rule: str = "clipself"  # clipself (uniform over CLIPSelf's 24 pairs) | uniform (rows, cols independent)
     grid_max_cells: int = 6
     grid_max_boxes: int | None = 20  # cells kept per image, chosen at random (CLIPSelf --max-boxes); null: all
+    # where the teacher's crops come from: batch (RoIAlign on the resized batch, on the device) | source (the
+    # loader cuts them from the source image with PIL and letterboxes them bicubically, as the peers do)
+    teacher_crops: str = "batch"
     strict: bool = False  # unreadable image: error instead of skip-and-count
     num_workers: int = 8
     options: dict = field(default_factory=dict)  # settings of a registered custom data type
@@ -105,6 +108,7 @@ def validate(config: Config) -> None:
                ("model.gating", config.model.gating, GATINGS),
                ("data.aspect", config.data.aspect, ASPECT_MODES),
                ("data.grid_rule", config.data.grid_rule, GRID_RULES),
+               ("data.teacher_crops", config.data.teacher_crops, TEACHER_CROPS),
                ("loss.coherence_form", config.loss.coherence_form, COHERENCE_FORMS),
                ("loss.coherence_features", config.loss.coherence_features, COHERENCE_FEATURES)]
     for key, value, allowed in choices:

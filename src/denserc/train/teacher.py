@@ -1,11 +1,14 @@
-"""The frozen teacher: the student's initial image tower, embedding grid cells cut from the batch.
+"""The frozen teacher: the student's initial image tower, embedding grid cells (or proposals' crops).
 
-Crops are cut on the device with ``torchvision.ops.roi_align`` straight from the (normalised) batch
-tensor and resized in the same call, batched over all cells of all images, so the data loader never
-handles crops. The teacher letterboxes each cell as CLIPSelf and DeCLIP do (``ResizeMaxSize(224,
-fill=0)`` in their src/open_clip/transform.py, applied by ``_obtain_image_crops`` in
-src/training/data.py): the cell's longer side is resized to the native input size, keeping its aspect
-ratio, the result centred and the rest filled with black (the normalised value of a zero pixel).
+Where its crops come from is ``data.teacher_crops`` (docs/training.md#recipe-choices). With ``batch`` they
+are cut here, on the device, with ``torchvision.ops.roi_align`` straight from the (normalised) batch tensor
+and resized in the same call, batched over all cells of all images, so the data loader never handles
+crops. With ``source`` the loader cuts them from the source image with PIL, as the peers do
+(``data/regions.py``), and the task hands them to ``Teacher.embed``. Either way each crop is letterboxed as
+CLIPSelf and DeCLIP do (``ResizeMaxSize(224, fill=0)`` in their src/open_clip/transform.py, applied by
+``_obtain_image_crops`` in src/training/data.py): the cell's longer side is resized to the native input
+size, keeping its aspect ratio, the result centred and the rest filled with black (the normalised value of
+a zero pixel). The next paragraph is about ``batch`` alone:
 
 ``sampling_ratio=-1`` (adaptive): each output pixel averages ceil(cell size / native size) x ...
 bilinear samples. A cell larger than the native size (downscaling, e.g. a 1024-px image's 1x1 cell
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from ..images import fit_within
+from ..images import centred_letterbox
 from ..models import DenseRCModel
 from ..models import normalize_images
 from ..models.towers import Workspace, run_block
@@ -59,7 +62,8 @@ def letterbox_crops(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: t
                     fill: torch.Tensor, sampling_ratio: int = CROP_SAMPLING_RATIO) -> torch.Tensor:
     """(sum Ki, C, *size) crops of per-image boxes, each resized keeping its aspect, centred, padded with ``fill``.
 
-    A w x h box is resized to the keep-aspect size of ``fit_within`` (as ``ResizeMaxSize``), placed at offsets ((size_w - new_w) // 2, (size_h - new_h) // 2).
+    A w x h box is resized to ``centred_letterbox``'s size and offsets (``denserc.images``, shared with
+    the loader's ``LetterboxResize``: ``ResizeMaxSize``'s rounding and centring).
     One ``roi_align`` over boxes widened to the whole output square gives exactly that resize inside the
     valid rectangle (same sample positions and, with ``sampling_ratio=-1``, the same samples per output
     pixel as resizing the box alone); ``fill`` (C,) replaces everything outside it.
@@ -69,9 +73,8 @@ def letterbox_crops(images: torch.Tensor, boxes: Sequence[torch.Tensor], size: t
     cells = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device=images.device, dtype=torch.float64)
     x1, y1, x2, y2 = cells.unbind(-1)
     width, height = x2 - x1, y2 - y1
-    fitted, _ = fit_within(torch.stack([height, width], dim=-1), (out_h, out_w))
-    new_h, new_w = fitted.to(torch.float64).unbind(-1)
-    left, top = ((out_w - new_w) / 2).floor(), ((out_h - new_h) / 2).floor()
+    fitted, offsets = centred_letterbox(torch.stack([height, width], dim=-1), (out_h, out_w))
+    (new_h, new_w), (top, left) = fitted.unbind(-1), offsets.unbind(-1)
     step_x, step_y = width / new_w, height / new_h  # input pixels per output pixel
     widened = torch.stack([x1 - left * step_x, y1 - top * step_y,
                            x1 + (out_w - left) * step_x, y1 + (out_h - top) * step_y], dim=-1)
@@ -107,7 +110,15 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
         """L2-normalised global embeddings (sum Ki, E) of every box's letterboxed crop at the native size."""
-        crops = letterbox_crops(images, boxes, self.native_size, self.black)
+        return self.embed(letterbox_crops(images, boxes, self.native_size, self.black))
+
+    @torch.no_grad()
+    def embed(self, crops: torch.Tensor) -> torch.Tensor:
+        """L2-normalised global embeddings (K, E) of ready-made crops (K, C, *native_size), already normalised.
+
+        The entry point of ``data.teacher_crops: source``, where the loader cuts and letterboxes each crop
+        from the source image (``data.regions``); ``forward`` cuts them from the batch and calls this.
+        """
         workspace = Workspace()  # one set of buffers for every block of every chunk of this call
         embeddings = [self.encode(chunk, workspace) for chunk in crops.split(self.crops_per_chunk)]
         return F.normalize(torch.cat(embeddings).float(), dim=-1)

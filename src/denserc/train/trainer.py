@@ -4,6 +4,7 @@ Per micro-batch, on every process (the engine does accumulation, DDP, autocast, 
     images (uint8, loader) -> device, scaled to [0, 1] and normalised with CLIP's mean/std
     grids: one random m x n grid per image, boxes in input pixels (seeded by epoch and image index)
     frozen teacher: embeddings of every grid cell, cropped from the batch tensor with roi_align
+        (data.teacher_crops: batch) or, as the peers, by the loader from the source image (source)
     frozen VFM: patch features on the student's patch grid (not built, not run when lambda = 0)
     DDP(DistillationModule): student dense features -> L_semantics + lambda * L_coherence
 Teacher and VFM run under no_grad outside DDP; only the student's image blocks and gate train (the stem,
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
-from ..data import ProposalSource, SquareResize, TrainingImages, build_source, sample_grid_boxes, sample_proposal_boxes
+from ..data import (ProposalSource, RegionDraw, SourceCrops, SquareResize, TrainingImages, build_source,
+                    collate_regions)
 from ..distributed import DistributedEnv
 from ..engine.config import ConfigError
 from ..engine.loop import Task
@@ -94,6 +97,11 @@ class DistillationTask(Task):
 
     With ``loss.coherence_weight`` 0 the VFM is neither built nor run (``vfm`` is None) and L_coherence is
     not computed (they were +17% of a ViT-B CPU step for nothing; issue 17).
+
+    ``data.teacher_crops: source``: the loader draws each image's regions (``data.regions.RegionDraw``, the
+    same draw as ``batch`` mode's, so it is handed ``(epoch, index)`` keys: ``keys_with_epoch``) and cuts the
+    teacher's crops from the source image (``SourceCrops``); ``prepare`` normalises them and hands them to
+    ``Teacher.embed``.
     """
 
     weights_file = "student.safetensors"
@@ -107,8 +115,14 @@ class DistillationTask(Task):
         self.proposals = source if isinstance(source, ProposalSource) else None
         torch.manual_seed(config.train.seed)  # identical initial weights on every process
         self.student, self.teacher, self.vfm = self._build_models()
-        self.dataset = TrainingImages(source, SquareResize(config.data.image_size, config.data.aspect),
-                                      strict=config.data.strict)
+        data = config.data
+        self.regions = RegionDraw(config.train.seed, data.grid_rule, data.grid_max_cells, data.grid_max_boxes,
+                                  self.proposals)
+        self.source_crops = data.teacher_crops == "source"
+        self.keys_with_epoch = self.source_crops  # the loader draws the regions: it needs the epoch
+        crops = SourceCrops(self.regions, self.teacher.native_size) if self.source_crops else None
+        self.dataset = TrainingImages(source, SquareResize(data.image_size, data.aspect), strict=data.strict,
+                                      crops=crops)
         self.num_workers = config.data.num_workers
         if self.vfm is None:
             self.progress_fields = {"sem": "loss_semantics"}
@@ -119,7 +133,13 @@ class DistillationTask(Task):
             logger.info("froze %d parameter tensor(s) that no loss reaches: %s",
                         len(self.frozen_off_path), ", ".join(self.frozen_off_path))
         self.student.set_grad_checkpointing(config.model.grad_checkpointing)
-        self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
+        if self.source_crops:
+            self.embed_ready = torch.compile(self.teacher.embed) if config.model.compile else self.teacher.embed
+            self.embed_crops = self._embed_ready_crops
+        else:
+            self.embed_crops = torch.compile(self.teacher) if config.model.compile else self.teacher
+        # a module-level function, not a method: a loader worker started by spawn pickles it, not the task
+        self.collate = collate_regions if self.source_crops else default_collate
         self.embed_patches = torch.compile(self.vfm) if config.model.compile and self.vfm else self.vfm
 
     def _build_models(self) -> tuple[DenseRCModel, Teacher, VFM | None]:
@@ -146,22 +166,28 @@ class DistillationTask(Task):
         return student.to(device), teacher.to(device), vfm
 
     def images_and_grids(self, batch: dict, epoch: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """(pixels in [0, 1], normalised images, per-image student boxes, per-image teacher crops) on the device.
+                         ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor] | torch.Tensor]:
+        """(pixels in [0, 1], normalised images, per-image student boxes, the teacher's crops) on the device.
 
-        Grid cells are both; a proposal's teacher crop is the proposal enlarged 1.5x (``data/proposals.py``).
+        The teacher's crops: with ``data.teacher_crops: batch`` per-image boxes to cut from ``images`` (grid
+        cells are both; a proposal's teacher crop is the proposal enlarged 1.5x, ``data/proposals.py``); with
+        ``source`` the loader's crops of every region of every image, (sum K, 3, *native size), normalised
+        as the peers' ToTensor + Normalize do.
         """
-        data, seed = self.config.data, self.config.train.seed
         pixels = batch["image"].to(self.device, non_blocking=True).float().div_(255)
         images = normalize_images(pixels, self.student.preprocess_cfg, white=1.0)
-        if self.proposals is not None:
-            boxes, crops = sample_proposal_boxes(self.proposals, batch["index"], batch["size"], epoch=epoch,
-                                                 seed=seed, max_boxes=data.grid_max_boxes)
+        if self.source_crops:
+            boxes = batch["boxes"]
+            crops = normalize_images(torch.cat(batch["crops"]).to(self.device, non_blocking=True),
+                                     self.student.preprocess_cfg)
         else:
-            boxes = crops = sample_grid_boxes(batch["index"], batch["size"], epoch=epoch, seed=seed,
-                                              rule=data.grid_rule, max_cells=data.grid_max_cells,
-                                              max_boxes=data.grid_max_boxes)
-        return pixels, images, [b.to(self.device) for b in boxes], [c.to(self.device) for c in crops]
+            boxes, crops = self.regions(batch["index"], batch["size"], epoch)
+            crops = [c.to(self.device) for c in crops]
+        return pixels, images, [b.to(self.device) for b in boxes], crops
+
+    def _embed_ready_crops(self, images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """``embed_crops`` of ``data.teacher_crops: source``: the crops are ready, the batch is not needed."""
+        return self.embed_ready(crops)
 
     def prepare(self, batch: dict, epoch: int) -> dict:
         """Images, regions and the frozen targets: teacher embeddings of every region, VFM patch features (or None)."""
