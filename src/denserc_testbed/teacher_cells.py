@@ -6,7 +6,7 @@ the student learns to let the stuff win inside the object's box, which is what t
 after distillation on the testbed (docs/testbed.md). This measures the teacher directly:
 
 1. **training cells**: the grid cells the short schedule distils in its first epoch (the same
-   scenes, ``sample_grid_boxes`` draws and letterboxed crops as ``denserc train``), each classified
+   scenes, ``RegionDraw`` draws and letterboxed crops as ``denserc train``'s ``testbed`` config), each classified
    zero-shot among the 53 classes with the evaluation's class queries; per bin of the largest
    object's share of the cell, the share of cells named as a stuff class, as that object, or as
    another thing, beside what the pretraining caption of the same box names (``ScenePool.region_caption``);
@@ -21,8 +21,9 @@ import argparse
 import numpy as np
 import torch
 
-from denserc.data.grid import sample_grid_boxes
+from denserc.data import RegionDraw
 from denserc.models import get_tokenizer, normalize_images
+from denserc.train import load_config
 from denserc.train.teacher import Teacher
 
 from .crops import REGION_SHARE, REGION_THING_INSIDE, ScenePool
@@ -33,8 +34,7 @@ from .vocabulary import CATEGORIES
 from .zero_shot import class_embeddings
 
 SHARE_BINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # the largest object's share of a cell's pixels
-TRAINING_SEED, TRAINING_SCENES = 0, 512  # the testbed config's data.seed and train.seed; the first 512 scenes
-GRID = {"rule": "clipself", "max_cells": 6, "max_boxes": 20}  # the testbed config's grid
+TRAINING_SCENES = 512  # the first scenes of the default run
 COSINE = "student-teacher cosine"
 IS_THING = np.array([bool(c["isthing"]) for c in CATEGORIES])
 
@@ -79,12 +79,15 @@ def training_cells(embedders: dict[str, RegionEmbedder], classes: torch.Tensor, 
                    ) -> dict:
     """Per share bin: cells, % whose caption names the object, per embedder % named stuff / the object,
     and (with a student) the mean cosine between the student's and the teacher's embeddings."""
-    pool = ScenePool.render(TRAINING_SEED, scenes)
+    config = load_config("testbed")  # the default run's scenes and grid draws
+    data = config.data
+    draw = RegionDraw(config.train.seed, data.grid_rule, data.grid_max_cells, data.grid_max_boxes)
+    pool = ScenePool.render(data.seed, scenes)
     size = pool.image_size
     rows = []  # (share, inside, object id, {embedder: named id}, student-teacher cosine or None)
     for start in range(0, scenes, batch):
         indices = list(range(start, min(start + batch, scenes)))
-        boxes = sample_grid_boxes(indices, [(size, size)] * len(indices), epoch=0, seed=TRAINING_SEED, **GRID)
+        boxes, _ = draw(indices, [(size, size)] * len(indices), epoch=0)
         embedded = {name: embed(pool.images[indices], boxes) for name, embed in embedders.items()}
         named = {name: (vectors @ classes.T).argmax(1).add(1).tolist() for name, vectors in embedded.items()}
         cosines = ((embedded["student"] * embedded["teacher"]).sum(1).tolist() if "student" in embedded
@@ -107,7 +110,7 @@ def training_cells(embedders: dict[str, RegionEmbedder], classes: torch.Tensor, 
             if "student" in embedders:
                 row[COSINE] = sum(r[4] for r in group) / len(group)
             table.append(row)
-    return {"scenes": scenes, "cells_with_an_object": len(rows), "bins": table}
+    return {"scenes": scenes, "seed": data.seed, "cells_with_an_object": len(rows), "bins": table}
 
 
 def held_out_thing_boxes(embedders: dict[str, RegionEmbedder], classes: torch.Tensor, scenes: int) -> dict:
@@ -155,7 +158,7 @@ def format_report(result: dict) -> str:
     lines.append(f"| held-out thing boxes | {boxes['boxes']} | | "
                  + " | ".join(_cell(c, boxes[c]) if c in boxes else "" for c in columns[1:]) + " |")
     lines += ["", f"{cells['cells_with_an_object']} first-epoch grid cells holding part of an object, "
-                  f"{cells['scenes']} training scenes (seed {TRAINING_SEED}).", ""]
+                  f"{cells['scenes']} training scenes (seed {cells['seed']}).", ""]
     return "\n".join(lines)
 
 
